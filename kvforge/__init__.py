@@ -1,0 +1,18 @@
+"""kvforge: a paged KV-cache manager and Llama-family inference engine."""
+
+from kvforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from kvforge.engine import LLM, LLMEngine
+from kvforge.types import CompletionOutput, RequestOutput, SamplingParams
+
+__all__ = [
+    "LLM",
+    "CacheConfig",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "ModelConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""The KV arena: every layer's K and V tensors, allocated once and never resized.
+
+Layout per layer, fixed because GPU kernels rely on it:
+
+    k[layer], v[layer]: [num_blocks, block_size, num_kv_heads, head_dim]   (contiguous)
+
+A flat slot is `block_id * block_size + offset`; viewing a layer as `[num_blocks * block_size,
+num_kv_heads, head_dim]` makes slot `s` row `s`. The arena holds numbers only: which blocks belong
+to which sequence is the manager's business (`manager.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvforge import ops
+
+
+class KVCache:
+    """Per-layer K and V tensors of shape `[num_blocks, block_size, num_kv_heads, head_dim]`,
+    zero-initialised at construction (the only allocation this class ever makes)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value <= 0:
+                raise ValueError(f"KVCache {name} must be positive, got {value}")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one block's K and V over all layers, so a pool can be sized from a memory budget
+        before anything is allocated."""
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block over all layers."""
+        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token slot over all layers."""
+        return self.bytes_per_block // self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        """The whole arena."""
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              slot_mapping: torch.Tensor | Sequence[int]) -> None:
+        """Write new `k`, `v` `[T, num_kv_heads, head_dim]` of `layer` into flat slots
+        `slot_mapping` `[T]` (in place; moved to the arena's device and dtype).
+
+        Slots come from `KVCacheManager.append`/`slot_mapping`; each must be in
+        `[0, num_blocks * block_size)` (torch raises on one that is not). Slots must be distinct.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is out of range for a cache of {self.num_layers} layers")
+        slots = torch.as_tensor(slot_mapping, dtype=torch.long, device=self.device)
+        expected = (slots.shape[0], self.num_kv_heads, self.head_dim) if slots.dim() == 1 else None
+        if expected is None or tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"store needs slot_mapping [T] and k, v [T, {self.num_kv_heads}, {self.head_dim}]; "
+                             f"got slot_mapping {list(slots.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+        ops.store_kv(k.to(self.device), v.to(self.device), self.k[layer], self.v[layer], slots)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"device={self.device}, nbytes={self.nbytes})")

@@ -1,0 +1,167 @@
+"""Frozen configuration dataclasses, validated at construction.
+
+Each dataclass is the single source of defaults: the CLI builds its options from these fields.
+Derived values are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("rope_type": "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing.
+
+    The arena is sized from `num_blocks` when given, else from `kv_cache_memory` (bytes).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+
+    def resolve_num_blocks(self, bytes_per_block: int) -> int:
+        """The number of blocks the arena holds for a model whose block takes `bytes_per_block`."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        n = self.kv_cache_memory // bytes_per_block
+        if n < 1:
+            raise ValueError(
+                f"kv_cache_memory={self.kv_cache_memory} bytes holds no block of {bytes_per_block} bytes; "
+                f"raise it to at least {bytes_per_block}"
+            )
+        return n
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an LLMEngine needs; composes the room configs."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not self.model:
+            raise ValueError("model must name a model: 'smollm2-135m', a .gguf path or a HF directory")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (`block_size=16, max_num_seqs=8, ...`), as `LLM` takes them.
+
+        Unknown names raise ValueError listing the accepted ones.
+        """
+        groups = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        top = {f.name for f in fields(cls)} - set(groups)
+        parts: dict[str, dict] = {g: {} for g in groups}
+        own: dict = {}
+        for key, value in kwargs.items():
+            if key in top:
+                own[key] = value
+                continue
+            for group, klass in groups.items():
+                if key in {f.name for f in fields(klass)}:
+                    parts[group][key] = value
+                    break
+            else:
+                allowed = sorted(top | {f.name for k in groups.values() for f in fields(k)})
+                raise ValueError(f"unknown engine option {key!r}; allowed: {', '.join(allowed)}")
+        return cls(**own, **{g: groups[g](**p) for g, p in parts.items()})
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of K and V for one token across all layers."""
+    return 2 * model.num_layers * model.kv_size * dtype_bytes
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

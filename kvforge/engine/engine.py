@@ -1,0 +1,256 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the paged cache and the model runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.cache import CacheStats, KVCache, KVCacheManager
+from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
+from kvforge.engine.scheduler import Scheduler
+from kvforge.model.llama import LlamaForCausalLM
+from kvforge.model.loader import load_model
+from kvforge.model.runner import ModelRunner, SequenceChunk
+from kvforge.model.sampler import sample
+from kvforge.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvforge.types import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+)
+
+PromptType = str | Mapping[str, object]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    cache: CacheStats
+
+
+def model_info(config: EngineConfig) -> dict:
+    """What `kvforge info` shows: the model's config, KV bytes per token and the cache's capacity.
+    Loads the model's metadata and weights but allocates no cache."""
+    loaded = load_model(config.model)
+    cfg = loaded.config
+    dtype = _TORCH_DTYPES[config.dtype]
+    per_block = KVCache.block_bytes(cfg.num_layers, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+    blocks = config.cache.resolve_num_blocks(per_block)
+    return {
+        "model": loaded.name,
+        "path": str(loaded.path),
+        "fingerprint": loaded.fingerprint,
+        "config": dataclasses.asdict(cfg),
+        "kv_dtype": config.dtype,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype.itemsize),
+        "block_size": config.cache.block_size,
+        "kv_bytes_per_block": per_block,
+        "num_blocks": blocks,
+        "kv_cache_bytes": blocks * per_block,
+        "capacity_tokens": blocks * config.cache.block_size,
+    }
+
+
+class LLMEngine:
+    """Owns the model, the KV arena, the cache manager and the scheduler for one model.
+
+    Requests are validated in `add_request`: a request that can never run is refused there with a
+    ValueError and leaves no trace. `step()` runs one batch and returns the outputs it moved.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.manual_seed(config.seed)
+        loaded = load_model(config.model)
+        self.model_config = cfg = loaded.config
+        self.model_name, self.fingerprint = loaded.name, loaded.fingerprint
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        dtype = _TORCH_DTYPES[config.dtype]
+        model = LlamaForCausalLM(cfg)
+        model.load_weights(loaded.weights)
+        self.model = model.to(dtype).eval()
+        limit = config.scheduler.max_model_len
+        if limit is not None and limit > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={limit} exceeds the model's context length "
+                             f"{cfg.max_position_embeddings}")
+        self.max_model_len = limit or cfg.max_position_embeddings
+        block_size = config.cache.block_size
+        bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        num_blocks = config.cache.resolve_num_blocks(bytes_per_block)
+        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block)
+        self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.cache)
+        self._requests: dict[str, Sequence] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._seq_ids = itertools.count()
+        self._steps = self._prompt_tokens = self._generation_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Queue a request. Raises ValueError (and changes nothing) for a duplicate id, an empty or
+        out-of-vocabulary prompt, or one that can never fit the model length or the cache."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        self._check_fits(len(ids), params)
+        seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic())
+        self._requests[request_id] = seq
+        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+        self._generators[seq.seq_id] = (torch.Generator().manual_seed(params.seed)
+                                        if params.seed is not None else None)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks now. Unknown or finished ids are ignored."""
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+            self._forget(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ValueError("prompt_token_ids must be a non-empty list of token ids")
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id; "
+                                     f"allowed: integers in [0, {vocab - 1}]")
+            return prompt.get("prompt"), list(ids)  # type: ignore[return-value]
+        raise ValueError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        total = num_prompt + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} is {total} "
+                             f"tokens, over max_model_len={self.max_model_len}; shorten the prompt or lower "
+                             f"max_tokens")
+        # The last sampled token is never written to the cache.
+        blocks = ceil_div(total - 1, self.cache.block_size)
+        if blocks > self.cache.num_blocks:
+            raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} needs {blocks} "
+                             f"KV blocks, the cache has {self.cache.num_blocks}; lower max_tokens or give the "
+                             f"cache more memory")
+
+    # ---- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        self._steps += 1
+        items = []
+        for c in sched.chunks:
+            seq, start = c.seq, c.seq.num_computed
+            items.append(SequenceChunk(seq.token_ids[start:start + c.num_tokens], start, c.slots,
+                                       self.cache.block_table(seq.seq_id),
+                                       start + c.num_tokens == len(seq.token_ids)))
+        logits = self.runner.run(items)
+        sampling = [c.seq for c, item in zip(sched.chunks, items) if item.needs_logits]
+        tokens = sample(logits, [s.params for s in sampling], [self._generators[s.seq_id] for s in sampling])
+        for c in sched.chunks:
+            c.seq.num_computed += c.num_tokens
+            if c.seq.num_computed <= c.seq.num_prompt_tokens:
+                self._prompt_tokens += c.num_tokens
+        outputs = []
+        now = time.monotonic()
+        for seq, token in zip(sampling, tokens):
+            self._append_token(seq, token, now)
+            outputs.append(self._output(seq))
+            if seq.finished:
+                self._forget(seq)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.token_ids.append(token)
+        self._generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
+            return self.scheduler.finish(seq, "stop")
+        if token in p.stop_token_ids:
+            return self.scheduler.finish(seq, "stop", token)
+        new = self._detok[seq.seq_id].add(token)
+        seq.text += new
+        if p.stop and new:
+            # A stop string can only end in the new text; look back far enough to catch it whole.
+            window = len(new) + max(len(s) for s in p.stop)
+            base = max(0, len(seq.text) - window)
+            hits = [(seq.text.find(s, base), s) for s in p.stop]
+            hits = [(at, s) for at, s in hits if at >= 0]
+            if hits:
+                at, s = min(hits)
+                seq.text = seq.text[:at + len(s)] if p.include_stop_str_in_output else seq.text[:at]
+                return self.scheduler.finish(seq, "stop", s)
+        if len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)],
+            finished=seq.finished,
+            metrics=RequestMetrics(seq.arrival, seq.first_token_time,
+                                   time.monotonic() if seq.finished else None, seq.num_preemptions),
+        )
+
+    def _forget(self, seq: Sequence) -> None:
+        self._requests.pop(seq.request_id, None)
+        self._detok.pop(seq.seq_id, None)
+        self._generators.pop(seq.seq_id, None)
+
+    # ---- visibility -----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self._steps,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            cache=self.cache.stats(),
+        )
+
+    def check_integrity(self) -> None:
+        """Every block accounted for, and the cache agrees with the scheduler's queues."""
+        self.cache.check_integrity()
+        running = {s.seq_id for s in self.scheduler.running}
+        for seq in self.scheduler.running:
+            if self.cache.length(seq.seq_id) < seq.num_computed:
+                raise RuntimeError(f"sequence {seq.seq_id} computed {seq.num_computed} tokens but the cache "
+                                   f"holds {self.cache.length(seq.seq_id)}")
+        if self.cache.num_sequences != len(running):
+            raise RuntimeError(f"the cache holds {self.cache.num_sequences} sequences, "
+                               f"{len(running)} are running")

@@ -1,0 +1,132 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) reading and writing K/V only through
+the paged cache. Shapes: T = tokens in the packed step batch, H = heads, K = kv heads, D = head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvforge import ops
+from kvforge.config import ModelConfig
+from kvforge.model.attention import paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = ops.apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
+        k = ops.apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, K, D]
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
+        out = paged_attention(self.layer, q, k, v, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(t, cfg.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits(hidden) -> [N, vocab].
+
+    Must run inside `forward_context` (the step's attention metadata and the arena tensors).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = ops.rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, D/2]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
+        cfg, w = self.cfg, dict(weights)
+        own = {}
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            if cfg.attention_bias:
+                own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                    [w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+                [w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+        for name in list(w):
+            if name.startswith("model."):
+                own[name.removeprefix("model.")] = w.pop(name)
+        if "lm_head.weight" in w:
+            head = w.pop("lm_head.weight")
+            if not cfg.tie_word_embeddings:
+                own["lm_head.weight"] = head
+        if w:
+            raise ValueError(f"unexpected weights for {cfg.architecture}: {sorted(w)[:5]}")
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(own) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name not in params:
+                    raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the config expects {tuple(params[name].shape)}")
+                params[name].copy_(tensor)

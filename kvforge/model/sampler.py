@@ -1,0 +1,34 @@
+"""Token sampling: greedy, temperature, top-k, top-p; per-request seeded generators."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvforge.types import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Pick one token per row of `logits` `[N, vocab]` (float32). Does not modify `logits`.
+
+    A row with a generator draws only from it, so a seeded request samples the same tokens whatever
+    else shares its batch.
+    """
+    out = logits.argmax(dim=-1).tolist()
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        x = logits[row] / p.temperature
+        if p.top_k > 0 and p.top_k < x.shape[-1]:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, idx = torch.sort(x, descending=True)
+            probs = sorted_x.softmax(-1)
+            # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+            drop = (probs.cumsum(-1) - probs) >= p.top_p
+            x = x.scatter(0, idx, sorted_x.masked_fill(drop, float("-inf")))
+        out[row] = int(torch.multinomial(x.softmax(-1), 1, generator=gen))
+    return out

@@ -1,0 +1,29 @@
+"""Writing new K/V into the paged arena and gathering a sequence's K/V back out of it.
+
+Arena layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; a flat slot is
+`block_id * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (in place)."""
+    num_blocks, block_size, heads, dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Gather whole blocks: `block_tables` `[B, nb]` -> `[B, kv_heads, nb * block_size, head_dim]`.
+
+    Returns a copy (views of the arena cannot express a block table). Entries past a sequence's
+    length are whatever the padding block holds: the caller masks them.
+    """
+    batch, nb = block_tables.shape
+    _, block_size, heads, dim = cache.shape
+    blocks = cache.index_select(0, block_tables.reshape(-1))
+    return blocks.view(batch, nb * block_size, heads, dim).transpose(1, 2)
