@@ -26,16 +26,25 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows [start, start + count), one token per sequence, of similar K/V lengths: their block
+    tables are padded to the group's longest only."""
+
+    start: int
+    count: int
+    block_tables: torch.Tensor  # [count, nb], padded with a valid block id
+    kv_bias: torch.Tensor  # [count, nb * block_size] additive: 0 on the sequence's positions, -inf past them
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where this step's K/V go and what each query attends to.
 
-    Packed rows: `[0, num_decodes)` are decode tokens (one per sequence), then the prefill spans.
+    Packed rows: the decode groups first (one token per sequence), then the prefill spans.
     """
 
     slot_mapping: torch.Tensor  # [T] flat arena slot of each new token
-    num_decodes: int
-    decode_block_tables: torch.Tensor  # [num_decodes, nb], padded
-    decode_kv_mask: torch.Tensor  # [num_decodes, nb * block_size] bool
+    decodes: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -71,10 +80,9 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     parts = []
-    if meta.num_decodes:
-        d = meta.num_decodes
-        parts.append(ops.decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
-                                          meta.decode_kv_mask, scale))
+    for group in meta.decodes:
+        rows = slice(group.start, group.start + group.count)
+        parts.append(ops.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.kv_bias, scale))
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         if span.context_len == 0:

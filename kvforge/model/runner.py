@@ -7,8 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.model.attention import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
+from kvforge import ops
+from kvforge.model.attention import AttentionMetadata, DecodeGroup, ForwardContext, PrefillSpan, forward_context
 from kvforge.model.llama import LlamaForCausalLM
+
+# Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
+# group starts when a sequence is shorter than this fraction of its group's longest, once the group
+# has at least MIN_GROUP rows (each group costs a few extra kernel calls per layer).
+GROUP_LENGTH_RATIO = 0.6
+MIN_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -39,20 +46,21 @@ class ModelRunner:
         in the order they were given. Writes the chunks' K/V into their slots."""
         if not chunks:
             raise ValueError("run() needs at least one chunk")
-        # Packed order: decodes (one new token) first, batched; then prefills, one span each.
-        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        for i, c in enumerate(chunks):
+            if not c.token_ids or len(c.slots) != len(c.token_ids):
+                raise ValueError(f"chunk {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
+        # Packed order: decodes (one new token each), longest K/V first, in groups; then prefills.
+        decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1),
+                         key=lambda i: -chunks[i].start_pos)
         prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
-        order = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         row_of: dict[int, int] = {}
         spans = []
-        for i in order:
+        for i in decodes + prefills:
             c = chunks[i]
             n = len(c.token_ids)
-            if n == 0 or len(c.slots) != n:
-                raise ValueError(f"chunk {i}: {n} tokens but {len(c.slots)} slots")
             start = len(ids)
             ids.extend(c.token_ids)
             positions.extend(range(c.start_pos, c.start_pos + n))
@@ -62,9 +70,8 @@ class ModelRunner:
                 spans.append(PrefillSpan(start, n, c.start_pos, torch.tensor(list(c.block_table), dtype=torch.long)))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
-            num_decodes=len(decodes),
+            decodes=self._decode_groups([chunks[i] for i in decodes]),
             prefills=tuple(spans),
-            **self._decode_tables([chunks[i] for i in decodes]),
         )
         ctx = ForwardContext(meta, self.k_caches, self.v_caches)
         with forward_context(ctx):
@@ -72,14 +79,21 @@ class ModelRunner:
         rows = [row_of[i] for i, c in enumerate(chunks) if c.needs_logits]
         return self.model.compute_logits(hidden[rows])
 
-    def _decode_tables(self, chunks: list[SequenceChunk]) -> dict[str, torch.Tensor]:
-        """Padded block tables and the valid-position mask for the decode rows."""
-        if not chunks:
-            empty = torch.zeros(0, 1, dtype=torch.long)
-            return {"decode_block_tables": empty, "decode_kv_mask": torch.zeros(0, self.block_size, dtype=torch.bool)}
-        nb = max(len(c.block_table) for c in chunks)
-        tables = torch.tensor([list(c.block_table) + [c.block_table[0]] * (nb - len(c.block_table)) for c in chunks],
-                              dtype=torch.long)
-        lengths = torch.tensor([c.start_pos + 1 for c in chunks], dtype=torch.long)
-        mask = torch.arange(nb * self.block_size)[None, :] < lengths[:, None]
-        return {"decode_block_tables": tables, "decode_kv_mask": mask}
+    def _decode_groups(self, chunks: list[SequenceChunk]) -> tuple[DecodeGroup, ...]:
+        """Split decode rows (sorted longest first) into groups with padded block tables and masks."""
+        groups, start = [], 0
+        while start < len(chunks):
+            longest = chunks[start].start_pos + 1
+            end = start + 1
+            while end < len(chunks) and (end - start < MIN_GROUP
+                                         or chunks[end].start_pos + 1 >= GROUP_LENGTH_RATIO * longest):
+                end += 1
+            members = chunks[start:end]
+            nb = len(members[0].block_table)
+            tables = torch.tensor([list(c.block_table) + [c.block_table[0]] * (nb - len(c.block_table))
+                                   for c in members], dtype=torch.long)
+            lengths = torch.tensor([c.start_pos + 1 for c in members], dtype=torch.long)
+            bias = ops.kv_bias_from_lengths(lengths, nb * self.block_size, torch.float32)
+            groups.append(DecodeGroup(start, end - start, tables, bias))
+            start = end
+        return tuple(groups)

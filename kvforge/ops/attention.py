@@ -13,11 +13,13 @@ from kvforge.ops.kv import gather_kv
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, kv_mask: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, kv_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence.
 
     q: `[B, heads, head_dim]`; block_tables: `[B, nb]` (padded with any valid block id);
-    kv_mask: `[B, nb * block_size]` bool, True where the position holds this sequence's K/V.
+    kv_bias: `[B, nb * block_size]` additive mask in q's dtype: 0 where the position holds this
+    sequence's K/V, -inf elsewhere (an additive mask keeps SDPA on its fast CPU path; a bool mask
+    is several times slower).
     Returns `[B, heads, head_dim]`.
     """
     batch, heads, dim = q.shape
@@ -26,7 +28,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     v = gather_kv(v_cache, block_tables)
     # GQA without repeating K/V: the query heads of one group act as that group's query rows.
     qg = q.view(batch, kv_heads, heads // kv_heads, dim).to(k.dtype)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=kv_mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=kv_bias[:, None, None, :].to(k.dtype), scale=scale)
     return out.reshape(batch, heads, dim).to(q.dtype)
 
 
@@ -46,6 +48,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     else:
         rows = torch.arange(context_len, total)[:, None]
-        mask = torch.arange(total)[None, :] <= rows  # [n, total]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        bias = torch.zeros(n, total, dtype=q.dtype).masked_fill_(torch.arange(total)[None, :] > rows, float("-inf"))
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def kv_bias_from_lengths(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, width]` additive mask: 0 for positions < lengths[b], -inf beyond (see decode_attention)."""
+    invalid = torch.arange(width)[None, :] >= lengths[:, None]
+    return torch.zeros(invalid.shape, dtype=dtype).masked_fill_(invalid, float("-inf"))
