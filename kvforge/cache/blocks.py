@@ -23,9 +23,10 @@ class NoFreeBlocksError(RuntimeError):
 class Block:
     """One block of `block_size` token slots in every layer's K and V arena.
 
-    `ref_cnt` counts the holders (sequence block tables, later the prefix index); 0 means free.
-    `block_hash` stays None until prefix caching lands; it will then survive `free` so that a freed
-    block can still be matched until it is reused (lazy eviction).
+    `ref_cnt` counts the holders (sequence block tables, duplicate locks and pins); 0 means free or
+    evictable. `block_hash` is set while the block is cached in the prefix index (`radix.py`); a
+    cached block keeps it at ref_cnt 0 (it is then evictable, not in the free queue) until it is
+    evicted, so it can still be matched (lazy eviction). Blocks in the free queue have no hash.
     `prev_free`/`next_free` are owned by `FreeBlockQueue`: non-None exactly while the block is queued.
     """
 
@@ -169,7 +170,8 @@ class BlockPool:
         for block in blocks:
             assert block.ref_cnt == 0, f"block {block.block_id} was queued with ref_cnt {block.ref_cnt}"
             block.ref_cnt = 1
-            # Reuse evicts whatever the block cached (prefix caching will also drop it from its index).
+            # A pool used without a prefix index may leave hashes on freed blocks: reuse drops them.
+            # (KVCacheManager evicts cached blocks through its index and never queues a hashed block.)
             block.block_hash = None
         return blocks
 
@@ -189,6 +191,18 @@ class BlockPool:
             assert block.ref_cnt >= 0, f"block {block.block_id} freed more often than referenced"
             if block.ref_cnt == 0:
                 queue.append(block)
+
+    def reset(self) -> None:
+        """Put every block back in the free queue in id order, as a new pool has them.
+
+        Raises ValueError, changing nothing, if any block is referenced or still has a hash (the
+        owner of the prefix index must clear it first)."""
+        for block in self.blocks:
+            if block.ref_cnt or block.block_hash is not None:
+                raise ValueError(f"cannot reset the pool: block {block.block_id} has ref_cnt {block.ref_cnt} "
+                                 f"and hash {block.block_hash!r}")
+        self.free_queue.popleft_n(len(self.free_queue))  # the same queue object: holders stay valid
+        self.free_queue.append_n(self.blocks)
 
     def incref(self, blocks: Iterable[Block]) -> None:
         """Add one reference to each block (sharing: fork, prefix-cache hits).

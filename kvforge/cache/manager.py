@@ -1,96 +1,64 @@
 """KVCacheManager: the only cache API the engine sees.
 
 It maps sequences (int `seq_id`) to blocks of the pool and positions to flat arena slots; it never
-touches a tensor. A sequence is registered with a capacity in tokens, grows by `append` (which
-allocates blocks lazily, one block per `block_size` positions) and gives everything back on `free`.
-
-Positions of one sequence, block size 4, length 6, capacity 10:
-
-    position   0 1 2 3 | 4 5 . .          block_table = [b0, b1]
-    block      b0      | b1               slot(p) = block_table[p // 4] * 4 + p % 4
-               stored  | stored | free    positions 6, 7 are reserved in b1 but not yet appended;
-                                          position 8 needs a new block; 10 is past capacity
+touches a tensor. A sequence is registered with a capacity in tokens (optionally starting from a
+cached prefix), grows by `append` (which allocates blocks lazily, one block per `block_size`
+positions, evicting cached blocks when the free queue runs short), caches its finished full blocks
+with `commit`, and gives everything back on `free`. Positions and slots are drawn in `sequence.py`,
+block states (used | evictable | free) in `allocator.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from kvforge.cache.allocator import BlockAllocator
 from kvforge.cache.blocks import Block, BlockPool, NoFreeBlocksError
+from kvforge.cache.events import KVEventBuffer
+from kvforge.cache.integrity import check_manager
+from kvforge.cache.pins import PinTable
+from kvforge.cache.prefix import PrefixCaching
+from kvforge.cache.radix import PrefixMatch, RadixTree, stored_event
+from kvforge.cache.sequence import CacheOverflowError, SeqState, UnknownSequenceError, slots
+from kvforge.cache.stats import CacheStats, block_map, render_stats
 
 
-class CacheOverflowError(ValueError):
-    """Appending would write a position at or past the sequence's capacity. Nothing was changed."""
-
-    def __init__(self, seq_id: int, position: int, capacity: int):
-        self.seq_id, self.position, self.capacity = seq_id, position, capacity
-        super().__init__(f"sequence {seq_id}: position {position} is past its capacity of {capacity} tokens")
-
-    def __reduce__(self):
-        return type(self), (self.seq_id, self.position, self.capacity)
-
-
-class UnknownSequenceError(ValueError):
-    """The sequence id is not registered (never added, or already freed)."""
-
-    def __init__(self, seq_id: int):
-        self.seq_id = seq_id
-        super().__init__(f"unknown sequence {seq_id}: register it with add_sequence() first "
-                         f"(it may have been freed already)")
-
-    def __reduce__(self):
-        return type(self), (self.seq_id,)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """A snapshot of the cache's occupancy. Byte fields are 0 when the manager was built without
-    `bytes_per_block`."""
-
-    num_sequences: int
-    num_blocks: int
-    num_used_blocks: int
-    num_free_blocks: int
-    block_size: int
-    bytes_per_block: int
-    total_bytes: int
-    used_bytes: int
-    num_tokens: int  # tokens stored, summed over sequences
-    allocated_slots: int  # num_used_blocks * block_size
-    internal_fragmentation: float  # unused slots in used blocks / allocated_slots; 0.0 when none
-    usage: float  # num_used_blocks / num_blocks
-
-
-class _SeqState:
-    """One sequence's bookkeeping. Invariant: len(blocks) == ceil(length / block_size) <= capacity."""
-
-    __slots__ = ("length", "capacity", "blocks")
-
-    def __init__(self, capacity: int):
-        self.length = 0
-        self.capacity = capacity
-        self.blocks: list[Block] = []
-
-
-class KVCacheManager:
-    """Owns the block pool and every sequence's block table.
+class KVCacheManager(PrefixCaching):
+    """Owns the block pool, the prefix index and every sequence's block table.
 
     Every mutating method either succeeds or raises having changed nothing. Errors that are the
-    caller's (unknown id, overflow, bad counts) are ValueErrors; running out of blocks is a
-    NoFreeBlocksError (the scheduler is expected to check `can_append` and preempt first).
-    `pool` is exposed for inspection and tests; the engine should not touch it.
+    caller's (unknown id, overflow, bad counts, stale matches, pin budget) are ValueErrors; running
+    out of blocks is a NoFreeBlocksError (the scheduler is expected to check `can_append` /
+    `can_admit` and preempt first); RuntimeError means a bug here.
+
+    With `enable_prefix_caching` (the default), full blocks that `commit` finalises are cached
+    under chained hashes and shared by later sequences whose prompt starts the same way
+    (`match_prefix` then `add_sequence(..., prefix=match)`); freed cached blocks stay resident
+    until an allocation evicts them (least recently used leaf first). Without it, `match_prefix`
+    matches nothing and `commit` only advances a counter: the manager behaves as a plain pager.
+    KV events are kept in a bounded buffer of the newest `max_kv_events` (see `events.py`).
+    `pool` and `tree` are exposed for inspection and tests; the engine should not touch them.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int = 0,
+                 enable_prefix_caching: bool = True, max_pinned_fraction: float = 0.5,
+                 max_kv_events: int = 10_000):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if bytes_per_block < 0:
             raise ValueError(f"bytes_per_block must be >= 0, got {bytes_per_block}")
         self.pool = BlockPool(num_blocks)
+        self.tree = RadixTree(block_size)
+        self._events = KVEventBuffer(max_kv_events)
+        self._blocks = BlockAllocator(self.pool, self.tree, self._events)
         self._block_size = block_size
         self._bytes_per_block = bytes_per_block
-        self._seqs: dict[int, _SeqState] = {}
+        self._prefix_caching = enable_prefix_caching
+        self._seqs: dict[int, SeqState] = {}
         self._num_tokens = 0  # sum of lengths, kept up to date so stats() needs no scan
+        self._num_seq_blocks = 0  # sum of block table lengths (shared blocks once per table)
+        self._pins = PinTable(max_pinned_fraction, self._blocks)
+        self._query_tokens = self._hit_tokens = 0
 
     # ---- sizes --------------------------------------------------------------------------------
 
@@ -107,8 +75,19 @@ class KVCacheManager:
         return self._bytes_per_block
 
     @property
+    def enable_prefix_caching(self) -> bool:
+        return self._prefix_caching
+
+    @property
     def num_free_blocks(self) -> int:
+        """Blocks in the free queue (uncached). Cached blocks with no holder are not counted here:
+        see `num_available_blocks`."""
         return len(self.pool.free_queue)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation may take now: free plus evictable (cached with ref_cnt 0)."""
+        return self._blocks.num_available
 
     @property
     def num_sequences(self) -> int:
@@ -116,31 +95,57 @@ class KVCacheManager:
 
     # ---- sequences ----------------------------------------------------------------------------
 
-    def add_sequence(self, seq_id: int, capacity: int) -> None:
-        """Register `seq_id` with length 0 and room for `capacity` tokens. Allocates nothing:
-        `append` takes blocks as positions need them."""
+    def add_sequence(self, seq_id: int, capacity: int, prefix: PrefixMatch | None = None,
+                     extra: bytes = b"") -> None:
+        """Register `seq_id` with room for `capacity` tokens, starting from `prefix` if given.
+
+        The sequence takes one reference on each matched block (a ref-0 cached block is revived:
+        it leaves the evictable set), its length becomes `prefix.num_tokens` and its block table
+        the matched blocks. `extra` (the extra keys the prefix was matched under, e.g.
+        `hashing.extra_keys(model, kv_dtype, salt)`) is kept for its later commits. Statistics
+        count `prefix.num_query_tokens` queried and `prefix.num_tokens` hit (nothing when prefix is
+        None or prefix caching is disabled). Allocates no new block: `append` does.
+        Raises ValueError, changing nothing: id already registered, capacity <= 0 or below the
+        prefix, or a stale prefix (a block evicted or re-cached since match_prefix, or matched
+        under other extra keys): call match_prefix again.
+        """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already registered; free it before adding it again")
         if capacity <= 0:
             raise ValueError(f"sequence {seq_id}: capacity must be a positive number of tokens, got {capacity}")
-        self._seqs[seq_id] = _SeqState(capacity)
+        if not isinstance(extra, bytes):
+            raise ValueError(f"sequence {seq_id}: extra must be bytes (see hashing.extra_keys), got "
+                             f"{type(extra).__name__}")
+        nodes = [] if prefix is None else self.tree.resolve(prefix, extra, f"sequence {seq_id}")
+        if len(nodes) * self._block_size > capacity:
+            raise ValueError(f"sequence {seq_id}: the prefix of {len(nodes) * self._block_size} tokens exceeds "
+                             f"its capacity of {capacity} tokens")
+        for node in nodes:
+            self._blocks.acquire(node)
+        self._seqs[seq_id] = SeqState(capacity, extra, self.tree.root, nodes, self._block_size)
+        self._num_tokens += len(nodes) * self._block_size
+        self._num_seq_blocks += len(nodes)
+        if prefix is not None and self._prefix_caching:
+            self._query_tokens += prefix.num_query_tokens
+            self._hit_tokens += prefix.num_tokens
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 
     def free(self, seq_id: int) -> None:
-        """Unregister `seq_id` and release its blocks, last block first, so the end of the sequence
-        (the least reusable part) is reused and evicted first. An unknown id (never added or
-        already freed) is a no-op."""
-        seq = self._seqs.get(seq_id)
+        """Unregister `seq_id` and drop its references, last block first.
+        A block reaching ref_cnt 0 goes to the end of the free queue if uncached, or stays cached
+        and becomes evictable (most recently used) if cached; tail first, the end of the sequence
+        (the least reusable part) is reused or evicted first. An unknown id is a no-op."""
+        seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        self.pool.free(seq.blocks[::-1])
-        del self._seqs[seq_id]
+        self._blocks.release(seq.blocks[::-1])
         self._num_tokens -= seq.length
+        self._num_seq_blocks -= len(seq.blocks)
 
     def length(self, seq_id: int) -> int:
-        """Positions appended so far."""
+        """Positions appended so far (a matched prefix counts)."""
         return self._get(seq_id).length
 
     def capacity(self, seq_id: int) -> int:
@@ -161,7 +166,7 @@ class KVCacheManager:
         if not 0 <= start <= end <= seq.length:
             raise ValueError(f"sequence {seq_id}: positions [{start}, {end}) are not within the "
                              f"{seq.length} appended positions")
-        return _slots(seq.blocks, self._block_size, start, end)
+        return slots(seq.blocks, self._block_size, start, end)
 
     # ---- growth -------------------------------------------------------------------------------
 
@@ -175,17 +180,28 @@ class KVCacheManager:
         return max(0, (seq.length + num_tokens + bs - 1) // bs - len(seq.blocks))
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
-        """Whether enough blocks are free to append `num_tokens` positions now. Capacity is not
-        checked (`append` raises CacheOverflowError for that). Does not modify anything."""
-        return self.blocks_needed(seq_id, num_tokens) <= len(self.pool.free_queue)
+        """Whether enough blocks are free or evictable to append `num_tokens` positions now.
+        Capacity is not checked (`append` raises CacheOverflowError for that). Does not modify
+        anything."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise UnknownSequenceError(seq_id)
+        bs = self._block_size
+        if num_tokens == 1 and seq.length % bs:  # the decode step inside the last block
+            return True
+        if num_tokens < 0:
+            raise ValueError(f"sequence {seq_id}: num_tokens must be >= 0, got {num_tokens}")
+        need = (seq.length + num_tokens + bs - 1) // bs - len(seq.blocks)
+        return need <= 0 or need <= self._blocks.num_available
 
     def append(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Reserve the next `num_tokens` positions of `seq_id`: allocate the blocks they need,
-        advance the length, and return their flat slots in position order (a new list the caller
-        owns). The caller writes their K/V into those slots before reading them back.
+        """Reserve the next `num_tokens` positions of `seq_id`: allocate the blocks they need (from
+        the free queue, evicting least recently used cached leaves when it runs short), advance the
+        length, and return their flat slots in position order (a new list the caller owns). The
+        caller writes their K/V into those slots before reading them back.
 
         Raises, changing nothing: UnknownSequenceError, ValueError (num_tokens <= 0),
-        CacheOverflowError (past capacity), NoFreeBlocksError (not enough free blocks).
+        CacheOverflowError (past capacity), NoFreeBlocksError (not enough free or evictable blocks).
         """
         seq = self._seqs.get(seq_id)
         if seq is None:
@@ -197,145 +213,148 @@ class KVCacheManager:
         if end > seq.capacity:
             raise CacheOverflowError(seq_id, seq.capacity, seq.capacity)
         bs = self._block_size
+        if num_tokens == 1 and start % bs:  # the decode step inside the last block: a handful of operations
+            slot = seq.next_slot
+            seq.next_slot = slot + 1
+            seq.length = end
+            self._num_tokens += 1
+            return [slot]
         blocks = seq.blocks
         need = (end + bs - 1) // bs - len(blocks)
         if need > 0:
-            free = len(self.pool.free_queue)
-            if need > free:
-                raise NoFreeBlocksError(f"sequence {seq_id}: appending {num_tokens} tokens needs {need} new "
-                                        f"blocks but only {free} are free")
-            blocks.extend(self.pool.allocate(need))
+            if need > self._blocks.num_available:
+                raise NoFreeBlocksError(f"sequence {seq_id}: appending {num_tokens} tokens needs {need} new blocks "
+                                        f"but only {self._available_text()}")
+            blocks.extend(self._blocks.allocate(need))
+            self._num_seq_blocks += need
         seq.length = end
         self._num_tokens += num_tokens
-        if num_tokens == 1:  # the decode step: keep it to a handful of operations
-            return [blocks[start // bs].block_id * bs + start % bs]
-        return _slots(blocks, bs, start, end)
+        out = slots(blocks, bs, start, end)
+        seq.next_slot = out[-1] + 1
+        return out
+
+    def append_decode(self, seq_ids: Sequence[int]) -> list[int]:
+        """The decode step in one call: reserve one more position in each of `seq_ids` (distinct),
+        exactly as `append(seq_id, 1)` for each in order would, and return their flat slots in that
+        order (a new list). Checks everything before changing anything: raises
+        UnknownSequenceError, CacheOverflowError, ValueError (a repeated id) or NoFreeBlocksError
+        (the new blocks needed exceed the free and evictable ones), changing nothing."""
+        seqs, bs = self._seqs, self._block_size
+        states: list[SeqState] = []
+        need = 0
+        for seq_id in seq_ids:
+            seq = seqs.get(seq_id)
+            if seq is None:
+                raise UnknownSequenceError(seq_id)
+            length = seq.length
+            if length >= seq.capacity:
+                raise CacheOverflowError(seq_id, seq.capacity, seq.capacity)
+            if not length % bs:
+                need += 1
+            states.append(seq)
+        if len(set(seq_ids)) != len(states):
+            raise ValueError("append_decode: a sequence id is repeated; append to each sequence once per call")
+        new: list[Block] = []
+        if need:
+            if need > self._blocks.num_available:
+                raise NoFreeBlocksError(f"the decode step of {len(states)} sequences needs {need} new blocks but "
+                                        f"only {self._available_text()}")
+            new = self._blocks.allocate(need)
+            new.reverse()  # pop() hands them out in allocation order
+            self._num_seq_blocks += need
+        out = []
+        for seq in states:
+            slot = seq.next_slot
+            if not slot % bs:
+                block = new.pop()
+                seq.blocks.append(block)
+                slot = block.block_id * bs
+            seq.next_slot = slot + 1
+            seq.length += 1
+            out.append(slot)
+        self._num_tokens += len(states)
+        return out
+
+    def commit(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Cache the full blocks of `seq_id` whose KV is final. `token_ids` are the sequence's
+        tokens from position 0 whose KV has been written (len(token_ids) <= length(seq_id)); each
+        full block among them not committed before is hashed (chained, under the sequence's extra
+        keys) and inserted into the prefix index, emitting one BlockStored per run of inserted
+        blocks. Cheap (a few comparisons) when no new block is full: call it every step.
+
+        If the index already caches the same content (another sequence computed the same block, e.g.
+        both were admitted in the same step), the sequence switches to the cached twin in its block
+        table and its own copy goes back to the free queue at once: identical KV is held once, and
+        later blocks chain below the twin. The caller must not be holding slots of committed blocks
+        across this call (the engine re-reads `block_table` every step). A hash that names
+        different content (a collision) stops caching for this sequence; nothing wrong is served.
+        Raises UnknownSequenceError, or ValueError (more tokens than appended), changing nothing.
+        """
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise UnknownSequenceError(seq_id)
+        n = len(token_ids)
+        if n > seq.length:
+            raise ValueError(f"sequence {seq_id}: cannot commit {n} tokens, only {seq.length} are appended")
+        bs = self._block_size
+        full = n // bs
+        first = seq.num_committed
+        if full <= first:
+            return
+        if not self._prefix_caching or not seq.caching:
+            seq.num_committed = full
+            return
+        result = self.tree.insert_chain(seq.tip, seq.blocks[first:full], token_ids, first * bs, seq.extra)
+        seq.num_committed = full
+        for i, twin in result.twins:
+            own = seq.blocks[first + i]
+            self._blocks.acquire(twin)
+            seq.blocks[first + i] = twin.block
+            self._blocks.release([own])
+        seq.hashes.extend(result.hashes)
+        seq.tip = result.tip
+        seq.caching = not result.collided
+        for run in result.stored:
+            self._events.record(stored_event, run, bs)
 
     # ---- observability ------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
-        """A snapshot; O(1). Fragmentation assumes blocks are not shared between sequences (true
-        until fork and prefix caching land)."""
-        total = self.pool.num_blocks
-        free = len(self.pool.free_queue)
-        used = total - free
-        allocated = used * self._block_size
-        return CacheStats(
-            num_sequences=len(self._seqs),
-            num_blocks=total,
-            num_used_blocks=used,
-            num_free_blocks=free,
-            block_size=self._block_size,
-            bytes_per_block=self._bytes_per_block,
-            total_bytes=total * self._bytes_per_block,
-            used_bytes=used * self._bytes_per_block,
-            num_tokens=self._num_tokens,
-            allocated_slots=allocated,
-            internal_fragmentation=(allocated - self._num_tokens) / allocated if allocated else 0.0,
-            usage=used / total,
-        )
+        """A snapshot; O(1). See CacheStats for the definitions."""
+        return CacheStats.from_counts(
+            num_sequences=len(self._seqs), num_blocks=self.pool.num_blocks, block_size=self._block_size,
+            bytes_per_block=self._bytes_per_block, num_free_blocks=len(self.pool.free_queue),
+            num_evictable_blocks=self.tree.num_evictable, num_cached_blocks=len(self.tree),
+            num_tokens=self._num_tokens, num_table_slots=self._num_seq_blocks * self._block_size,
+            prefix_query_tokens=self._query_tokens, prefix_hit_tokens=self._hit_tokens,
+            num_evictions=self._blocks.num_evictions, num_pinned_blocks=self._pins.num_pinned_blocks)
 
     def block_map(self, width: int = 64) -> str:
-        """One character per block in id order, `X` used and `.` free, in lines of `width`."""
-        if width <= 0:
-            raise ValueError(f"block_map width must be positive, got {width}")
-        chars = "".join("X" if block.ref_cnt > 0 else "." for block in self.pool.blocks)
-        return "\n".join(chars[i:i + width] for i in range(0, len(chars), width))
+        """One character per block in id order, in lines of `width`: `X` used (ref_cnt > 0),
+        `C` cached and free to evict (ref_cnt 0), `.` free."""
+        return block_map(self.pool.blocks, width)
 
     def dump_stats(self) -> str:
-        """Human-readable state: totals, usage, fragmentation and the block map."""
-        s = self.stats()
-        per_block = f", {_format_bytes(s.bytes_per_block)} per block" if s.bytes_per_block else ""
-        lines = [
-            "KVCacheManager state:",
-            f"  Total blocks: {s.num_blocks} (block size {s.block_size}{per_block})",
-            f"  Used: {s.num_used_blocks} Free: {s.num_free_blocks}",
-            f"  Sequences: {s.num_sequences}, tokens: {s.num_tokens}",
-            f"  Internal fragmentation: {s.internal_fragmentation:.2f}",
-            "  Block map (. = free, X = used):",
-        ]
-        lines += ["    " + line for line in self.block_map().splitlines()]
-        return "\n".join(lines)
+        """Human-readable state: totals, usage, fragmentation, prefix reuse and the block map."""
+        return render_stats(self.stats(), self.block_map(), self._prefix_caching)
 
     def check_integrity(self) -> None:
-        """Raise RuntimeError naming the first broken invariant; return None when all hold:
-        the free queue is well linked with no block twice; free + used == total; a free block has
-        ref_cnt 0; a used block's ref_cnt equals the number of block tables holding it (a block
-        may be shared); each sequence has ceil(length / block_size) blocks and length <= capacity.
-        O(num_blocks + stored blocks); for tests and debugging."""
-        bs = self._block_size
-        total_tokens = 0
-        holders = [0] * self.pool.num_blocks
-        for seq_id, seq in self._seqs.items():
-            if not 0 <= seq.length <= seq.capacity:
-                raise RuntimeError(f"sequence {seq_id}: length {seq.length} is outside [0, capacity "
-                                   f"{seq.capacity}]")
-            if len(seq.blocks) != (seq.length + bs - 1) // bs:
-                raise RuntimeError(f"sequence {seq_id}: {len(seq.blocks)} blocks for length {seq.length} "
-                                   f"(block size {bs}, expected {(seq.length + bs - 1) // bs})")
-            for block in seq.blocks:
-                if self.pool.blocks[block.block_id] is not block:
-                    raise RuntimeError(f"sequence {seq_id} holds block {block.block_id}, not the pool's")
-                holders[block.block_id] += 1
-            total_tokens += seq.length
-        if total_tokens != self._num_tokens:
-            raise RuntimeError(f"token count {self._num_tokens} disagrees with the sum of lengths {total_tokens}")
-
-        queued = self.pool.free_queue.get_all_free_blocks()  # raises if the links are broken
-        in_queue = [False] * self.pool.num_blocks
-        for block in queued:
-            if in_queue[block.block_id]:
-                raise RuntimeError(f"block {block.block_id} appears twice in the free queue")
-            in_queue[block.block_id] = True
-
-        used = 0
-        for block in self.pool.blocks:
-            bid, refs = block.block_id, holders[block.block_id]
-            if in_queue[bid]:
-                if block.ref_cnt != 0:
-                    raise RuntimeError(f"block {bid} is in the free queue with ref_cnt {block.ref_cnt}")
-                if refs:
-                    raise RuntimeError(f"block {bid} is in the free queue but {refs} block tables hold it")
-                continue
-            used += 1
-            if block.ref_cnt <= 0:
-                raise RuntimeError(f"block {bid} has ref_cnt {block.ref_cnt} but is not in the free queue (leaked)")
-            if block.ref_cnt != refs:
-                raise RuntimeError(f"block {bid} has ref_cnt {block.ref_cnt} but {refs} block tables hold it")
-        if used + len(queued) != self.pool.num_blocks:
-            raise RuntimeError(f"used {used} + free {len(queued)} != total {self.pool.num_blocks} blocks")
+        """Raise RuntimeError naming the first broken invariant; return None when all hold (see
+        `integrity.check_manager` for the list). O(num_blocks + stored blocks); for tests and debugging."""
+        check_manager(self)
 
     def __repr__(self) -> str:
         return (f"KVCacheManager(blocks={self.num_blocks}, block_size={self._block_size}, "
-                f"free={self.num_free_blocks}, sequences={len(self._seqs)})")
+                f"free={self.num_free_blocks}, cached={len(self.tree)}, sequences={len(self._seqs)})")
 
-    def _get(self, seq_id: int) -> _SeqState:
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _get(self, seq_id: int) -> SeqState:
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise UnknownSequenceError(seq_id)
         return seq
 
-
-def _slots(blocks: list[Block], block_size: int, start: int, end: int) -> list[int]:
-    """Flat slots of positions [start, end), one `range` per block touched.
-
-    | positions                       | block                  | slots                          |
-    | [pos, min(end, (i + 1) * bs))   | blocks[i], i = pos//bs | base + pos % bs, ... (base = id*bs) |
-    """
-    out: list[int] = []
-    pos = start
-    while pos < end:
-        i, offset = divmod(pos, block_size)
-        stop = min(end, (i + 1) * block_size)
-        base = blocks[i].block_id * block_size
-        out.extend(range(base + offset, base + offset + (stop - pos)))
-        pos = stop
-    return out
-
-
-def _format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    def _available_text(self) -> str:
+        free = len(self.pool.free_queue)
+        return f"{free + self.tree.num_evictable} are free or evictable ({free} free, {self.tree.num_evictable} cached)"

@@ -213,10 +213,11 @@ def test_dump_stats_text(make_manager):
     assert m.dump_stats() == (
         "KVCacheManager state:\n"
         "  Total blocks: 12 (block size 4, 90.0 KiB per block)\n"
-        "  Used: 3 Free: 9\n"
+        "  Used: 3 Evictable: 0 Free: 9\n"
         "  Sequences: 1, tokens: 10\n"
         "  Internal fragmentation: 0.17\n"
-        "  Block map (. = free, X = used):\n"
+        "  Prefix cache: 0/0 query tokens hit (0.0%), 0 cached blocks (0 evictable), 0 evictions, 0 pinned\n"
+        "  Block map (X = used, C = cached and free to evict, . = free):\n"
         "    XXX........."
     )
 
@@ -238,14 +239,14 @@ def test_check_integrity_catches_a_corrupted_ref_count(manager):
     manager.append(0, 9)
     block = manager.pool.blocks[1]
     block.ref_cnt += 1
-    with pytest.raises(RuntimeError, match="block 1 has ref_cnt 2 but 1 block tables hold it"):
+    with pytest.raises(RuntimeError, match="block 1 has ref_cnt 2 but 1 holders hold it"):
         manager.check_integrity()
     block.ref_cnt -= 1
 
 
 def test_check_integrity_catches_a_leaked_block(manager):
     manager.pool.allocate(1)  # taken from the pool but held by no sequence
-    with pytest.raises(RuntimeError, match="block 0 has ref_cnt 1 but 0 block tables hold it"):
+    with pytest.raises(RuntimeError, match="block 0 has ref_cnt 1 but 0 holders hold it"):
         manager.check_integrity()
     manager.pool.free([manager.pool.blocks[0]])
 
@@ -259,6 +260,7 @@ def test_check_integrity_accepts_a_block_shared_by_two_tables(manager):
     manager._seqs[1].blocks.append(shared)  # what fork will do
     manager._seqs[1].length = 4
     manager._num_tokens += 4
+    manager._num_seq_blocks += 1
     manager.check_integrity()
     manager.free(0)
     assert shared.ref_cnt == 1
@@ -273,3 +275,7 @@ def test_constructor_rejects_bad_sizes():
         KVCacheManager(0, 4)
     with pytest.raises(ValueError, match="bytes_per_block must be >= 0"):
         KVCacheManager(4, 4, -1)
+    with pytest.raises(ValueError, match=r"max_pinned_fraction must be in \[0, 1\], got 1.5"):
+        KVCacheManager(4, 4, max_pinned_fraction=1.5)
+    with pytest.raises(ValueError, match="max_kv_events must be >= 0"):
+        KVCacheManager(4, 4, max_kv_events=-1)

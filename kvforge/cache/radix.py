@@ -1,0 +1,326 @@
+"""The prefix index: a radix tree over full blocks, and the LRU of its evictable leaves.
+
+Each node below the root is one cached full block: its chained hash (`hashing.py`), the block,
+its token ids and extra keys (compared on every hit, so a hash collision is a miss, never wrong
+KV), its parent (the block before it) and its children (the blocks that followed it in some
+sequence). A path from the root is a cached prefix, so the longest cached prefix of a prompt is
+found by walking down one child per block: time proportional to the matched length.
+
+Ref counts live on the blocks and are changed by the block allocator (`allocator.py`), which tells
+the tree when a cached block's count reaches 0 (`mark_evictable`) or leaves 0 (`mark_revived`). Holders always hold a
+whole path from the root (a sequence holds its matched and committed blocks; a pin holds a
+matched prefix), so an in-use node's ancestors are in use, the subtree of an evictable
+node is all evictable, and every evictable block can be reached by evicting leaves: the count of
+evictable blocks is exactly what allocation can reclaim.
+
+Eviction takes the least recently used evictable leaf (a min-heap on `last_access`, lazily
+invalidated: an entry is skipped when its node has left the tree, is in use again, has children,
+or was touched since); when a leaf goes, its parent may become an evictable leaf and is pushed.
+`last_access` comes from a counter that ticks on every touch, so orders are exact and repeatable.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvforge.cache import hashing
+from kvforge.cache.blocks import Block
+from kvforge.cache.events import BlockStored
+
+_COMPACT_SLACK = 1024  # stale heap entries tolerated beyond 2x the evictable blocks
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The longest cached run of full blocks that prefixes a token list, from `match_prefix`.
+
+    A plain value: it holds no reference, so its blocks may be evicted before it is used;
+    `add_sequence` and `pin` re-check it and raise ValueError if it went stale.
+    `num_tokens == len(block_ids) * block_size`; `num_query_tokens` is the length of the token list
+    that was looked up (what hit-rate statistics count as queried).
+    """
+
+    block_ids: tuple[int, ...]
+    block_hashes: tuple[bytes, ...]
+    num_tokens: int
+    num_query_tokens: int
+
+    def __post_init__(self) -> None:
+        if len(self.block_ids) != len(self.block_hashes):
+            raise ValueError(f"a PrefixMatch needs one hash per block: got {len(self.block_ids)} block ids "
+                             f"and {len(self.block_hashes)} hashes")
+        if not 0 <= self.num_tokens <= self.num_query_tokens:
+            raise ValueError(f"a PrefixMatch covers 0 to num_query_tokens tokens: got num_tokens "
+                             f"{self.num_tokens}, num_query_tokens {self.num_query_tokens}")
+
+
+class ChainInsert(NamedTuple):
+    """What `RadixTree.insert_chain` did, in chain order."""
+
+    tip: RadixNode  # the node of the last block placed (the given tip when none was)
+    hashes: tuple[bytes, ...]  # the hash of each block placed (inserted or twinned)
+    stored: tuple[tuple[RadixNode, ...], ...]  # runs of consecutive newly inserted nodes
+    twins: tuple[tuple[int, RadixNode], ...]  # (index in `blocks`, cached twin) for each block already cached
+    collided: bool  # stopped early at a hash that names other content
+
+
+def stored_event(run: tuple[RadixNode, ...], block_size: int) -> BlockStored:
+    """The BlockStored event for a run of consecutive nodes inserted together (nodes never change
+    their hash, tokens or parent, so this may be built long after the insert)."""
+    tokens = run[0].token_ids if len(run) == 1 else tuple(t for node in run for t in node.token_ids)
+    return BlockStored(tuple(node.block_hash for node in run), run[0].parent.block_hash, tokens, block_size)
+
+
+class RadixNode:
+    """One cached full block (or the root, which has no block). Owned by `RadixTree`."""
+
+    __slots__ = ("block_hash", "block", "token_ids", "extra", "parent", "children", "last_access")
+
+    def __init__(self, block_hash: bytes | None, block: Block | None, token_ids: tuple[int, ...], extra: bytes,
+                 parent: RadixNode | None):
+        self.block_hash = block_hash
+        self.block = block
+        self.token_ids = token_ids
+        self.extra = extra
+        self.parent = parent
+        self.children: dict[bytes, RadixNode] = {}
+        self.last_access = 0
+
+    def __repr__(self) -> str:
+        block = self.block.block_id if self.block is not None else None
+        return f"RadixNode(block={block}, children={len(self.children)}, last_access={self.last_access})"
+
+
+class RadixTree:
+    """Cached full blocks by chained hash, as a tree of prefixes, with an LRU of evictable leaves.
+
+    Invariant: a block has a `block_hash` iff it is the block of exactly one node here, under that
+    hash. The tree never changes a ref count; the allocator does, and reports transitions to/from 0.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.root = RadixNode(None, None, (), b"", None)
+        self._nodes: dict[bytes, RadixNode] = {}
+        self._heap: list[tuple[int, int, RadixNode]] = []  # (last_access, push number, node)
+        self._pushes = 0
+        self._clock = 0
+        self.num_evictable = 0  # cached blocks with ref_cnt 0
+
+    def __len__(self) -> int:
+        """Cached blocks (nodes below the root)."""
+        return len(self._nodes)
+
+    def get(self, block_hash: bytes) -> RadixNode | None:
+        """The node caching `block_hash`, or None. Pure."""
+        return self._nodes.get(block_hash)
+
+    def nodes(self) -> list[RadixNode]:
+        """Every cached node (for checks and tests; O(n))."""
+        return list(self._nodes.values())
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def match_prefix(self, token_ids: Sequence[int], extra: bytes) -> PrefixMatch:
+        """The longest cached run of full blocks prefixing `token_ids` under `extra`, never covering
+        the last token: at most (len(token_ids) - 1) // block_size blocks. A node matches only if its
+        stored token ids and extra keys equal the query's (a hash collision ends the match), so the
+        walk costs one hash and one lookup per matched block. Pure: changes no access time, count
+        or ref."""
+        ids: list[int] = []
+        hashes: list[bytes] = []
+        node, parent, bs = self.root, None, self.block_size
+        hash_block = hashing.hash_block  # looked up per call so tests can force collisions
+        for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
+            chunk = tuple(token_ids[start:start + bs])
+            block_hash = hash_block(parent, chunk, extra)
+            child = node.children.get(block_hash)
+            if child is None or child.token_ids != chunk or child.extra != extra:
+                break
+            ids.append(child.block.block_id)
+            hashes.append(block_hash)
+            node, parent = child, block_hash
+        return PrefixMatch(tuple(ids), tuple(hashes), len(ids) * bs, len(token_ids))
+
+    def resolve(self, prefix: PrefixMatch, extra: bytes | None, who: str) -> list[RadixNode]:
+        """The nodes of `prefix`, checked to still form the matched chain from the root (under
+        `extra` unless None). Raises ValueError, naming `who`, for a stale or foreign match. Pure."""
+        if prefix.num_tokens != len(prefix.block_ids) * self.block_size:
+            raise ValueError(f"{who}: the prefix covers {prefix.num_tokens} tokens but holds {len(prefix.block_ids)} "
+                             f"blocks of {self.block_size}; pass a PrefixMatch from this manager's match_prefix()")
+        nodes: list[RadixNode] = []
+        parent = self.root
+        for bid, block_hash in zip(prefix.block_ids, prefix.block_hashes):
+            node = self._nodes.get(block_hash)
+            if node is None or node.block.block_id != bid or node.parent is not parent:
+                raise ValueError(f"{who}: the prefix match is stale: block {bid} no longer caches the matched "
+                                 f"content (evicted or reset since match_prefix()); call match_prefix() again")
+            if extra is not None and node.extra != extra:
+                raise ValueError(f"{who}: the prefix was matched under other extra keys than the sequence's; "
+                                 f"pass the same extra to match_prefix() and add_sequence()")
+            nodes.append(node)
+            parent = node
+        return nodes
+
+    # ---- changes ----------------------------------------------------------------------------
+
+    def insert_chain(self, tip: RadixNode, blocks: list[Block], token_ids: Sequence[int], start: int,
+                     extra: bytes) -> ChainInsert:
+        """Cache `blocks`, full blocks holding token_ids[start : start + len(blocks) * block_size]
+        that follow `tip` (the root or a node the caller holds). The caller holds each block and
+        none is cached yet.
+
+        Hashes every block first (pure: a ValueError for a bad token id changes nothing), then, in
+        order: a new hash is inserted as a child of the previous node; a hash already cached under
+        the same parent with the same tokens and extra keys is a twin (another sequence computed the
+        same block): the block stays uncached and the chain continues through the twin, which the
+        caller should use in its place; a hash cached for other content is a collision and stops
+        the chain. Inserted nodes become most recently used.
+        """
+        bs, hash_block = self.block_size, hashing.hash_block
+        chunks: list[tuple[int, ...]] = []
+        hashes: list[bytes] = []
+        parent_hash = tip.block_hash
+        for pos in range(start, start + len(blocks) * bs, bs):
+            chunk = tuple(token_ids[pos:pos + bs])
+            parent_hash = hash_block(parent_hash, chunk, extra)
+            chunks.append(chunk)
+            hashes.append(parent_hash)
+        nodes = self._nodes
+        node = tip
+        runs: list[tuple[RadixNode, ...]] = []
+        run: list[RadixNode] = []
+        twins: list[tuple[int, RadixNode]] = []
+        placed = 0
+        for block, chunk, block_hash in zip(blocks, chunks, hashes):
+            twin = nodes.get(block_hash)
+            if twin is None:
+                assert block.block_hash is None and block.ref_cnt > 0, f"block {block.block_id} cannot be cached"
+                child = RadixNode(block_hash, block, chunk, extra, node)
+                node.children[block_hash] = child
+                nodes[block_hash] = child
+                block.block_hash = block_hash
+                self._clock += 1
+                child.last_access = self._clock
+                run.append(child)
+                node = child
+            elif twin.parent is node and twin.token_ids == chunk and twin.extra == extra:
+                if run:
+                    runs.append(tuple(run))
+                    run = []
+                twins.append((placed, twin))
+                node = twin
+            else:
+                break
+            placed += 1
+        if run:
+            runs.append(tuple(run))
+        return ChainInsert(node, tuple(hashes[:placed]), tuple(runs), tuple(twins), placed < len(blocks))
+
+    def touch(self, node: RadixNode) -> None:
+        """Make `node` the most recently used."""
+        self._clock += 1
+        node.last_access = self._clock
+
+    def mark_evictable(self, node: RadixNode) -> None:
+        """The last reference to `node.block` was dropped: it stays cached, most recently used, and
+        may be evicted once it is a leaf."""
+        self.num_evictable += 1
+        self.touch(node)
+        if not node.children:
+            self._push(node)
+
+    def mark_revived(self, node: RadixNode) -> None:
+        """A reference was taken on the ref-0 `node.block`: it is no longer evictable (its heap
+        entry goes stale)."""
+        self.num_evictable -= 1
+
+    def evict(self, n: int) -> list[RadixNode]:
+        """Remove the `n` least recently used evictable leaves, one at a time (a parent whose last
+        child goes may be next). Returns the removed nodes in eviction order (each keeps its hash);
+        each `node.block` is now uncached, with ref_cnt 0 and in no queue: the caller owns it.
+        Raises RuntimeError, having removed nothing, if fewer than `n` blocks are evictable."""
+        if n > self.num_evictable:
+            raise RuntimeError(f"cannot evict {n} blocks: only {self.num_evictable} are evictable")
+        out: list[RadixNode] = []
+        heap, nodes, root = self._heap, self._nodes, self.root
+        heappop, heappush = heapq.heappop, heapq.heappush
+        while len(out) < n:
+            if not heap:
+                raise RuntimeError(f"the eviction heap ran dry after {len(out)} of {n} blocks although "
+                                   f"{self.num_evictable} blocks are counted evictable")
+            stamp, _, node = heappop(heap)
+            block_hash = node.block_hash
+            if (stamp != node.last_access or node.children or node.block.ref_cnt
+                    or nodes.get(block_hash) is not node):
+                continue  # a stale entry
+            del nodes[block_hash]
+            parent = node.parent
+            del parent.children[block_hash]
+            node.block.block_hash = None
+            out.append(node)
+            if parent is not root and not parent.children and parent.block.ref_cnt == 0:
+                self._pushes += 1
+                heappush(heap, (parent.last_access, self._pushes, parent))
+        self.num_evictable -= n
+        return out
+
+    def clear(self) -> list[Block]:
+        """Forget every node (all must be evictable); returns their blocks, now uncached."""
+        assert self.num_evictable == len(self._nodes), "clear() while cached blocks are in use"
+        blocks = [node.block for node in self._nodes.values()]
+        for block in blocks:
+            block.block_hash = None
+        self._nodes.clear()
+        self.root.children.clear()
+        self._heap.clear()
+        self.num_evictable = 0
+        return blocks
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _is_evictable_leaf(self, node: RadixNode, stamp: int) -> bool:
+        return (stamp == node.last_access and not node.children and node.block.ref_cnt == 0
+                and self._nodes.get(node.block_hash) is node)
+
+    def _push(self, node: RadixNode) -> None:
+        self._pushes += 1
+        heapq.heappush(self._heap, (node.last_access, self._pushes, node))
+        if len(self._heap) > 2 * self.num_evictable + _COMPACT_SLACK:  # drop stale entries, amortised O(1)
+            self._heap = [e for e in self._heap if self._is_evictable_leaf(e[2], e[0])]
+            heapq.heapify(self._heap)
+
+    def check_integrity(self) -> None:
+        """Raise RuntimeError naming the first broken invariant of the tree: links, hashes, the
+        evictable count, in-use nodes having in-use parents, and a live heap entry for every
+        evictable leaf. O(nodes + heap entries); for tests and debugging."""
+        seen = 0
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            for key, child in node.children.items():
+                seen += 1
+                bid = child.block.block_id
+                if key != child.block_hash or self._nodes.get(key) is not child:
+                    raise RuntimeError(f"radix node of block {bid} is linked under a hash it is not indexed by")
+                if child.parent is not node:
+                    raise RuntimeError(f"radix node of block {bid} does not point back to its parent")
+                if child.block.block_hash != key:
+                    raise RuntimeError(f"block {bid} is in the radix tree but its block_hash disagrees")
+                if child.block.ref_cnt > 0 and node is not self.root and node.block.ref_cnt == 0:
+                    raise RuntimeError(f"block {bid} is in use but its parent block {node.block.block_id} "
+                                       f"has ref_cnt 0 (holders must hold a whole path from the root)")
+                stack.append(child)
+        if seen != len(self._nodes):
+            raise RuntimeError(f"the radix tree indexes {len(self._nodes)} blocks but {seen} are reachable")
+        evictable = [n for n in self._nodes.values() if n.block.ref_cnt == 0]
+        if len(evictable) != self.num_evictable:
+            raise RuntimeError(f"the radix tree counts {self.num_evictable} evictable blocks but "
+                               f"{len(evictable)} cached blocks have ref_cnt 0")
+        live = {id(node) for stamp, _, node in self._heap if self._is_evictable_leaf(node, stamp)}
+        for node in evictable:
+            if not node.children and id(node) not in live:
+                raise RuntimeError(f"evictable leaf block {node.block.block_id} has no live eviction heap entry")
