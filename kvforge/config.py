@@ -71,14 +71,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache sizing.
+    """Paged KV cache sizing and reuse.
 
     The arena is sized from `num_blocks` when given, else from `kv_cache_memory` (bytes).
+    With `enable_prefix_caching`, full blocks are shared between requests with the same prefix and
+    kept after a request ends until memory is needed; pinned prefixes may hold at most
+    `max_pinned_fraction` of the blocks.
     """
 
     block_size: int = 16
     kv_cache_memory: int = 1 << 30
     num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_pinned_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -87,6 +92,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if not 0 <= self.max_pinned_fraction <= 1:
+            raise ValueError(f"max_pinned_fraction must be in [0, 1], got {self.max_pinned_fraction}")
 
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
         """The number of blocks the arena holds for a model whose block takes `bytes_per_block`."""

@@ -23,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     seed: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -36,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -71,6 +74,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float
+    cache_extra: bytes = b""  # what besides the tokens identifies this request's cached blocks
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -78,6 +82,7 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at admission
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.cache import CacheStats, KVCache, KVCacheManager
+from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, PrefixMatch, extra_keys
 from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
 from kvforge.engine.scheduler import Scheduler
 from kvforge.model.llama import LlamaForCausalLM
@@ -91,7 +91,9 @@ class LLMEngine:
         bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         num_blocks = config.cache.resolve_num_blocks(bytes_per_block)
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
-        self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block)
+        self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
+                                    enable_prefix_caching=config.cache.enable_prefix_caching,
+                                    max_pinned_fraction=config.cache.max_pinned_fraction)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self._requests: dict[str, Sequence] = {}
@@ -102,22 +104,47 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises ValueError (and changes nothing) for a duplicate id, an empty or
-        out-of-vocabulary prompt, or one that can never fit the model length or the cache."""
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request (lower `priority` runs first; equal priorities in arrival order).
+
+        A dict prompt may carry `cache_salt` (overriding `params.cache_salt`): requests with
+        different salts never share cached KV. Raises ValueError (and changes nothing) for a
+        duplicate id, an empty or out-of-vocabulary prompt, a bad salt or priority, or a request
+        that can never fit the model length or the cache."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer (lower runs first), got {priority!r}")
+        text, ids = self.tokenize(prompt)
+        salt = self._salt(prompt, params)
         self._check_fits(len(ids), params)
-        seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic())
+        seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
+                       cache_extra=self.cache_extra(salt))
         self._requests[request_id] = seq
         self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self._generators[seq.seq_id] = (torch.Generator().manual_seed(params.seed)
                                         if params.seed is not None else None)
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, priority)
+
+    def cache_extra(self, cache_salt: str | None) -> bytes:
+        """The extra keys of this engine's cached blocks: what besides the tokens determines their KV
+        (the model's weights, the KV dtype, the tenant's salt)."""
+        return extra_keys(self.fingerprint, self.config.dtype, cache_salt)
+
+    def pin_cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> PinHandle:
+        """Pin the cached full blocks that prefix `token_ids` under `cache_salt` (see
+        `KVCacheManager.pin`); computes nothing: `LLM.pin_prefix` prefills first when needed.
+        Raises ValueError when prefix caching is off, no full block is cached, or over the budget."""
+        return self.cache.pin(self.cached_prefix(token_ids, cache_salt))
+
+    def cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> PrefixMatch:
+        """The cached full blocks of `token_ids` (all of them may match: a dummy token stands for
+        the next one, whose logits a lookup always leaves to be computed). Changes nothing."""
+        return self.cache.match_prefix([*token_ids, 0], self.cache_extra(cache_salt))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are ignored."""
@@ -129,7 +156,8 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt; ValueError naming what is wrong with a bad one."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one character or token")
@@ -145,6 +173,15 @@ class LLMEngine:
                                      f"allowed: integers in [0, {vocab - 1}]")
             return prompt.get("prompt"), list(ids)  # type: ignore[return-value]
         raise ValueError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    @staticmethod
+    def _salt(prompt: PromptType, params: SamplingParams) -> str | None:
+        if isinstance(prompt, Mapping) and prompt.get("cache_salt") is not None:
+            salt = prompt["cache_salt"]
+            if not isinstance(salt, str) or not salt:
+                raise ValueError(f"cache_salt must be a non-empty string or None, got {salt!r}")
+            return salt
+        return params.cache_salt
 
     def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         total = num_prompt + params.max_tokens
@@ -176,10 +213,14 @@ class LLMEngine:
         logits = self.runner.run(items)
         sampling = [c.seq for c, item in zip(sched.chunks, items) if item.needs_logits]
         tokens = sample(logits, [s.params for s in sampling], [self._generators[s.seq_id] for s in sampling])
+        bs = self.cache.block_size
         for c in sched.chunks:
-            c.seq.num_computed += c.num_tokens
-            if c.seq.num_computed <= c.seq.num_prompt_tokens:
+            seq = c.seq
+            seq.num_computed += c.num_tokens
+            if seq.num_computed <= seq.num_prompt_tokens:
                 self._prompt_tokens += c.num_tokens
+            if seq.num_computed // bs > (seq.num_computed - c.num_tokens) // bs:  # a block was filled
+                self.cache.commit(seq.seq_id, seq.token_ids[:seq.num_computed])
         outputs = []
         now = time.monotonic()
         for seq, token in zip(sampling, tokens):
@@ -221,6 +262,7 @@ class LLMEngine:
             prompt_token_ids=seq.prompt_token_ids,
             outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)],
             finished=seq.finished,
+            num_cached_tokens=seq.num_cached_tokens or 0,
             metrics=RequestMetrics(seq.arrival, seq.first_token_time,
                                    time.monotonic() if seq.finished else None, seq.num_preemptions),
         )

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as Seq
 
+from kvforge.cache import KVEvent, PinHandle
 from kvforge.config import EngineConfig
 from kvforge.engine.engine import EngineStats, LLMEngine, PromptType
 from kvforge.model.tokenizer import Tokenizer
@@ -16,7 +17,8 @@ Message = Mapping[str, str]
 
 class LLM:
     """`LLM(model="smollm2-135m", dtype="float32", block_size=16, kv_cache_memory=..., num_blocks=...,
-    max_num_seqs=..., max_num_batched_tokens=..., max_model_len=..., seed=0)`.
+    enable_prefix_caching=True, max_pinned_fraction=0.5, max_num_seqs=..., max_num_batched_tokens=...,
+    max_model_len=..., seed=0)`.
 
     `model` is the alias of the embedded model, a .gguf path or a HF model directory.
     """
@@ -75,6 +77,44 @@ class LLM:
                             return
         finally:
             self.engine.abort_request(request_id)
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+
+    def pin_prefix(self, prompt: str | Seq[int], cache_salt: str | None = None) -> PinHandle:
+        """Keep the full blocks of `prompt` (text or token ids) cached under any memory pressure
+        until `unpin(handle)`: the "system prompt cache". Prefills the prompt first if its blocks
+        are not all cached. Only whole blocks are pinned (`handle.num_tokens`); requests with the
+        same prefix and salt then skip them. Raises ValueError, keeping nothing: prefix caching
+        off, a prompt shorter than one block, or pins over `max_pinned_fraction` of the pool."""
+        engine = self.engine
+        _, ids = engine.tokenize(prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)})
+        if not engine.cache.enable_prefix_caching:
+            raise ValueError("cannot pin a prefix: prefix caching is disabled (enable_prefix_caching=False)")
+        whole = len(ids) // engine.cache.block_size * engine.cache.block_size
+        if whole == 0:
+            raise ValueError(f"cannot pin a prefix of {len(ids)} tokens: it fills no block "
+                             f"(block_size={engine.cache.block_size})")
+        if whole > engine.cache.pin_budget * engine.cache.block_size:
+            raise ValueError(f"cannot pin {whole // engine.cache.block_size} blocks: the pin budget is "
+                             f"{engine.cache.pin_budget} blocks (max_pinned_fraction of the pool)")
+        if engine.cached_prefix(ids, cache_salt).num_tokens < whole:
+            self.generate({"prompt_token_ids": ids, "cache_salt": cache_salt}, SamplingParams(max_tokens=1))
+        return engine.pin_cached_prefix(ids, cache_salt)
+
+    def unpin(self, handle: PinHandle) -> None:
+        """Release a pin; its blocks stay cached until evicted. A second unpin is a no-op."""
+        self.engine.cache.unpin(handle)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached block. Raises ValueError while any block is in use (a running request
+        or a pin)."""
+        self.engine.cache.reset_prefix_cache()
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events (BlockStored, BlockRemoved, AllBlocksCleared) since the last call, oldest first."""
+        return self.engine.cache.take_events()
+
+    # ---- visibility -----------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -70,6 +70,6 @@ def test_finish_frees_blocks_at_once():
     _run(sched, sched.schedule())
     assert cache.num_free_blocks == 5
     sched.finish(a, "stop")
-    assert cache.num_free_blocks == 8 and not sched.has_unfinished
+    assert cache.num_available_blocks == 8 and not sched.has_unfinished
     assert a.finished and a.finish_reason == "stop"
     cache.check_integrity()
