@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP  := $(VENV)/.kvforge-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+# The OpenAI-compatible server on the embedded model, in the foreground (Ctrl-C stops it).
 run: setup
+	$(VENV)/bin/kvforge serve --model smollm2-135m --host $(HOST) --port $(PORT)
+
+# A few prompts through the offline engine, then the cache stats and block map.
+demo: setup
 	$(VENV)/bin/kvforge generate --max-tokens 48 --temperature 0 --stats \
 		"The capital of France is" "def fib(n):" "Three facts about the Moon:"
 
@@ -24,6 +32,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/throughput.py
+	$(PY) bench/prefix_reuse.py
+	$(PY) bench/chat_turns.py
+	$(PY) bench/allocator.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

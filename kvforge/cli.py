@@ -1,5 +1,5 @@
-"""kvforge command line: `kvforge generate`, `kvforge info`. Options are built from the config
-dataclasses' fields, so the CLI and the Python API share their defaults."""
+"""kvforge command line: `kvforge generate`, `kvforge serve`, `kvforge info`. Options are built from the
+config dataclasses' fields, so the CLI and the Python API share their defaults."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import typing
 
 from kvforge.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvforge.server import ServerConfig
 from kvforge.types import SamplingParams
 
 _ENGINE_GROUPS = (EngineConfig, CacheConfig, SchedulerConfig)
@@ -27,7 +28,8 @@ def _add_fields(parser: argparse.ArgumentParser, klass: type, names: typing.Iter
         dest = dest_prefix + f.name
         kind = hints[f.name]
         if kind is bool:
-            parser.add_argument(flag, dest=dest, action="store_true", help=f"(default: {default})")
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {default})")
             continue
         args = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
         scalar = next((t for t in args if t in (int, float, str)), str)
@@ -68,6 +70,16 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from kvforge.server.serve import Server
+
+    server_kwargs = {k.removeprefix("srv_"): v for k, v in vars(ns).items()
+                     if k.startswith("srv_") and v is not None}
+    config = ServerConfig(**server_kwargs)  # validated before the model loads
+    Server.from_config(EngineConfig.from_kwargs(**_engine_kwargs(ns)), config).run()
+    return 0
+
+
 def _cmd_info(ns: argparse.Namespace) -> int:
     from kvforge.engine import model_info
 
@@ -84,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_parser(gen)
     _add_fields(gen, SamplingParams, _SAMPLING_FIELDS, dest_prefix="sp_")
     gen.set_defaults(func=_cmd_generate)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (completions, chat, metrics)")
+    _engine_parser(serve)
+    _add_fields(serve, ServerConfig, dest_prefix="srv_")
+    serve.set_defaults(func=_cmd_serve)
     info = sub.add_parser("info", help="model config, KV bytes per token and cache capacity")
     _engine_parser(info)
     info.set_defaults(func=_cmd_info)

@@ -1,0 +1,129 @@
+"""Prometheus rendering of the server's request metrics and the engine's stats.
+
+`ServerMetrics` owns one `CollectorRegistry` (so several servers in one process never mix their
+numbers). Request-level metrics (counts by status, finish reasons, token counters, TTFT, inter-token
+latency, queue time) are recorded as they happen; engine and cache state (running / waiting
+requests, KV usage, prefix-cache queries and hits, evictions, preemptions) is read from the last
+snapshot given to `update()`, so `/metrics` calls `update(engine.stats(), ...)` and then `render()`.
+
+This module imports nothing of kvforge: a snapshot is anything shaped like `EngineStats` (below).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class CacheStatsLike(Protocol):
+    num_blocks: int
+    num_used_blocks: int
+    num_free_blocks: int
+    usage: float
+    prefix_query_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # of which found there
+    num_evictions: int  # cached blocks evicted to make room
+    num_cached_blocks: int  # blocks in the prefix index, used or evictable
+    num_evictable_blocks: int  # cached blocks nobody holds (reclaimed on demand)
+    num_pinned_blocks: int
+
+
+class EngineStatsLike(Protocol):
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_steps: int
+    cache: CacheStatsLike
+
+
+class ServerMetrics:
+    """The server's metrics; thread-safe (the engine loop records, /metrics renders)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvforge_requests", "HTTP requests answered, by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.finished_requests = Counter("kvforge_request_finished", "Requests that left the engine, by finish "
+                                         "reason (stop, length, abort)", ["reason"], registry=r)
+        self.prompt_tokens = Counter("kvforge_prompt_tokens", "Prompt tokens of requests that left the engine",
+                                     registry=r)
+        self.generation_tokens = Counter("kvforge_generation_tokens", "Tokens generated for requests that left "
+                                         "the engine", registry=r)
+        self.ttft = Histogram("kvforge_time_to_first_token_seconds", "From the request's arrival at the server "
+                              "to its first token", buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("kvforge_inter_token_latency_seconds", "Between two tokens of one request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.queue_time = Histogram("kvforge_request_queue_seconds", "From the request's arrival to its "
+                                    "admission into the engine", buckets=QUEUE_BUCKETS, registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)
+
+    def finished(self, prompt_tokens: int, generation_tokens: int, reason: str) -> None:
+        """Record a request that left the engine (finished or aborted)."""
+        self.finished_requests.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generation_tokens)
+
+    def update(self, stats: EngineStatsLike, num_queued: int) -> None:
+        """Take the engine's snapshot; `num_queued` = requests the server holds waiting for cache room."""
+        self._engine.set(stats, num_queued)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Engine and cache state from the last snapshot; nothing until the first `set`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot: tuple[EngineStatsLike, int] | None = None
+
+    def set(self, stats: EngineStatsLike, num_queued: int) -> None:
+        with self._lock:
+            self._snapshot = (stats, num_queued)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = self._snapshot
+        if snapshot is None:
+            return
+        s, queued = snapshot
+        c = s.cache
+        yield GaugeMetricFamily("kvforge_num_requests_running", "Requests in the running batch", s.num_running)
+        yield GaugeMetricFamily("kvforge_num_requests_waiting", "Accepted requests not running yet: in the "
+                                "engine's waiting queue or queued by the server for cache room", s.num_waiting + queued)
+        yield GaugeMetricFamily("kvforge_num_requests_queued", "Requests the server queues for KV cache room "
+                                "(--on-full wait)", queued)
+        yield GaugeMetricFamily("kvforge_kv_cache_usage", "Fraction of KV blocks in use (0 to 1)", c.usage)
+        yield GaugeMetricFamily("kvforge_kv_cache_blocks", "KV blocks in the cache", c.num_blocks)
+        yield GaugeMetricFamily("kvforge_kv_cache_used_blocks", "KV blocks held by requests", c.num_used_blocks)
+        yield GaugeMetricFamily("kvforge_kv_cache_free_blocks", "KV blocks free and uncached", c.num_free_blocks)
+        yield GaugeMetricFamily("kvforge_prefix_cache_blocks", "KV blocks in the prefix cache (used or evictable)",
+                                c.num_cached_blocks)
+        yield GaugeMetricFamily("kvforge_prefix_cache_evictable_blocks", "Cached KV blocks no request holds, "
+                                "reclaimed on demand", c.num_evictable_blocks)
+        yield GaugeMetricFamily("kvforge_prefix_cache_pinned_blocks", "KV blocks held by pinned prefixes",
+                                c.num_pinned_blocks)
+        yield CounterMetricFamily("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  c.prefix_query_tokens)
+        yield CounterMetricFamily("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  c.prefix_hit_tokens)
+        yield CounterMetricFamily("kvforge_kv_cache_evictions", "Cached KV blocks evicted to make room",
+                                  c.num_evictions)
+        yield CounterMetricFamily("kvforge_num_preemptions", "Running requests preempted (to be recomputed)",
+                                  s.num_preemptions)
+        yield CounterMetricFamily("kvforge_engine_steps", "Engine steps run", s.num_steps)
