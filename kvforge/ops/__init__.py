@@ -1,15 +1,25 @@
 """Pure tensor functions with no state: the torch reference of every op (CPU path and test oracle)."""
 
 from kvforge.ops.attention import decode_attention, kv_bias_from_lengths, prefill_attention
+from kvforge.ops.cascade import (
+    attention_with_lse,
+    attention_with_lse_reference,
+    merge_attention_states,
+    rerotate_keys,
+)
 from kvforge.ops.kv import gather_kv, store_kv
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "apply_rope",
+    "attention_with_lse",
+    "attention_with_lse_reference",
     "decode_attention",
     "gather_kv",
     "kv_bias_from_lengths",
+    "merge_attention_states",
     "prefill_attention",
+    "rerotate_keys",
     "rope_cos_sin",
     "rope_inv_freq",
     "store_kv",

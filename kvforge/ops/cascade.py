@@ -1,0 +1,99 @@
+"""Cascade attention pieces, torch reference: attention over one key set that also returns each
+query row's log-sum-exp, the merge of such partial results over disjoint key sets, and the
+re-rotation of cached keys to a new position offset.
+
+Attention over keys K = K_a ∪ K_b (disjoint) is recovered from the parts exactly:
+
+    lse   = log(exp(lse_a) + exp(lse_b))
+    out   = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+so a prompt whose KV lives at several levels (a shared system prompt, shared context chunks, each
+request's own tokens) is attended level by level and merged (FlashInfer's cascade attention).
+A query row that sees no key of a level gets out = 0 and lse = -inf there, which the merge ignores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvforge.ops.rope import apply_rope, rope_cos_sin
+
+
+# PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp (an ATen op).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `q` `[n, heads, D]` over `k`, `v` `[L, kv_heads, D]` (GQA: heads is a multiple of
+    kv_heads), with an optional additive `bias` `[n, L]` (0 = visible, -inf = hidden).
+
+    Returns (out `[n, heads, D]` in float32, lse `[n, heads]` float32: the log of the softmax
+    denominator of each row; -inf, with out = 0, for a row that sees no key). Computed in float32,
+    by the fused CPU kernel when PyTorch has it, else by `attention_with_lse_reference`.
+    """
+    if _FLASH_CPU is None or q.device.type != "cpu":
+        return attention_with_lse_reference(q, k, v, bias, scale)
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # GQA without repeating K/V: the query heads of a group become that group's query rows.
+    qg = q.float().view(n, kv_heads, group, dim).transpose(0, 1).reshape(1, kv_heads, n * group, dim)
+    mask = None if bias is None else bias.float().repeat_interleave(group, dim=0)[None, None]
+    out, lse = _FLASH_CPU(qg, k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None], 0.0, False,
+                          attn_mask=mask, scale=scale)
+    lse = lse[0].view(kv_heads, n, group).transpose(0, 1).reshape(n, heads)
+    if bias is not None:  # the kernel reports lse 0 (and out 0) for a row that sees no key
+        lse = lse.masked_fill(torch.isinf(bias).all(dim=-1)[:, None], float("-inf"))
+    return out[0].view(kv_heads, n, group, dim).transpose(0, 1).reshape(n, heads, dim), lse
+
+
+def attention_with_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` in plain torch operations: the oracle for the fused path."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qg = q.float().view(n, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, n * group, dim)  # [K, n*G, D]
+    kt = k.float().permute(1, 2, 0)  # [K, D, L]
+    if bias is None:
+        scores = torch.bmm(qg, kt).mul_(scale)  # [K, n*G, L], rows ordered (token, group)
+    else:
+        rows = bias.float().repeat_interleave(group, dim=0)  # [n*G, L]
+        scores = torch.baddbmm(rows, qg, kt, alpha=scale)
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows that see no key
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.bmm(probs, v.float().transpose(0, 1))  # [K, n*G, D]
+    out = out.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    lse = (top + total.log()).squeeze(-1)  # -inf where total is 0
+    out = out.view(kv_heads, n, group, dim).transpose(0, 1).reshape(n, heads, dim)
+    return out, lse.view(kv_heads, n, group).transpose(0, 1).reshape(n, heads)
+
+
+def merge_attention_states(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention results `(out [n, heads, D], lse [n, heads])` over disjoint key sets
+    into the result over their union (see the module docstring). Returns (out, lse), float32."""
+    if not parts:
+        raise ValueError("merge_attention_states needs at least one partial result")
+    lses = torch.stack([lse.float() for _, lse in parts])  # [P, n, H]
+    top = lses.max(dim=0).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(lses - top)  # [P, n, H]; 0 for parts a row does not see
+    total = weights.sum(dim=0)
+    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
+    out = out / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    return out, top + torch.log(total)
+
+
+def rerotate_keys(k: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys `[L, kv_heads, D]` stored with RoPE at positions 0..L-1, rotated to offset..offset+L-1.
+
+    RoPE rotations compose (rotating by p, then by q, is rotating by p + q), so one rotation by
+    `offset` moves every key; values carry no position and need nothing. Returns a new tensor in
+    k's dtype (rotated in float32)."""
+    cos, sin = rope_cos_sin(torch.tensor([offset]), inv_freq, torch.float32)  # [1, D/2]
+    return apply_rope(k.float(), cos, sin).to(k.dtype)
