@@ -76,7 +76,7 @@ class CacheConfig:
     The arena is sized from `num_blocks` when given, else from `kv_cache_memory` (bytes).
     With `enable_prefix_caching`, full blocks are shared between requests with the same prefix and
     kept after a request ends until memory is needed; pinned prefixes may hold at most
-    `max_pinned_fraction` of the blocks.
+    `max_pinned_fraction` of the blocks, registered document chunks `max_chunk_fraction`.
     """
 
     block_size: int = 16
@@ -84,6 +84,7 @@ class CacheConfig:
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     max_pinned_fraction: float = 0.5
+    max_chunk_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -94,6 +95,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if not 0 <= self.max_pinned_fraction <= 1:
             raise ValueError(f"max_pinned_fraction must be in [0, 1], got {self.max_pinned_fraction}")
+        if not 0 <= self.max_chunk_fraction <= 1:
+            raise ValueError(f"max_chunk_fraction must be in [0, 1], got {self.max_chunk_fraction}")
 
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
         """The number of blocks the arena holds for a model whose block takes `bytes_per_block`."""

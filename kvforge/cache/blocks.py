@@ -192,18 +192,6 @@ class BlockPool:
             if block.ref_cnt == 0:
                 queue.append(block)
 
-    def reset(self) -> None:
-        """Put every block back in the free queue in id order, as a new pool has them.
-
-        Raises ValueError, changing nothing, if any block is referenced or still has a hash (the
-        owner of the prefix index must clear it first)."""
-        for block in self.blocks:
-            if block.ref_cnt or block.block_hash is not None:
-                raise ValueError(f"cannot reset the pool: block {block.block_id} has ref_cnt {block.ref_cnt} "
-                                 f"and hash {block.block_hash!r}")
-        self.free_queue.popleft_n(len(self.free_queue))  # the same queue object: holders stay valid
-        self.free_queue.append_n(self.blocks)
-
     def incref(self, blocks: Iterable[Block]) -> None:
         """Add one reference to each block (sharing: fork, prefix-cache hits).
 

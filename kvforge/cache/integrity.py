@@ -71,6 +71,16 @@ def check_manager(m: KVCacheManager) -> None:
     if pin_counts != m._pins.counts:
         raise RuntimeError(f"the pin table counts {m._pins.counts} but the live pins hold {pin_counts}")
 
+    chunk_blocks = 0
+    for pages in m._chunks.pages.values():
+        for bid in pages.block_ids:
+            holders[bid] += 1
+            if pool.blocks[bid].block_hash is not None:
+                raise RuntimeError(f"block {bid} of chunk {pages.chunk_id!r} is cached in the prefix index")
+        chunk_blocks += len(pages.block_ids)
+    if chunk_blocks != m._chunks.num_blocks:
+        raise RuntimeError(f"the chunk table counts {m._chunks.num_blocks} blocks, its chunks hold {chunk_blocks}")
+
     queued = pool.free_queue.get_all_free_blocks()  # raises if the links are broken
     in_queue = [False] * pool.num_blocks
     for block in queued:
@@ -88,7 +98,7 @@ def check_manager(m: KVCacheManager) -> None:
                                f"{'holds' if node else 'does not hold'} it")
         if block.ref_cnt != refs:
             raise RuntimeError(f"block {bid} has ref_cnt {block.ref_cnt} but {refs} holders hold it "
-                               f"(block tables, duplicate locks, pins)")
+                               f"(block tables, pins, chunks)")
         if in_queue[bid]:
             if block.ref_cnt != 0 or block.block_hash is not None:
                 raise RuntimeError(f"block {bid} is in the free queue with ref_cnt {block.ref_cnt} "

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from kvforge.cache.allocator import BlockAllocator
 from kvforge.cache.blocks import Block, BlockPool, NoFreeBlocksError
+from kvforge.cache.chunks import ChunkPages, ChunkTable
 from kvforge.cache.events import KVEventBuffer
 from kvforge.cache.integrity import check_manager
 from kvforge.cache.pins import PinTable
@@ -42,7 +43,7 @@ class KVCacheManager(PrefixCaching):
 
     def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int = 0,
                  enable_prefix_caching: bool = True, max_pinned_fraction: float = 0.5,
-                 max_kv_events: int = 10_000):
+                 max_kv_events: int = 10_000, max_chunk_fraction: float = 0.25):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if bytes_per_block < 0:
@@ -58,6 +59,7 @@ class KVCacheManager(PrefixCaching):
         self._num_tokens = 0  # sum of lengths, kept up to date so stats() needs no scan
         self._num_seq_blocks = 0  # sum of block table lengths (shared blocks once per table)
         self._pins = PinTable(max_pinned_fraction, self._blocks)
+        self._chunks = ChunkTable(max_chunk_fraction, self._blocks, block_size)
         self._query_tokens = self._hit_tokens = 0
 
     # ---- sizes --------------------------------------------------------------------------------
@@ -88,6 +90,13 @@ class KVCacheManager(PrefixCaching):
     def num_available_blocks(self) -> int:
         """Blocks an allocation may take now: free plus evictable (cached with ref_cnt 0)."""
         return self._blocks.num_available
+
+    def sequence_block_limit(self, prefix: PrefixMatch | None = None) -> int:
+        """The most blocks one sequence could ever hold: the pool less the blocks that registered
+        chunk pages and pins keep for good, except pinned blocks that the sequence's `prefix` shares.
+        A request needing more can never run, whatever finishes first."""
+        shared = sum(1 for bid in prefix.block_ids if bid in self._pins.counts) if prefix else 0
+        return self.num_blocks - self._chunks.num_blocks - self._pins.num_pinned_blocks + shared
 
     @property
     def num_sequences(self) -> int:
@@ -240,18 +249,17 @@ class KVCacheManager(PrefixCaching):
         UnknownSequenceError, CacheOverflowError, ValueError (a repeated id) or NoFreeBlocksError
         (the new blocks needed exceed the free and evictable ones), changing nothing."""
         seqs, bs = self._seqs, self._block_size
-        states: list[SeqState] = []
+        try:
+            states = [seqs[seq_id] for seq_id in seq_ids]
+        except KeyError as e:
+            raise UnknownSequenceError(e.args[0]) from None
         need = 0
-        for seq_id in seq_ids:
-            seq = seqs.get(seq_id)
-            if seq is None:
-                raise UnknownSequenceError(seq_id)
+        for seq in states:
             length = seq.length
-            if length >= seq.capacity:
-                raise CacheOverflowError(seq_id, seq.capacity, seq.capacity)
             if not length % bs:
                 need += 1
-            states.append(seq)
+            if length >= seq.capacity:
+                raise CacheOverflowError(seq_ids[states.index(seq)], seq.capacity, seq.capacity)
         if len(set(seq_ids)) != len(states):
             raise ValueError("append_decode: a sequence id is repeated; append to each sequence once per call")
         new: list[Block] = []
@@ -263,6 +271,7 @@ class KVCacheManager(PrefixCaching):
             new.reverse()  # pop() hands them out in allocation order
             self._num_seq_blocks += need
         out = []
+        append = out.append
         for seq in states:
             slot = seq.next_slot
             if not slot % bs:
@@ -271,7 +280,7 @@ class KVCacheManager(PrefixCaching):
                 slot = block.block_id * bs
             seq.next_slot = slot + 1
             seq.length += 1
-            out.append(slot)
+            append(slot)
         self._num_tokens += len(states)
         return out
 
@@ -317,6 +326,44 @@ class KVCacheManager(PrefixCaching):
         for run in result.stored:
             self._events.record(stored_event, run, bs)
 
+    # ---- chunk pages --------------------------------------------------------------------------
+
+    def allocate_chunk(self, chunk_id: str, num_tokens: int) -> ChunkPages:
+        """Reserve the pages of a new chunk of `num_tokens` (see `chunks.py`); the caller writes
+        positions 0..num_tokens-1 into `chunk_slot_mapping(chunk_id, 0, num_tokens)`. Raises
+        ValueError (bad or taken id, empty, over the chunk budget) or NoFreeBlocksError, changing
+        nothing."""
+        return self._chunks.allocate(chunk_id, num_tokens)
+
+    def chunk_pages(self, chunk_id: str) -> ChunkPages:
+        """The pages of a registered chunk; ValueError naming the registered ids if unknown."""
+        return self._chunks.get(chunk_id)
+
+    def chunk_slot_mapping(self, chunk_id: str, start: int, end: int) -> list[int]:
+        """Flat slots of the chunk's positions [start, end)."""
+        pages = self._chunks.get(chunk_id)
+        if not 0 <= start <= end <= pages.num_tokens:
+            raise ValueError(f"chunk {chunk_id!r}: positions [{start}, {end}) are not within its "
+                             f"{pages.num_tokens} tokens")
+        return slots([self.pool.blocks[bid] for bid in pages.block_ids], self._block_size, start, end)
+
+    def acquire_chunks(self, chunk_ids: list[str]) -> None:
+        """Count a request as a user of each chunk (a chunk in use cannot be freed). ValueError,
+        changing nothing, for an unknown id."""
+        self._chunks.acquire(chunk_ids)
+
+    def release_chunks(self, chunk_ids: list[str]) -> None:
+        self._chunks.release(chunk_ids)
+
+    def free_chunk(self, chunk_id: str) -> None:
+        """Give a chunk's pages back. ValueError, changing nothing, if unknown or in use."""
+        self._chunks.free(chunk_id)
+
+    @property
+    def chunk_budget(self) -> int:
+        """The most blocks chunk pages may hold: int(max_chunk_fraction * num_blocks)."""
+        return self._chunks.max_blocks
+
     # ---- observability ------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
@@ -327,7 +374,8 @@ class KVCacheManager(PrefixCaching):
             num_evictable_blocks=self.tree.num_evictable, num_cached_blocks=len(self.tree),
             num_tokens=self._num_tokens, num_table_slots=self._num_seq_blocks * self._block_size,
             prefix_query_tokens=self._query_tokens, prefix_hit_tokens=self._hit_tokens,
-            num_evictions=self._blocks.num_evictions, num_pinned_blocks=self._pins.num_pinned_blocks)
+            num_evictions=self._blocks.num_evictions, num_pinned_blocks=self._pins.num_pinned_blocks,
+            num_chunks=len(self._chunks.pages), num_chunk_blocks=self._chunks.num_blocks)
 
     def block_map(self, width: int = 64) -> str:
         """One character per block in id order, in lines of `width`: `X` used (ref_cnt > 0),

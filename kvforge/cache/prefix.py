@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from kvforge.cache.allocator import BlockAllocator
 from kvforge.cache.blocks import BlockPool
+from kvforge.cache.chunks import ChunkTable
 from kvforge.cache.events import AllBlocksCleared, KVEvent, KVEventBuffer
 from kvforge.cache.pins import PinHandle, PinTable
 from kvforge.cache.radix import PrefixMatch, RadixTree
@@ -25,6 +26,7 @@ class PrefixCaching:
     tree: RadixTree
     _blocks: BlockAllocator
     _pins: PinTable
+    _chunks: ChunkTable
     _events: KVEventBuffer
     _seqs: dict[int, SeqState]
     _block_size: int
@@ -90,16 +92,16 @@ class PrefixCaching:
     # ---- reset and events ---------------------------------------------------------------------
 
     def reset_prefix_cache(self) -> None:
-        """Empty the prefix index: every block becomes free (uncached, queue in id order) and
-        AllBlocksCleared is emitted. Statistics counters are kept. Raises ValueError, changing
-        nothing, while any block is in use (by a sequence or a pin)."""
-        in_use = self.pool.num_blocks - len(self.pool.free_queue) - self.tree.num_evictable
+        """Empty the prefix index: every cached block becomes free (uncached, appended to the free
+        queue in id order) and AllBlocksCleared is emitted; chunk pages are kept. Statistics counters
+        are kept. Raises ValueError, changing nothing, while any block is in use by a sequence or a
+        pin."""
+        in_use = self.pool.num_blocks - len(self.pool.free_queue) - self.tree.num_evictable - self._chunks.num_blocks
         if in_use:
             raise ValueError(f"reset_prefix_cache() refused while {in_use} blocks are in use "
                              f"({len(self._seqs)} sequences, {len(self._pins)} pins): free the sequences "
                              f"and unpin every prefix first")
-        self.tree.clear()
-        self.pool.reset()
+        self.pool.free_queue.append_n(sorted(self.tree.clear(), key=lambda block: block.block_id))
         self._events.record(AllBlocksCleared)
 
     def take_events(self) -> list[KVEvent]:

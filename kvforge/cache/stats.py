@@ -46,12 +46,14 @@ class CacheStats:
     num_evictable_blocks: int = 0  # cached blocks with ref_cnt 0
     num_evictions: int = 0
     num_pinned_blocks: int = 0  # distinct blocks held by pins
+    num_chunks: int = 0  # registered document chunks
+    num_chunk_blocks: int = 0  # blocks holding their KV (used, never evicted)
 
     @classmethod
     def from_counts(cls, *, num_sequences: int, num_blocks: int, block_size: int, bytes_per_block: int,
                     num_free_blocks: int, num_evictable_blocks: int, num_cached_blocks: int, num_tokens: int,
                     num_table_slots: int, prefix_query_tokens: int, prefix_hit_tokens: int, num_evictions: int,
-                    num_pinned_blocks: int) -> CacheStats:
+                    num_pinned_blocks: int, num_chunks: int = 0, num_chunk_blocks: int = 0) -> CacheStats:
         """Derive the snapshot from the manager's counters. `num_table_slots` is block_size times
         the summed block-table lengths: only a sequence's partial last block has unwritten slots,
         and it is never shared, so num_table_slots - num_tokens is the waste."""
@@ -66,7 +68,8 @@ class CacheStats:
             usage=used / num_blocks, prefix_query_tokens=prefix_query_tokens, prefix_hit_tokens=prefix_hit_tokens,
             prefix_hit_rate=prefix_hit_tokens / prefix_query_tokens if prefix_query_tokens else 0.0,
             num_cached_blocks=num_cached_blocks, num_evictable_blocks=num_evictable_blocks,
-            num_evictions=num_evictions, num_pinned_blocks=num_pinned_blocks)
+            num_evictions=num_evictions, num_pinned_blocks=num_pinned_blocks, num_chunks=num_chunks,
+            num_chunk_blocks=num_chunk_blocks)
 
 
 def render_stats(s: CacheStats, block_map: str, prefix_caching: bool) -> str:
@@ -84,6 +87,7 @@ def render_stats(s: CacheStats, block_map: str, prefix_caching: bool) -> str:
         f"  Total blocks: {s.num_blocks} (block size {s.block_size}{per_block})",
         f"  Used: {s.num_used_blocks} Evictable: {s.num_evictable_blocks} Free: {s.num_free_blocks}",
         f"  Sequences: {s.num_sequences}, tokens: {s.num_tokens}",
+        *([f"  Chunks: {s.num_chunks} in {s.num_chunk_blocks} blocks"] if s.num_chunks else []),
         f"  Internal fragmentation: {s.internal_fragmentation:.2f}",
         prefix,
         "  Block map (X = used, C = cached and free to evict, . = free):",
