@@ -24,6 +24,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     seed: int | None = None
     cache_salt: str | None = None
+    logprobs: int | None = None  # top log-probabilities to return per output token; -1 = the whole vocabulary
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -37,6 +38,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < -1):
+            raise ValueError(f"logprobs must be None, -1 (the whole vocabulary) or an integer >= 0, "
+                             f"got {self.logprobs!r}")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -57,6 +62,67 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+CHUNK_KINDS = {"system": 0, "context": 1}  # kind -> cascade level; the query and generated tokens are level 2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A registered document chunk: its KV was computed once, with keys stored at positions
+    `stored_at .. stored_at + kv_length - 1` (always 0..n-1), into `page_indices` (arena blocks held
+    until the chunk is unregistered). `model_fingerprint` names the weights that computed it."""
+
+    chunk_id: str
+    token_ids: tuple[int, ...]
+    kind: str
+    page_indices: tuple[int, ...]
+    kv_length: int
+    model_fingerprint: str
+    stored_at: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def level(self) -> int:
+        return CHUNK_KINDS[self.kind]
+
+
+@dataclass(frozen=True)
+class ChunkPlacement:
+    """A chunk placed in a composed prompt at `offset`: its keys are read re-rotated by `offset`.
+    `recomputed` are the chunk-local indices whose KV this request computes itself (selective
+    recompute); the chunk's own KV for them is hidden from this request."""
+
+    chunk_id: str
+    level: int
+    offset: int
+    num_tokens: int
+    page_indices: tuple[int, ...]
+    recomputed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A prompt composed from chunks and a query. `prompt_token_ids` is the whole prompt (chunks in
+    order, then the query); the sequence itself computes only its private tokens: the recomputed
+    chunk tokens and the query, at `private_positions` (ascending), then the generated tokens."""
+
+    placements: tuple[ChunkPlacement, ...]
+    prompt_token_ids: tuple[int, ...]
+    private_positions: tuple[int, ...]
+
+    def position(self, i: int) -> int:
+        """The absolute position of the sequence's i-th private token."""
+        n = len(self.private_positions)
+        return self.private_positions[i] if i < n else len(self.prompt_token_ids) + i - n
+
+    @property
+    def num_reused(self) -> int:
+        """Prompt tokens whose KV comes from chunk pages."""
+        return len(self.prompt_token_ids) - len(self.private_positions)
 
 
 @dataclass
@@ -83,6 +149,9 @@ class Sequence:
     text: str = ""
     num_preemptions: int = 0
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at admission
+    composition: Composition | None = None  # set for a prompt composed from chunks
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per output token, when asked for
+    cumulative_logprob: float = 0.0
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +171,11 @@ class Sequence:
         return len(self.token_ids) - self.num_computed
 
     @property
+    def total_len(self) -> int:
+        """Positions the sequence spans: its tokens plus, when composed, the reused chunk tokens."""
+        return len(self.token_ids) + (self.composition.num_reused if self.composition else 0)
+
+    @property
     def max_len(self) -> int:
         """Tokens this sequence may hold in the cache at most (its capacity)."""
         return self.num_prompt_tokens + self.params.max_tokens
@@ -112,6 +186,14 @@ class Sequence:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model (before sampling settings) and its 1-based rank."""
+
+    logprob: float
+    rank: int
+
+
+@dataclass(frozen=True)
 class CompletionOutput:
     index: int
     text: str
@@ -119,6 +201,7 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per output token, with SamplingParams.logprobs
 
 
 @dataclass(frozen=True)

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, PrefixMatch, extra_keys
+from kvforge.cache import CacheStats, KVCache, KVCacheManager, NoFreeBlocksError, PinHandle, PrefixMatch, extra_keys
 from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
 from kvforge.engine.scheduler import Scheduler
 from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.loader import load_model
 from kvforge.model.runner import ModelRunner, SequenceChunk
-from kvforge.model.sampler import sample
+from kvforge.model.sampler import sample, top_logprobs
 from kvforge.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvforge.types import (
+    CHUNK_KINDS,
+    Chunk,
+    ChunkPlacement,
     CompletionOutput,
+    Composition,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -93,13 +99,15 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
                                     enable_prefix_caching=config.cache.enable_prefix_caching,
-                                    max_pinned_fraction=config.cache.max_pinned_fraction)
+                                    max_pinned_fraction=config.cache.max_pinned_fraction,
+                                    max_chunk_fraction=config.cache.max_chunk_fraction)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self._requests: dict[str, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._seq_ids = itertools.count()
+        self._chunks: dict[str, Chunk] = {}
         self._steps = self._prompt_tokens = self._generation_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
@@ -112,6 +120,16 @@ class LLMEngine:
         different salts never share cached KV. Raises ValueError (and changes nothing) for a
         duplicate id, an empty or out-of-vocabulary prompt, a bad salt or priority, or a request
         that can never fit the model length or the cache."""
+        params = self._check_request(request_id, params, priority)
+        text, ids = self.tokenize(prompt)
+        salt = self._salt(prompt, params)
+        prefix = self.cached_prefix(ids, salt) if self.cache.enable_prefix_caching else None
+        self._check_fits(len(ids), params, len(ids), prefix)
+        seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
+                       cache_extra=self.cache_extra(salt))
+        self._add(seq, priority)
+
+    def _check_request(self, request_id: str, params: SamplingParams | None, priority: int) -> SamplingParams:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -119,12 +137,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer (lower runs first), got {priority!r}")
-        text, ids = self.tokenize(prompt)
-        salt = self._salt(prompt, params)
-        self._check_fits(len(ids), params)
-        seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
-                       cache_extra=self.cache_extra(salt))
-        self._requests[request_id] = seq
+        return params
+
+    def _add(self, seq: Sequence, priority: int) -> None:
+        params = seq.params
+        self._requests[seq.request_id] = seq
         self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self._generators[seq.seq_id] = (torch.Generator().manual_seed(params.seed)
                                         if params.seed is not None else None)
@@ -146,6 +163,116 @@ class LLMEngine:
         the next one, whose logits a lookup always leaves to be computed). Changes nothing."""
         return self.cache.match_prefix([*token_ids, 0], self.cache_extra(cache_salt))
 
+    # ---- chunks ---------------------------------------------------------------------------------
+
+    def register_chunk(self, prompt: PromptType, kind: str = "context", chunk_id: str | None = None) -> Chunk:
+        """Compute a document chunk's KV once, at positions 0..n-1, into chunk pages kept until
+        `unregister_chunk`. The default id names the content (the same text and kind give the same
+        id, and registering it again returns the registered chunk). Runs the model now, between
+        steps. Raises ValueError, keeping nothing: a bad kind, an empty or invalid prompt, a chunk
+        over max_model_len, an id taken by other content, or no room (chunk budget or free blocks)."""
+        if kind not in CHUNK_KINDS:
+            raise ValueError(f"chunk kind must be one of {', '.join(CHUNK_KINDS)}, got {kind!r}")
+        # A text chunk reads as a piece of a longer prompt: only a system chunk, always first,
+        # starts with BOS (for tokenizers that add one).
+        _, ids = self.tokenize(prompt, add_special_tokens=kind == "system")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"a chunk of {len(ids)} tokens is over max_model_len={self.max_model_len}")
+        if chunk_id is None:
+            digest = hashlib.sha256(f"{self.fingerprint}|{self.config.dtype}|{kind}|{ids}".encode()).hexdigest()
+            chunk_id = "chunk-" + digest[:16]
+        old = self._chunks.get(chunk_id)
+        if old is not None:
+            if old.token_ids == tuple(ids) and old.kind == kind:
+                return old
+            raise ValueError(f"chunk id {chunk_id!r} is already registered with other content; unregister it first")
+        try:
+            pages = self.cache.allocate_chunk(chunk_id, len(ids))
+        except NoFreeBlocksError as e:
+            raise ValueError(f"no room for chunk {chunk_id!r}: {e}") from None
+        try:
+            step = self.config.scheduler.max_num_batched_tokens
+            for start in range(0, len(ids), step):
+                end = min(start + step, len(ids))
+                self.runner.run([SequenceChunk(ids[start:end], start, self.cache.chunk_slot_mapping(chunk_id, start, end),
+                                               pages.block_ids, needs_logits=False)])
+        except BaseException:
+            self.cache.free_chunk(chunk_id)
+            raise
+        chunk = Chunk(chunk_id, tuple(ids), kind, pages.block_ids, len(ids), self.fingerprint)
+        self._chunks[chunk_id] = chunk
+        return chunk
+
+    def unregister_chunk(self, chunk_id: str) -> None:
+        """Free a chunk's pages. Raises ValueError, changing nothing, if unknown or in use."""
+        self.cache.free_chunk(chunk_id)
+        del self._chunks[chunk_id]
+
+    def list_chunks(self) -> list[Chunk]:
+        """The registered chunks, in registration order."""
+        return list(self._chunks.values())
+
+    def add_chunk_request(self, request_id: str, chunks: list[str | Chunk], query: PromptType,
+                          params: SamplingParams | None = None, recompute_ratio: float = 0.15,
+                          recompute_rule: str = "first", priority: int = 0) -> None:
+        """Queue a request whose prompt is `chunks` (ids or Chunk objects; at most one system chunk,
+        first) followed by `query`, reusing the chunks' KV: chunk i sits at the sum of the lengths
+        before it and its keys are re-rotated there as they are read. A fraction `recompute_ratio`
+        of each chunk not at position 0 is recomputed for this request with full attention to
+        everything before it, chosen by `recompute_rule`: "first" (the chunk's first tokens, which
+        otherwise act as extra attention sinks) or "deviation" (the tokens whose K/V at layer 1
+        deviates most from their K/V in context, measured by running the first two layers over the
+        whole prompt). Raises ValueError, changing nothing, for an unknown or foreign chunk, a bad
+        order, ratio or rule, an empty query, or a prompt that can never fit."""
+        params = self._check_request(request_id, params, priority)
+        if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)) \
+                or not 0 <= recompute_ratio <= 1:
+            raise ValueError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
+        if recompute_rule not in ("first", "deviation"):
+            raise ValueError(f"recompute_rule must be 'first' or 'deviation', got {recompute_rule!r}")
+        resolved = [self._resolve_chunk(c) for c in chunks]
+        if not resolved:
+            raise ValueError("generate_from_chunks needs at least one chunk id")
+        if any(c.kind == "system" for c in resolved[1:]):
+            raise ValueError("a system chunk must come first, and at most one per request")
+        text, query_ids = self.tokenize(query, add_special_tokens=False)
+        full = [t for c in resolved for t in c.token_ids] + query_ids
+        offsets = list(itertools.accumulate([0] + [c.num_tokens for c in resolved]))[:-1]
+        later = [i for i, off in enumerate(offsets) if off > 0]
+        counts = {i: math.ceil(recompute_ratio * resolved[i].num_tokens) for i in later}
+        self._check_fits(len(full), params, len(query_ids) + sum(counts.values()))
+        if recompute_rule == "deviation" and any(counts.values()):
+            deviations = self.runner.kv_deviation(
+                full[:offsets[-1] + resolved[-1].num_tokens],
+                [(resolved[i].page_indices, offsets[i], resolved[i].num_tokens) for i in later], layer=1)
+            picks = {i: sorted(dev.topk(counts[i]).indices.tolist()) for i, dev in zip(later, deviations)}
+        else:
+            picks = {i: list(range(counts[i])) for i in later}
+        placements, private_positions = [], []
+        for i, (c, off) in enumerate(zip(resolved, offsets)):
+            recomputed = tuple(picks.get(i, ()))
+            placements.append(ChunkPlacement(c.chunk_id, c.level, off, c.num_tokens, c.page_indices, recomputed))
+            private_positions += [off + j for j in recomputed]
+        private_positions += range(len(full) - len(query_ids), len(full))
+        composition = Composition(tuple(placements), tuple(full), tuple(private_positions))
+        private = [full[p] for p in private_positions]
+        self.cache.acquire_chunks([c.chunk_id for c in resolved])
+        seq = Sequence(next(self._seq_ids), request_id, text, private, params, time.monotonic(),
+                       num_cached_tokens=composition.num_reused, composition=composition)
+        self._add(seq, priority)
+
+    def _resolve_chunk(self, chunk: str | Chunk) -> Chunk:
+        if isinstance(chunk, Chunk):
+            if chunk.model_fingerprint != self.fingerprint:
+                raise ValueError(f"chunk {chunk.chunk_id!r} was computed by another model "
+                                 f"({chunk.model_fingerprint[:12]}), not this engine's ({self.fingerprint[:12]})")
+            chunk = chunk.chunk_id
+        found = self._chunks.get(chunk) if isinstance(chunk, str) else None
+        if found is None:
+            known = ", ".join(list(self._chunks)[:10]) or "none"
+            raise ValueError(f"unknown chunk id {chunk!r}; registered chunks: {known}")
+        return found
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks now. Unknown or finished ids are ignored."""
         seq = self._requests.get(request_id)
@@ -156,12 +283,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text or None, token ids) of a prompt; ValueError naming what is wrong with a bad one."""
+    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt; ValueError naming what is wrong with a bad one.
+        `add_special_tokens` applies to text only (token ids are taken as given): BOS where the
+        model's tokenizer adds one."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one character or token")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens)
         if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not ids:
@@ -183,18 +312,26 @@ class LLMEngine:
             return salt
         return params.cache_salt
 
-    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+    def _check_fits(self, num_prompt: int, params: SamplingParams, num_private: int,
+                    prefix: PrefixMatch | None = None) -> None:
+        """Refuse a request that could never run: `num_prompt` tokens (the whole prompt) plus
+        max_tokens over the model length, or its `num_private` prompt tokens (those with KV of its
+        own: chunk tokens reused from chunk pages are not) plus max_tokens needing more blocks than
+        one sequence can ever hold beside the chunk pages and pins (`sequence_block_limit`)."""
         total = num_prompt + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} is {total} "
                              f"tokens, over max_model_len={self.max_model_len}; shorten the prompt or lower "
                              f"max_tokens")
         # The last sampled token is never written to the cache.
-        blocks = ceil_div(total - 1, self.cache.block_size)
-        if blocks > self.cache.num_blocks:
+        blocks = ceil_div(num_private + params.max_tokens - 1, self.cache.block_size)
+        limit = self.cache.sequence_block_limit(prefix)
+        if blocks > limit:
+            held = self.cache.num_blocks - limit
             raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} needs {blocks} "
-                             f"KV blocks, the cache has {self.cache.num_blocks}; lower max_tokens or give the "
-                             f"cache more memory")
+                             f"KV blocks, and one request can hold at most {limit} of the cache's "
+                             f"{self.cache.num_blocks} ({held} are kept by registered chunks and pinned prefixes); "
+                             f"lower max_tokens, unregister chunks or unpin prefixes, or give the cache more memory")
 
     # ---- stepping -------------------------------------------------------------------------------
 
@@ -209,7 +346,7 @@ class LLMEngine:
             seq, start = c.seq, c.seq.num_computed
             items.append(SequenceChunk(seq.token_ids[start:start + c.num_tokens], start, c.slots,
                                        self.cache.block_table(seq.seq_id),
-                                       start + c.num_tokens == len(seq.token_ids)))
+                                       start + c.num_tokens == len(seq.token_ids), seq.composition))
         logits = self.runner.run(items)
         sampling = [c.seq for c, item in zip(sched.chunks, items) if item.needs_logits]
         tokens = sample(logits, [s.params for s in sampling], [self._generators[s.seq_id] for s in sampling])
@@ -219,11 +356,16 @@ class LLMEngine:
             seq.num_computed += c.num_tokens
             if seq.num_computed <= seq.num_prompt_tokens:
                 self._prompt_tokens += c.num_tokens
-            if seq.num_computed // bs > (seq.num_computed - c.num_tokens) // bs:  # a block was filled
+            if seq.composition is None and seq.num_computed // bs > (seq.num_computed - c.num_tokens) // bs:
+                # a block was filled: cache it
                 self.cache.commit(seq.seq_id, seq.token_ids[:seq.num_computed])
         outputs = []
         now = time.monotonic()
-        for seq, token in zip(sampling, tokens):
+        for row, (seq, token) in enumerate(zip(sampling, tokens)):
+            if seq.params.logprobs is not None:
+                entries = top_logprobs(logits[row], token, seq.params.logprobs)
+                seq.logprobs.append(entries)
+                seq.cumulative_logprob += entries[token].logprob
             self._append_token(seq, token, now)
             outputs.append(self._output(seq))
             if seq.finished:
@@ -252,15 +394,17 @@ class LLMEngine:
                 at, s = min(hits)
                 seq.text = seq.text[:at + len(s)] if p.include_stop_str_in_output else seq.text[:at]
                 return self.scheduler.finish(seq, "stop", s)
-        if len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if len(seq.output_token_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
     def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)],
+            prompt_token_ids=list(seq.composition.prompt_token_ids) if seq.composition else seq.prompt_token_ids,
+            outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
+                                      *((seq.cumulative_logprob, list(seq.logprobs))
+                                        if seq.params.logprobs is not None else ()))],
             finished=seq.finished,
             num_cached_tokens=seq.num_cached_tokens or 0,
             metrics=RequestMetrics(seq.arrival, seq.first_token_time,
@@ -268,6 +412,8 @@ class LLMEngine:
         )
 
     def _forget(self, seq: Sequence) -> None:
+        if seq.composition is not None and self._requests.get(seq.request_id) is seq:
+            self.cache.release_chunks([p.chunk_id for p in seq.composition.placements])
         self._requests.pop(seq.request_id, None)
         self._detok.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)

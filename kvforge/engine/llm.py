@@ -10,7 +10,7 @@ from kvforge.cache import KVEvent, PinHandle
 from kvforge.config import EngineConfig
 from kvforge.engine.engine import EngineStats, LLMEngine, PromptType
 from kvforge.model.tokenizer import Tokenizer
-from kvforge.types import RequestOutput, SamplingParams
+from kvforge.types import Chunk, RequestOutput, SamplingParams
 
 Message = Mapping[str, str]
 
@@ -87,7 +87,7 @@ class LLM:
         same prefix and salt then skip them. Raises ValueError, keeping nothing: prefix caching
         off, a prompt shorter than one block, or pins over `max_pinned_fraction` of the pool."""
         engine = self.engine
-        _, ids = engine.tokenize(prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)})
+        _, ids = engine.tokenize(_as_prompt(prompt))
         if not engine.cache.enable_prefix_caching:
             raise ValueError("cannot pin a prefix: prefix caching is disabled (enable_prefix_caching=False)")
         whole = len(ids) // engine.cache.block_size * engine.cache.block_size
@@ -114,6 +114,34 @@ class LLM:
         """KV events (BlockStored, BlockRemoved, AllBlocksCleared) since the last call, oldest first."""
         return self.engine.cache.take_events()
 
+    # ---- chunks ---------------------------------------------------------------------------------
+
+    def register_chunk(self, text_or_token_ids: str | Seq[int], kind: str = "context",
+                       chunk_id: str | None = None) -> Chunk:
+        """Prefill a document chunk once (keys at positions 0..n-1) and keep its KV in chunk pages
+        until `unregister_chunk`. `kind` is "system" (cascade level 0, placed first) or "context"
+        (level 1). See `LLMEngine.register_chunk` for the errors."""
+        return self.engine.register_chunk(_as_prompt(text_or_token_ids), kind, chunk_id)
+
+    def unregister_chunk(self, chunk_id: str) -> None:
+        """Free a chunk's pages; refused (ValueError) while a request uses it."""
+        self.engine.unregister_chunk(chunk_id)
+
+    def list_chunks(self) -> list[Chunk]:
+        return self.engine.list_chunks()
+
+    def generate_from_chunks(self, chunk_ids: Seq[str | Chunk], query: str | Seq[int],
+                             sampling_params: SamplingParams | None = None, recompute_ratio: float = 0.15,
+                             recompute_rule: str = "first") -> RequestOutput:
+        """Generate from the prompt `chunks..., query`, reusing the chunks' KV at their offsets and
+        feeding only the query (and the recomputed fraction of the chunks) through the model.
+        `recompute_ratio` 0 is pure reuse, 1 recomputes every chunk after the first (a full
+        prefill). Returns a RequestOutput like `generate`."""
+        request_id = str(next(self._ids))
+        self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query), sampling_params,
+                                      recompute_ratio, recompute_rule)
+        return self._wait([request_id])[0]
+
     # ---- visibility -----------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -136,7 +164,10 @@ class LLM:
         return ids
 
     def _run(self, requests) -> list[RequestOutput]:
-        ids = self._add(requests)
+        return self._wait(self._add(requests))
+
+    def _wait(self, ids: list[str]) -> list[RequestOutput]:
+        """Step until the requests `ids` finish; abort them if interrupted."""
         final: dict[str, RequestOutput] = {}
         try:
             while len(final) < len(ids):
@@ -148,3 +179,7 @@ class LLM:
                 if request_id not in final:
                     self.engine.abort_request(request_id)
         return [final[i] for i in ids]
+
+
+def _as_prompt(text_or_token_ids: str | Seq[int]) -> PromptType:
+    return text_or_token_ids if isinstance(text_or_token_ids, str) else {"prompt_token_ids": list(text_or_token_ids)}

@@ -93,7 +93,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
-            prefix = self.cache.match_prefix(seq.token_ids, seq.cache_extra)
+            # (A composed sequence's private tokens are not a prefix: nothing is matched.)
+            prefix = self.cache.match_prefix(seq.token_ids if seq.composition is None else (), seq.cache_extra)
             n = min(len(seq.token_ids) - prefix.num_tokens, budget)
             if not self.cache.can_admit(prefix, n):
                 break

@@ -37,15 +37,50 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class ChunkSegment:
+    """A registered chunk's pages, read at `offset`: keys stored at 0..num_tokens-1 are re-rotated
+    by `offset` as they are read. The same `key` (chunk id, offset) is read once per layer per step
+    however many sequences use it."""
+
+    key: tuple[str, int]
+    level: int  # 0 system, 1 context
+    block_table: torch.Tensor  # [nb] the chunk's pages
+    num_tokens: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class ComposedSpan:
+    """Rows [start, start + num_tokens) of one sequence composed from chunks (its query, recomputed
+    chunk tokens or its newest generated token). Cascade: each row attends to the level-0 and
+    level-1 chunk segments and to the sequence's private K/V (level 2), merged by log-sum-exp.
+    Biases are additive (0 visible, -inf hidden): a chunk key is hidden where the request recomputed
+    it or where it lies after the row's position; private keys are causal by position."""
+
+    start: int
+    num_tokens: int
+    segments: tuple[ChunkSegment, ...]
+    segment_bias: tuple[torch.Tensor, ...]  # per segment [num_tokens, segment.num_tokens]
+    private_table: torch.Tensor  # [nb] the sequence's own blocks
+    private_bias: torch.Tensor  # [num_tokens, private_len]
+
+    @property
+    def private_len(self) -> int:
+        return self.private_bias.shape[1]
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where this step's K/V go and what each query attends to.
 
-    Packed rows: the decode groups first (one token per sequence), then the prefill spans.
+    Packed rows: the decode groups first (one token per sequence), then the prefill spans, then the
+    composed spans.
     """
 
     slot_mapping: torch.Tensor  # [T] flat arena slot of each new token
     decodes: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
+    composed: tuple[ComposedSpan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +88,7 @@ class ForwardContext:
     metadata: AttentionMetadata
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
+    inv_freq: torch.Tensor | None = None  # RoPE frequencies, to re-rotate chunk keys
 
 
 _context: ForwardContext | None = None
@@ -93,4 +129,54 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             seq_k = ops.gather_kv(k_cache, span.block_table[None])[0, :, :total].transpose(0, 1)
             seq_v = ops.gather_kv(v_cache, span.block_table[None])[0, :, :total].transpose(0, 1)
         parts.append(ops.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
+    if meta.composed:
+        parts.append(_cascade_attention(meta.composed, q, k_cache, v_cache, ctx.inv_freq, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A block table's first `length` positions: `[length, kv_heads, D]`."""
+    return ops.gather_kv(cache, block_table[None])[0, :, :length].transpose(0, 1)
+
+
+def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of every composed span's rows, level by level (see ComposedSpan): chunk pages are
+    gathered and re-rotated once per (chunk, offset); level 0 is one call over the rows of all spans
+    that share the same system chunk; levels 1 and 2 are per span. Returns the rows in span order."""
+    segment_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for span in spans:
+        for seg in span.segments:
+            if seg.key not in segment_kv:
+                k = _seq_kv(k_cache, seg.block_table, seg.num_tokens)
+                k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
+                segment_kv[seg.key] = (k, _seq_kv(v_cache, seg.block_table, seg.num_tokens))
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in spans]
+    # Level 0: group the spans by their system chunk; one attention call per group.
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for i, span in enumerate(spans):
+        for j, seg in enumerate(span.segments):
+            if seg.level == 0:
+                groups.setdefault(seg.key, []).append((i, j))
+    for key, members in groups.items():
+        k, v = segment_kv[key]
+        rows = torch.cat([q[spans[i].start:spans[i].start + spans[i].num_tokens] for i, _ in members])
+        bias = torch.cat([spans[i].segment_bias[j] for i, j in members])
+        out, lse = ops.attention_with_lse(rows, k, v, bias, scale)
+        at = 0
+        for i, _ in members:
+            n = spans[i].num_tokens
+            parts[i].append((out[at:at + n], lse[at:at + n]))
+            at += n
+    for i, span in enumerate(spans):
+        rows = q[span.start:span.start + span.num_tokens]
+        context = [j for j, seg in enumerate(span.segments) if seg.level == 1]
+        if context:
+            k = torch.cat([segment_kv[span.segments[j].key][0] for j in context])
+            v = torch.cat([segment_kv[span.segments[j].key][1] for j in context])
+            bias = torch.cat([span.segment_bias[j] for j in context], dim=1)
+            parts[i].append(ops.attention_with_lse(rows, k, v, bias, scale))
+        k = _seq_kv(k_cache, span.private_table, span.private_len)
+        v = _seq_kv(v_cache, span.private_table, span.private_len)
+        parts[i].append(ops.attention_with_lse(rows, k, v, span.private_bias, scale))
+    return torch.cat([ops.merge_attention_states(p)[0] for p in parts]).to(q.dtype)

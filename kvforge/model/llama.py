@@ -86,12 +86,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """Hidden states after the final norm; with `num_layers`, the residual stream after only the
+        first `num_layers` layers (their K/V written as usual), for probes."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, D/2]
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x = layer(x, cos, sin)
-        return self.norm(x)
+        return x if num_layers is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

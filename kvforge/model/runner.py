@@ -8,8 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from kvforge import ops
-from kvforge.model.attention import AttentionMetadata, DecodeGroup, ForwardContext, PrefillSpan, forward_context
+from kvforge.model.attention import (
+    AttentionMetadata,
+    ChunkSegment,
+    ComposedSpan,
+    DecodeGroup,
+    ForwardContext,
+    PrefillSpan,
+    forward_context,
+)
 from kvforge.model.llama import LlamaForCausalLM
+from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
 # group starts when a sequence is shorter than this fraction of its group's longest, once the group
@@ -24,6 +33,8 @@ class SequenceChunk:
 
     Positions `start_pos .. start_pos + len(token_ids) - 1`; `slots` are their arena slots (already
     reserved by the cache manager); `block_table` covers every position up to the last new one.
+    With a `composition`, `start_pos` counts the sequence's private tokens (see `Composition`),
+    whose absolute positions the composition gives, and `block_table` holds only those.
     """
 
     token_ids: Sequence[int]
@@ -31,6 +42,7 @@ class SequenceChunk:
     slots: Sequence[int]
     block_table: Sequence[int]
     needs_logits: bool
+    composition: Composition | None = None
 
 
 class ModelRunner:
@@ -49,35 +61,92 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             if not c.token_ids or len(c.slots) != len(c.token_ids):
                 raise ValueError(f"chunk {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
-        # Packed order: decodes (one new token each), longest K/V first, in groups; then prefills.
-        decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1),
-                         key=lambda i: -chunks[i].start_pos)
-        prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        # Packed order: decodes (one new token each), longest K/V first, in groups; then prefills;
+        # then the sequences composed from chunks.
+        plain = [i for i, c in enumerate(chunks) if c.composition is None]
+        decodes = sorted((i for i in plain if len(chunks[i].token_ids) == 1), key=lambda i: -chunks[i].start_pos)
+        prefills = [i for i in plain if len(chunks[i].token_ids) > 1]
+        composed = [i for i, c in enumerate(chunks) if c.composition is not None]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         row_of: dict[int, int] = {}
-        spans = []
-        for i in decodes + prefills:
+        spans, composed_spans = [], []
+        for i in decodes + prefills + composed:
             c = chunks[i]
             n = len(c.token_ids)
             start = len(ids)
             ids.extend(c.token_ids)
-            positions.extend(range(c.start_pos, c.start_pos + n))
+            if c.composition is None:
+                positions.extend(range(c.start_pos, c.start_pos + n))
+                if n > 1:
+                    spans.append(PrefillSpan(start, n, c.start_pos, torch.tensor(list(c.block_table), dtype=torch.long)))
+            else:
+                positions.extend(c.composition.position(j) for j in range(c.start_pos, c.start_pos + n))
+                composed_spans.append(self._composed_span(start, c))
             slots.extend(c.slots)
             row_of[i] = start + n - 1
-            if n > 1:
-                spans.append(PrefillSpan(start, n, c.start_pos, torch.tensor(list(c.block_table), dtype=torch.long)))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             decodes=self._decode_groups([chunks[i] for i in decodes]),
             prefills=tuple(spans),
+            composed=tuple(composed_spans),
         )
-        ctx = ForwardContext(meta, self.k_caches, self.v_caches)
+        ctx = ForwardContext(meta, self.k_caches, self.v_caches, self.model.inv_freq)
         with forward_context(ctx):
             hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
         rows = [row_of[i] for i, c in enumerate(chunks) if c.needs_logits]
         return self.model.compute_logits(hidden[rows])
+
+    @staticmethod
+    def _composed_span(start: int, c: SequenceChunk) -> ComposedSpan:
+        """The cascade metadata of a composed sequence's rows: what each row may see at each level."""
+        comp, n = c.composition, len(c.token_ids)
+        q_pos = torch.tensor([comp.position(j) for j in range(c.start_pos, c.start_pos + n)])[:, None]  # [n, 1]
+        own_pos = torch.tensor([comp.position(j) for j in range(c.start_pos + n)])[None, :]
+        segments, biases = [], []
+        for p in comp.placements:
+            segments.append(ChunkSegment((p.chunk_id, p.offset), p.level, torch.tensor(p.page_indices),
+                                         p.num_tokens, p.offset))
+            hidden = (p.offset + torch.arange(p.num_tokens))[None, :] > q_pos  # [n, chunk]
+            if p.recomputed:
+                hidden[:, list(p.recomputed)] = True
+            biases.append(torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf")))
+        private = torch.zeros(n, own_pos.shape[1]).masked_fill_(own_pos > q_pos, float("-inf"))
+        return ComposedSpan(start, n, tuple(segments), tuple(biases),
+                            torch.tensor(list(c.block_table), dtype=torch.long), private)
+
+    @torch.inference_mode()
+    def kv_deviation(self, token_ids: Sequence[int], segments: Sequence[tuple[Sequence[int], int, int]],
+                     layer: int) -> list[torch.Tensor]:
+        """How far each chunk token's stored K/V is from its K/V in context, at `layer`.
+
+        Runs the first `layer + 1` layers over `token_ids` at positions 0..T-1 with full causal
+        attention, into scratch tensors (the arena is only read). For each segment (page ids,
+        offset, length) returns `[length]`: the squared distance between the K/V computed in context
+        at positions offset.. and the chunk's stored K/V (keys re-rotated to offset), summed over
+        heads and dims."""
+        t, bs = len(token_ids), self.block_size
+        nb = -(-t // bs)
+        shape = (nb, bs) + tuple(self.k_caches[0].shape[2:])
+        dtype = self.k_caches[0].dtype
+        scratch_k = [torch.empty(shape, dtype=dtype) for _ in range(layer + 1)]
+        scratch_v = [torch.empty(shape, dtype=dtype) for _ in range(layer + 1)]
+        meta = AttentionMetadata(torch.arange(t), (), (PrefillSpan(0, t, 0, torch.arange(nb)),))
+        with forward_context(ForwardContext(meta, scratch_k, scratch_v, self.model.inv_freq)):
+            self.model(torch.tensor(list(token_ids)), torch.arange(t), num_layers=layer + 1)
+        k_full = scratch_k[layer].view(nb * bs, *shape[2:])[:t].float()
+        v_full = scratch_v[layer].view(nb * bs, *shape[2:])[:t].float()
+        out = []
+        for pages, offset, n in segments:
+            table = torch.tensor(list(pages))
+            k = ops.gather_kv(self.k_caches[layer], table[None])[0, :, :n].transpose(0, 1).float()
+            v = ops.gather_kv(self.v_caches[layer], table[None])[0, :, :n].transpose(0, 1).float()
+            k = ops.rerotate_keys(k, offset, self.model.inv_freq)
+            dk = (k_full[offset:offset + n] - k).pow(2).sum(dim=(1, 2))
+            dv = (v_full[offset:offset + n] - v).pow(2).sum(dim=(1, 2))
+            out.append(dk + dv)
+        return out
 
     def _decode_groups(self, chunks: list[SequenceChunk]) -> tuple[DecodeGroup, ...]:
         """Split decode rows (sorted longest first) into groups with padded block tables and masks."""

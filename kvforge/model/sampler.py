@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvforge.types import SamplingParams
+from kvforge.types import Logprob, SamplingParams
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -31,4 +31,17 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
             drop = (probs.cumsum(-1) - probs) >= p.top_p
             x = x.scatter(0, idx, sorted_x.masked_fill(drop, float("-inf")))
         out[row] = int(torch.multinomial(x.softmax(-1), 1, generator=gen))
+    return out
+
+
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
+    """The `k` most likely tokens of one row of `logits` `[vocab]` (all of them for k = -1) and the
+    sampled `token`, with their log-probabilities under the model and 1-based ranks."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    k = logprobs.shape[-1] if k < 0 else min(k, logprobs.shape[-1])
+    values, ids = torch.topk(logprobs, k)
+    out = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(ids.tolist(), values.tolist()), start=1)}
+    if token not in out:
+        chosen = logprobs[token]
+        out[token] = Logprob(float(chosen), int((logprobs > chosen).sum()) + 1)
     return out

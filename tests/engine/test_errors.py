@@ -60,7 +60,7 @@ def test_prompt_over_max_model_len_is_refused_up_front(llm):
 
 def test_request_larger_than_the_whole_cache_is_refused_up_front():
     small = LLM("smollm2-135m", num_blocks=4, block_size=16)
-    with pytest.raises(ValueError, match="needs 5 KV blocks, the cache has 4"):
+    with pytest.raises(ValueError, match="needs 5 KV blocks, and one request can hold at most 4 of the cache.s 4"):
         small.generate({"prompt_token_ids": [5] * 60}, SamplingParams(max_tokens=10))
     _still_serves(small)
 
