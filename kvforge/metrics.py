@@ -3,8 +3,9 @@
 `ServerMetrics` owns one `CollectorRegistry` (so several servers in one process never mix their
 numbers). Request-level metrics (counts by status, finish reasons, token counters, TTFT, inter-token
 latency, queue time) are recorded as they happen; engine and cache state (running / waiting
-requests, KV usage, prefix-cache queries and hits, evictions, preemptions) is read from the last
-snapshot given to `update()`, so `/metrics` calls `update(engine.stats(), ...)` and then `render()`.
+requests, KV usage, prefix-cache queries and hits, evictions, preemptions, the chunk pool) is read
+from the last snapshot given to `update()`, so `/metrics` calls `update(engine.stats(), ...)` and
+then `render()`. The chunk budget, fixed for an engine, is given to the constructor.
 
 This module imports nothing of kvforge: a snapshot is anything shaped like `EngineStats` (below).
 """
@@ -35,6 +36,8 @@ class CacheStatsLike(Protocol):
     num_cached_blocks: int  # blocks in the prefix index, used or evictable
     num_evictable_blocks: int  # cached blocks nobody holds (reclaimed on demand)
     num_pinned_blocks: int
+    num_chunks: int  # registered document chunks
+    num_chunk_blocks: int  # blocks holding their KV
 
 
 class EngineStatsLike(Protocol):
@@ -50,7 +53,8 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_budget_blocks: int = 0) -> None:
+        """`chunk_budget_blocks`: the most blocks registered chunks may hold (the cache's chunk_budget)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvforge_requests", "HTTP requests answered, by endpoint and status code",
@@ -67,7 +71,7 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.queue_time = Histogram("kvforge_request_queue_seconds", "From the request's arrival to its "
                                     "admission into the engine", buckets=QUEUE_BUCKETS, registry=r)
-        self._engine = _EngineCollector()
+        self._engine = _EngineCollector(chunk_budget_blocks)
         r.register(self._engine)
 
     def finished(self, prompt_tokens: int, generation_tokens: int, reason: str) -> None:
@@ -88,7 +92,8 @@ class ServerMetrics:
 class _EngineCollector(Collector):
     """Engine and cache state from the last snapshot; nothing until the first `set`."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_budget_blocks: int) -> None:
+        self._chunk_budget = chunk_budget_blocks
         self._lock = threading.Lock()
         self._snapshot: tuple[EngineStatsLike, int] | None = None
 
@@ -118,6 +123,11 @@ class _EngineCollector(Collector):
                                 "reclaimed on demand", c.num_evictable_blocks)
         yield GaugeMetricFamily("kvforge_prefix_cache_pinned_blocks", "KV blocks held by pinned prefixes",
                                 c.num_pinned_blocks)
+        yield GaugeMetricFamily("kvforge_chunks", "Registered document chunks", c.num_chunks)
+        yield GaugeMetricFamily("kvforge_chunk_blocks", "KV blocks holding registered chunks (never evicted)",
+                                c.num_chunk_blocks)
+        yield GaugeMetricFamily("kvforge_chunk_budget_blocks", "The most KV blocks registered chunks may hold "
+                                "(max_chunk_fraction of the cache)", self._chunk_budget)
         yield CounterMetricFamily("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   c.prefix_query_tokens)
         yield CounterMetricFamily("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache",

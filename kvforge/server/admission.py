@@ -9,7 +9,12 @@
     headroom  = cache.num_available_blocks - owed   (free blocks plus cached blocks nobody holds)
     r fits    <=> need(r) <= headroom
 
-need(r) ignores the prefix r may find cached, so "fits" errs on the safe side.
+need(r) ignores the prefix r may find cached, so "fits" errs on the safe side. For a request composed
+from chunks, prompt_tokens(r) counts its private tokens only (the query and the recomputed tokens of
+each chunk after the first, ceil(recompute_ratio * chunk length)): the chunks' own KV sits in chunk
+pages, outside this accounting, exactly as the engine counts it. The model-length and whole-cache
+limits still count the whole composed prompt, as `LLMEngine.add_chunk_request` does.
+Registering a chunk takes its blocks only within the headroom (else 503), for the same reason.
 A request also has to wait for `max_num_seqs` in the engine's own queue; that is not "full".
 
 Everything here reads the engine, so it runs on the engine loop's thread only.

@@ -1,10 +1,24 @@
-"""The FastAPI app: OpenAI's routes over the engine loop, /health, /metrics, and /v1/chunks (501).
+"""The FastAPI app: OpenAI's routes over the engine loop, /health, /metrics, and /v1/chunks.
 
 Handlers parse and validate the body (400 in OpenAI's error shape), hand a `Job` to the engine loop
 and wait for its admission (an ApiError such as 503/429 comes back here, before any byte is sent),
 then answer with one JSON body or with server-sent events ending in `data: [DONE]`. A client that
 goes away, while its request waits or while it streams, gets its request aborted: the loop frees
 its blocks at once.
+
+/v1/chunks (kvforge's extension, shaped like OpenAI's resources):
+
+    POST   /v1/chunks       {"text" | "token_ids", "kind": "system" | "context", "id"?}
+                            -> 200 {"id", "object": "chunk", "created", "model", "kind", "num_tokens",
+                            "num_pages"}; 400 for a bad body, an id taken by other content or a chunk
+                            over the chunk budget (no retry helps), 503 + Retry-After while the cache
+                            has no room for it now (requests hold or are owed the blocks)
+    GET    /v1/chunks       -> 200 {"object": "list", "data": [chunk, ...]} in registration order
+    DELETE /v1/chunks/{id}  -> 200 {"id", "object": "chunk", "deleted": true}; 404 unknown id; 409
+                            while a request (running, waiting or queued for room) uses the chunk
+
+Completions and chat completions take `chunks` (ids) and `recompute_ratio`: see protocol.py. An
+unknown chunk id there is a 400 with param "chunks".
 """
 
 from __future__ import annotations
@@ -83,7 +97,8 @@ def build_app(server: Server) -> FastAPI:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         job = Job.create(f"cmpl-{uuid.uuid4().hex}", req.single_prompt(), chat=False,
                          params=req.sampling_params(max_tokens), max_tokens=max_tokens,
-                         priority=req.priority, stream=bool(req.stream))
+                         priority=req.priority, stream=bool(req.stream), chunks=req.chunk_ids,
+                         recompute_ratio=req.ratio)
         return await _respond(request, job, req, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -92,7 +107,8 @@ def build_app(server: Server) -> FastAPI:
         max_tokens = req.requested_max_tokens
         job = Job.create(f"chatcmpl-{uuid.uuid4().hex}", [m.as_template_input() for m in req.messages],
                          chat=True, params=req.sampling_params(max_tokens), max_tokens=max_tokens,
-                         priority=req.priority, stream=bool(req.stream))
+                         priority=req.priority, stream=bool(req.stream), chunks=req.chunk_ids,
+                         recompute_ratio=req.ratio)
         return await _respond(request, job, req, chat=True)
 
     async def _respond(request: Request, job: Job, req: P.BaseRequest, chat: bool) -> Response:
@@ -134,13 +150,20 @@ def build_app(server: Server) -> FastAPI:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     @app.post("/v1/chunks")
+    async def create_chunk(request: Request) -> dict:
+        req: P.ChunkCreateRequest = await parse(request, P.ChunkCreateRequest)
+        chunk, created = await asyncio.wrap_future(loop.register_chunk(req.prompt(), req.kind, req.id, req.param))
+        return P.chunk_object(chunk, created, server.model_name)
+
     @app.get("/v1/chunks")
-    async def chunks() -> Response:
-        raise P.chunks_unavailable()
+    async def list_chunks() -> dict:
+        chunks = await asyncio.wrap_future(loop.list_chunks())
+        return {"object": "list", "data": [P.chunk_object(c, created, server.model_name) for c, created in chunks]}
 
     @app.delete("/v1/chunks/{chunk_id}")
-    async def delete_chunk(chunk_id: str) -> Response:
-        raise P.chunks_unavailable("chunk_id")
+    async def delete_chunk(chunk_id: str) -> dict:
+        await asyncio.wrap_future(loop.unregister_chunk(chunk_id))
+        return {"id": chunk_id, "object": "chunk", "deleted": True}
 
     return app
 

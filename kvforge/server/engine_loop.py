@@ -12,6 +12,11 @@ The loop thread, each turn:
        `call_soon_threadsafe` per turn.
 
 It sleeps on a condition variable while there is nothing to do.
+
+Chunks: `register_chunk`, `unregister_chunk` and `list_chunks` are `call`s too, so a chunk is
+registered (its KV computed) between two steps, on this thread. A job with `chunks` is composed
+from them by `engine.add_chunk_request`; it is sized, admitted, queued, streamed and aborted like
+any other job. A chunk named by a queued job counts as in use.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +36,8 @@ from kvforge.engine import LLMEngine
 from kvforge.metrics import ServerMetrics
 from kvforge.server.admission import AdmissionQueue, blocks_needed, headroom, shrunk_max_tokens
 from kvforge.server.config import ServerConfig
-from kvforge.server.protocol import ApiError
-from kvforge.types import RequestOutput, SamplingParams
+from kvforge.server.protocol import DEFAULT_RECOMPUTE_RATIO, ApiError
+from kvforge.types import Chunk, RequestOutput, SamplingParams
 
 log = logging.getLogger("kvforge.server")
 
@@ -57,10 +63,13 @@ class Job:
     stream: bool
     aloop: asyncio.AbstractEventLoop
     admitted: asyncio.Future
+    chunks: tuple[str, ...] = ()  # registered chunk ids composed before the prompt (the query)
+    recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     received: float = field(default_factory=time.monotonic)
     state: str = "new"  # new -> queued -> running -> done (or new/queued -> done)
-    num_prompt_tokens: int = 0
+    num_prompt_tokens: int = 0  # the whole prompt (with chunks: the chunks' tokens and the query's)
+    num_private_tokens: int = 0  # prompt tokens that take blocks: all, or the query and recomputed chunk tokens
     need: int = 0  # blocks the request may ever hold (admission.blocks_needed)
     engine_prompt: dict[str, Any] = field(default_factory=dict)
     last_token_time: float | None = None
@@ -68,10 +77,12 @@ class Job:
 
     @classmethod
     def create(cls, request_id: str, prompt: Prompt, *, chat: bool, params: SamplingParams,
-               max_tokens: int | None, priority: int, stream: bool) -> Job:
+               max_tokens: int | None, priority: int, stream: bool, chunks: tuple[str, ...] = (),
+               recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO) -> Job:
         """Call on the asyncio loop that will await the job."""
         aloop = asyncio.get_running_loop()
-        return cls(request_id, prompt, chat, params, max_tokens, priority, stream, aloop, aloop.create_future())
+        return cls(request_id, prompt, chat, params, max_tokens, priority, stream, aloop, aloop.create_future(),
+                   tuple(chunks), recompute_ratio)
 
 
 class EngineLoop:
@@ -90,6 +101,7 @@ class EngineLoop:
         self._jobs: dict[str, Job] = {}  # admitted and not finished
         self._queue: AdmissionQueue[Job] = AdmissionQueue()
         self._posts: list[tuple[asyncio.AbstractEventLoop, Callable, tuple]] = []
+        self._chunk_created: dict[str, int] = {}  # chunk id -> when it was registered (unix seconds)
         self.healthy = True
 
     # ---- any thread ---------------------------------------------------------------------------
@@ -120,12 +132,28 @@ class EngineLoop:
         """Run `fn(engine)` on the loop thread between two steps; the future holds its result."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not self._put("call", (fn, fut)):
-            fut.set_exception(RuntimeError("the engine loop has stopped"))
+            fut.set_exception(_shutting_down())
         return fut
 
     def snapshot(self) -> concurrent.futures.Future:
         """A future of (engine.stats(), requests queued for cache room), taken between two steps."""
         return self.call(lambda engine: (engine.stats(), len(self._queue)))
+
+    def register_chunk(self, prompt: str | dict[str, list[int]], kind: str, chunk_id: str | None,
+                       param: str = "text") -> concurrent.futures.Future:
+        """A future of (Chunk, created) for the chunk `prompt` (see `LLMEngine.register_chunk`), or of
+        an ApiError: 400 for what can never be registered as asked (`param` names the content's
+        field), 503 while the cache has no room for it now."""
+        return self.call(lambda engine: self._register_chunk(prompt, kind, chunk_id, param))
+
+    def unregister_chunk(self, chunk_id: str) -> concurrent.futures.Future:
+        """A future of None once the chunk's pages are free, or of an ApiError: 404 for an unknown id,
+        409 while a request (running, waiting or queued for room) uses it."""
+        return self.call(lambda engine: self._unregister_chunk(chunk_id))
+
+    def list_chunks(self) -> concurrent.futures.Future:
+        """A future of [(Chunk, created)] in registration order."""
+        return self.call(lambda engine: [(c, self._created(c.chunk_id)) for c in engine.list_chunks()])
 
     def _put(self, kind: str, payload: Any) -> bool:
         with self._cv:
@@ -182,7 +210,7 @@ class EngineLoop:
         if job.need <= room:
             return self._start(job)
         if policy == "shrink":
-            fit = shrunk_max_tokens(job.num_prompt_tokens, room, bs)
+            fit = shrunk_max_tokens(job.num_private_tokens, room, bs)
             if fit >= 1:
                 job.params = dataclasses.replace(job.params, max_tokens=fit)
                 return self._start(job)
@@ -210,6 +238,7 @@ class EngineLoop:
     def _prepare(self, job: Job) -> None:
         """Tokenize and size `job`; refuse (ApiError 400) what could never run."""
         engine, tok = self.engine, self.engine.tokenizer
+        chunks = self._resolve_chunks(job.chunks)
         try:
             if job.chat:
                 text = tok.apply_chat_template(job.prompt, add_generation_prompt=True)
@@ -230,15 +259,22 @@ class EngineLoop:
                 job.engine_prompt = {"prompt_token_ids": list(ids)}
         except ValueError as e:
             raise ApiError(400, str(e), param="messages" if job.chat else "prompt") from None
-        n, bs, limit = len(ids), engine.cache.block_size, engine.max_model_len
+        n, bs, limit = len(ids) + sum(c.num_tokens for c in chunks), engine.cache.block_size, engine.max_model_len
+        # A chunk request holds blocks only for its private tokens: the query and, of every chunk
+        # after the first, the ceil(recompute_ratio * its length) tokens it recomputes (either rule).
+        private = len(ids) + sum(math.ceil(job.recompute_ratio * c.num_tokens) for c in chunks[1:])
         cache_tokens = engine.cache.num_blocks * bs + 1  # the last sampled token is never stored
         max_tokens = job.max_tokens
         if max_tokens is None:
-            max_tokens = min(limit, cache_tokens) - n
+            # As many as the model length and the cache allow, counting only the blocks that
+            # registered chunks do not hold: more could never be admitted while they are registered.
+            usable = (engine.cache.num_blocks - engine.cache.stats().num_chunk_blocks) * bs + 1
+            max_tokens = min(limit - n, cache_tokens - n, usable - private)
             if max_tokens < 1:
                 raise ApiError(400, f"prompt of {n} tokens leaves no room for a reply within the model's length "
-                                    f"({limit} tokens) and the cache ({cache_tokens - 1} tokens); shorten it",
-                               param="messages" if job.chat else "prompt", code="context_length_exceeded")
+                                    f"({limit} tokens) and the cache ({usable - 1} tokens not held by registered "
+                                    f"chunks); shorten it", param="messages" if job.chat else "prompt",
+                               code="context_length_exceeded")
         if n + max_tokens > limit:
             raise ApiError(400, f"prompt of {n} tokens plus max_tokens={max_tokens} is over the model's "
                                 f"length of {limit} tokens; shorten the prompt or lower max_tokens",
@@ -248,11 +284,33 @@ class EngineLoop:
                                 f"the whole cache holds ({engine.cache.num_blocks} of {bs} tokens); shorten "
                                 f"the prompt or lower max_tokens", param="max_tokens")
         job.params = dataclasses.replace(job.params, max_tokens=max_tokens)
-        job.num_prompt_tokens, job.need = n, blocks_needed(n, max_tokens, bs)
+        job.num_prompt_tokens, job.num_private_tokens = n, private
+        job.need = blocks_needed(private, max_tokens, bs)
+
+    def _resolve_chunks(self, chunk_ids: tuple[str, ...]) -> list[Chunk]:
+        """The registered chunks a job names, in its order; ApiError 400 (param "chunks") for an
+        unknown id or a system chunk anywhere but first."""
+        if not chunk_ids:
+            return []
+        registered = {c.chunk_id: c for c in self.engine.list_chunks()}
+        unknown = [c for c in chunk_ids if c not in registered]
+        if unknown:
+            known = ", ".join(list(registered)[:10]) or "none"
+            raise ApiError(400, f"unknown chunk id {unknown[0]!r}: register it first (POST /v1/chunks); "
+                                f"registered chunks: {known}", param="chunks", code="chunk_not_found")
+        chunks = [registered[c] for c in chunk_ids]
+        if any(c.kind == "system" for c in chunks[1:]):
+            raise ApiError(400, "a system chunk must come first in chunks, and at most one per request",
+                           param="chunks")
+        return chunks
 
     def _start(self, job: Job) -> None:
         try:
-            self.engine.add_request(job.request_id, job.engine_prompt, job.params, priority=job.priority)
+            if job.chunks:
+                self.engine.add_chunk_request(job.request_id, list(job.chunks), job.engine_prompt, job.params,
+                                              job.recompute_ratio, priority=job.priority)
+            else:
+                self.engine.add_request(job.request_id, job.engine_prompt, job.params, priority=job.priority)
         except ValueError as e:  # the engine's own validation: the caller's mistake, nothing was kept
             return self._fail(job, ApiError(400, str(e)))
         job.state = "running"
@@ -260,6 +318,73 @@ class EngineLoop:
         self.metrics.queue_time.observe(time.monotonic() - job.received)
         self._post(job, _resolve, job.admitted, None)
         return None
+
+    def _register_chunk(self, prompt: str | dict[str, list[int]], kind: str, chunk_id: str | None,
+                        param: str) -> tuple[Chunk, int]:
+        """On the loop thread. Checks in the order that gives the right status: what no retry can
+        fix (400) before what the cache lacks now (503). A chunk takes blocks only within the
+        admission headroom, so registering never forces a preemption of an admitted request."""
+        engine = self.engine
+        try:
+            text, ids = engine.tokenize(prompt)
+        except ValueError as e:  # the engine names the field prompt_token_ids
+            raise ApiError(400, str(e).replace("prompt_token_ids", "token_ids"), param=param) from None
+        if len(ids) > engine.max_model_len:
+            raise ApiError(400, f"a chunk of {len(ids)} tokens is over the model's length of "
+                                f"{engine.max_model_len} tokens; split it", param=param,
+                           code="context_length_exceeded")
+        before = {c.chunk_id: c for c in engine.list_chunks()}
+        old = before.get(chunk_id) if chunk_id is not None else None
+        if old is not None and (old.token_ids != tuple(ids) or old.kind != kind):
+            raise ApiError(400, f"chunk id {chunk_id!r} is already registered with other content; delete it "
+                                f"first (DELETE /v1/chunks/{chunk_id}) or use another id", param="id",
+                           code="chunk_id_taken")
+        # Registering content that is registered already returns that chunk and takes nothing. (A
+        # default id names the content. Content registered only under an explicit id is taken for
+        # it too, which skips the checks below for that rare case: the engine then still refuses a
+        # chunk over the budget or the free blocks, as a 400, but may take blocks owed to admitted
+        # requests, which costs a preemption, never a failure.)
+        again = old is not None or (chunk_id is None and any(c.token_ids == tuple(ids) and c.kind == kind
+                                                             for c in before.values()))
+        if not again:
+            cache = engine.cache
+            need = math.ceil(len(ids) / cache.block_size)
+            taken, budget = cache.stats().num_chunk_blocks, cache.chunk_budget
+            if taken + need > budget:
+                raise ApiError(400, f"the chunk needs {need} KV blocks but the chunk budget is {budget} blocks "
+                                    f"(max_chunk_fraction of the cache) and registered chunks hold {taken}: "
+                                    f"delete a chunk (DELETE /v1/chunks/{{id}}) or shorten this one", param=param,
+                               code="chunk_budget_exceeded")
+            room = headroom(engine)
+            if need > room:
+                raise self._busy(503, f"the KV cache has no room for the chunk now: it needs {need} blocks, "
+                                      f"{max(room, 0)} are free of running requests; retry later")
+        try:
+            chunk = engine.register_chunk({"prompt": text, "prompt_token_ids": ids}, kind, chunk_id)
+        except ValueError as e:  # what the checks above did not foresee: nothing was kept
+            raise ApiError(400, str(e), param=param) from None
+        if before.get(chunk.chunk_id) is not chunk:
+            self._chunk_created[chunk.chunk_id] = int(time.time())
+        return chunk, self._created(chunk.chunk_id)
+
+    def _unregister_chunk(self, chunk_id: str) -> None:
+        if chunk_id not in {c.chunk_id for c in self.engine.list_chunks()}:
+            raise ApiError(404, f"no chunk {chunk_id!r} is registered", type="not_found_error", param="id",
+                           code="chunk_not_found")
+        queued = sum(chunk_id in job.chunks for job in self._queue)
+        if queued:
+            raise ApiError(409, f"chunk {chunk_id!r} is in use by {queued} request(s) waiting for cache room; "
+                                f"delete it once they finish", param="id", code="chunk_in_use")
+        try:
+            self.engine.unregister_chunk(chunk_id)
+        except ValueError as e:  # the chunk is known: it is in use
+            raise ApiError(409, str(e), param="id", code="chunk_in_use") from None
+        self._chunk_created.pop(chunk_id, None)
+
+    def _created(self, chunk_id: str) -> int:
+        """When a chunk was registered; for one registered on the engine before the server saw it,
+        when the server first saw it."""
+        return self._chunk_created.setdefault(chunk_id, int(time.time()))
 
     def _expire_queued(self, now: float) -> None:
         for job in self._queue.pop_expired(now):
@@ -356,7 +481,7 @@ class EngineLoop:
             if kind == "submit":
                 self._fail(payload, err)
             elif kind == "call":
-                payload[1].set_exception(RuntimeError("the engine loop has stopped"))
+                payload[1].set_exception(_shutting_down())
         self._flush()
 
 

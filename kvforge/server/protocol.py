@@ -1,19 +1,28 @@
 """The OpenAI wire format: request bodies (validated with pydantic), errors, responses, stream chunks.
 
 Requests accept OpenAI's fields, vLLM's extras (`top_k`, `ignore_eos`, `stop_token_ids`) and
-kvforge's (`cache_salt`, `priority`, `chunks`). Unknown fields are refused (400) so that a typo is
-not silently ignored; OpenAI fields kvforge does not implement are accepted at their neutral value
-only. Nothing here touches the engine.
+kvforge's (`cache_salt`, `priority`, `chunks`, `recompute_ratio`). Unknown fields are refused (400)
+so that a typo is not silently ignored; OpenAI fields kvforge does not implement are accepted at
+their neutral value only. Nothing here touches the engine.
+
+Chunks (kvforge's extension): `POST /v1/chunks` registers a document chunk (`ChunkCreateRequest`),
+whose KV is computed once and reused by every request that names it. A completion or chat
+completion with `chunks: [id, ...]` has the prompt "the chunks in order, then the query", where the
+query is `prompt` for /v1/completions and, for /v1/chat/completions, the messages rendered with the
+chat template exactly as without chunks (so the template's own system prompt, if any, follows the
+chunks). `recompute_ratio` (default 0.15) is the fraction of each chunk after the first that the
+request recomputes in context (see `LLMEngine.add_chunk_request`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from kvforge.types import SamplingParams
+from kvforge.types import CHUNK_KINDS, Chunk, SamplingParams
 
 
 class ApiError(Exception):
@@ -29,14 +38,6 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-CHUNKS_UNAVAILABLE = ("chunk KV reuse is not available in this build of kvforge: /v1/chunks and the "
-                      "`chunks` field will work once document-chunk caching lands")
-
-
-def chunks_unavailable(param: str | None = None) -> ApiError:
-    return ApiError(501, CHUNKS_UNAVAILABLE, type="not_implemented_error", param=param, code="chunks_unavailable")
-
-
 def validation_error(e: ValidationError) -> ApiError:
     """The first pydantic error as a 400 naming the field (`messages.0.content`)."""
     err = e.errors()[0]
@@ -50,6 +51,9 @@ def _is_union_tag(part: object) -> bool:
 
 
 # ---- requests -----------------------------------------------------------------------------------
+
+DEFAULT_RECOMPUTE_RATIO = 0.15
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -101,10 +105,18 @@ class BaseRequest(_Neutral):
     # kvforge extras
     cache_salt: str | None = None
     priority: int = 0
-    chunks: list[Any] | None = None
+    chunks: list[str] | None = None  # registered chunk ids, composed in order before the query
+    recompute_ratio: float | None = None  # with chunks; None: DEFAULT_RECOMPUTE_RATIO
+
+    @field_validator("recompute_ratio", mode="before")
+    @classmethod
+    def _not_a_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("recompute_ratio must be a number in [0, 1], not a boolean")
+        return v
 
     def check(self) -> None:
-        """Refusals that are not about types: n > 1, unsupported fields, chunks (501)."""
+        """Refusals that are not about types: n > 1, unsupported fields, chunk fields out of range."""
         if self.n not in (None, 1):
             raise ApiError(400, f"n={self.n} is not supported: kvforge returns one choice per request; "
                                 f"send n requests", param="n")
@@ -113,8 +125,23 @@ class BaseRequest(_Neutral):
         name = self.unsupported()
         if name is not None:
             raise ApiError(400, f"{name} is not supported by kvforge; leave it unset", param=name)
-        if self.chunks is not None:
-            raise chunks_unavailable("chunks")
+        if self.chunks is not None and not self.chunks:
+            raise ApiError(400, "chunks is empty: list the ids of registered chunks (POST /v1/chunks), or "
+                                "leave it unset", param="chunks")
+        if self.recompute_ratio is not None:
+            if self.chunks is None:
+                raise ApiError(400, "recompute_ratio only applies to a request with chunks", param="recompute_ratio")
+            if not 0 <= self.recompute_ratio <= 1:
+                raise ApiError(400, f"recompute_ratio must be a number in [0, 1], got {self.recompute_ratio!r}",
+                               param="recompute_ratio")
+
+    @property
+    def chunk_ids(self) -> tuple[str, ...]:
+        return tuple(self.chunks or ())
+
+    @property
+    def ratio(self) -> float:
+        return DEFAULT_RECOMPUTE_RATIO if self.recompute_ratio is None else self.recompute_ratio
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """SamplingParams for this request; a None max_tokens becomes 1 here and is resolved by the
@@ -197,12 +224,56 @@ class ChatCompletionRequest(BaseRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+_CHUNK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class ChunkCreateRequest(_Strict):
+    """POST /v1/chunks: a document chunk as `text` or as `token_ids` (exactly one), its `kind`
+    ("system": placed first, at most one per request; "context": anywhere after it) and an optional
+    `id` (default: one derived from the content, so registering the same content again returns the
+    same chunk)."""
+
+    text: str | None = None
+    token_ids: list[StrictInt] | None = None
+    kind: str = "context"
+    id: str | None = None
+    model: str | None = None
+
+    def check(self) -> None:
+        if (self.text is None) == (self.token_ids is None):
+            raise ApiError(400, "give the chunk's content as exactly one of text or token_ids", param="text")
+        if self.text is not None and not self.text:
+            raise ApiError(400, "text is empty: a chunk needs at least one character", param="text")
+        if self.token_ids is not None and not self.token_ids:
+            raise ApiError(400, "token_ids is empty: a chunk needs at least one token", param="token_ids")
+        if self.kind not in CHUNK_KINDS:
+            raise ApiError(400, f"kind must be one of {', '.join(CHUNK_KINDS)}, got {self.kind!r}", param="kind")
+        if self.id is not None and not _CHUNK_ID.fullmatch(self.id):
+            raise ApiError(400, f"id {self.id!r} is not a valid chunk id: 1 to 128 letters, digits, '.', '_', "
+                                f"':' or '-', starting with a letter or digit", param="id")
+
+    @property
+    def param(self) -> str:
+        """The field that holds the content."""
+        return "text" if self.text is not None else "token_ids"
+
+    def prompt(self) -> str | dict[str, list[int]]:
+        """The content as an engine prompt."""
+        return self.text if self.text is not None else {"prompt_token_ids": list(self.token_ids or ())}
+
+
 # ---- responses ----------------------------------------------------------------------------------
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chunk_object(chunk: Chunk, created: int, model: str) -> dict:
+    """A registered chunk as /v1/chunks shows it."""
+    return {"id": chunk.chunk_id, "object": "chunk", "created": created, "model": model, "kind": chunk.kind,
+            "num_tokens": chunk.num_tokens, "num_pages": len(chunk.page_indices)}
 
 
 def completion(rid: str, model: str, text: str, finish_reason: str | None, use: dict) -> dict:

@@ -29,7 +29,7 @@ class Server:
         self.engine, self.config = engine, config or ServerConfig()
         self.model_name = self.config.served_model_name or engine.config.model
         self.created = int(time.time())
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(chunk_budget_blocks=engine.cache.chunk_budget)
         self.loop = EngineLoop(engine, self.config, self.metrics)
         self.app = build_app(self)
         self.port = self.config.port

@@ -1,5 +1,5 @@
-"""Every caller mistake is a 400 (or 501 for chunks) in OpenAI's error shape; none is a 500, none
-leaves anything in the engine, and the server keeps serving."""
+"""Every caller mistake is a 400 in OpenAI's error shape; none is a 500, none leaves anything in the
+engine, and the server keeps serving. (Chunk mistakes: test_chunks.py.)"""
 
 from __future__ import annotations
 

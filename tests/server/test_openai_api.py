@@ -1,11 +1,9 @@
 """The OpenAI routes through the official client: streamed and whole answers, greedy outputs equal to
-LLM.generate / LLM.chat, usage with cached tokens, models, health, chunks (501)."""
+LLM.generate / LLM.chat, usage with cached tokens, models, health. Chunks: test_chunks.py."""
 
 from __future__ import annotations
 
 import httpx
-import openai
-import pytest
 
 from kvforge import SamplingParams
 
@@ -109,21 +107,3 @@ def test_models_lists_the_served_model(client):
 def test_health_is_ok(http):
     r = http.get("/health")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
-
-
-@pytest.mark.parametrize("method, path", [("POST", "/v1/chunks"), ("GET", "/v1/chunks"),
-                                          ("DELETE", "/v1/chunks/doc-1")])
-def test_chunk_routes_answer_501_until_chunks_land(http, method, path):
-    r = http.request(method, path, json={"text": "a document"} if method == "POST" else None)
-    assert r.status_code == 501
-    err = r.json()["error"]
-    assert "chunk KV reuse is not available in this build" in err["message"]
-    assert err["type"] == "not_implemented_error" and err["code"] == "chunks_unavailable"
-
-
-def test_the_chunks_field_answers_501_through_the_client(client):
-    with pytest.raises(openai.APIStatusError) as e:
-        client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=3,
-                                  extra_body={"chunks": ["doc-1"]})
-    assert e.value.status_code == 501
-    assert "chunk KV reuse is not available" in e.value.message
