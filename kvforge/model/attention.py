@@ -54,19 +54,19 @@ class ComposedSpan:
     """Rows [start, start + num_tokens) of one sequence composed from chunks (its query, recomputed
     chunk tokens or its newest generated token). Cascade: each row attends to the level-0 and
     level-1 chunk segments and to the sequence's private K/V (level 2), merged by log-sum-exp.
-    Biases are additive (0 visible, -inf hidden): a chunk key is hidden where the request recomputed
-    it or where it lies after the row's position; private keys are causal by position."""
+    A chunk key is hidden where the request recomputed it or where it lies after the row's
+    position; private keys are causal by position. Rows are in position order, so the rows that
+    see any key of a segment are a suffix: segment i is attended by rows segment_rows[i]: only,
+    with the additive bias segment_bias[i] (0 visible, -inf hidden; None when all are visible)."""
 
     start: int
     num_tokens: int
     segments: tuple[ChunkSegment, ...]
-    segment_bias: tuple[torch.Tensor, ...]  # per segment [num_tokens, segment.num_tokens]
+    segment_rows: tuple[int, ...]  # per segment: the first row that sees one of its keys
+    segment_bias: tuple[torch.Tensor | None, ...]  # per segment [num_tokens - rows, segment.num_tokens]
     private_table: torch.Tensor  # [nb] the sequence's own blocks
-    private_bias: torch.Tensor  # [num_tokens, private_len]
-
-    @property
-    def private_len(self) -> int:
-        return self.private_bias.shape[1]
+    private_bias: torch.Tensor | None  # [num_tokens, private_len], None when every row sees every key
+    private_len: int
 
 
 @dataclass(frozen=True)
@@ -143,39 +143,51 @@ def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache
                        v_cache: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of every composed span's rows, level by level (see ComposedSpan): chunk pages are
     gathered and re-rotated once per (chunk, offset); level 0 is one call over the rows of all spans
-    that share the same system chunk; levels 1 and 2 are per span. Returns the rows in span order."""
+    that share the same system chunk; level 1 is one call per span and context segment, over the
+    rows that see it; level 2 one call per span. Returns the rows in span order."""
     segment_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for span in spans:
-        for seg in span.segments:
-            if seg.key not in segment_kv:
+        for seg, row in zip(span.segments, span.segment_rows):
+            if row < span.num_tokens and seg.key not in segment_kv:
                 k = _seq_kv(k_cache, seg.block_table, seg.num_tokens)
                 k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
                 segment_kv[seg.key] = (k, _seq_kv(v_cache, seg.block_table, seg.num_tokens))
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in spans]
-    # Level 0: group the spans by their system chunk; one attention call per group.
+
+    def add_part(i: int, row: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """A partial result for rows [row:] of span i; the rows before see none of its keys."""
+        if row:
+            out = torch.cat([out.new_zeros(row, *out.shape[1:]), out])
+            lse = torch.cat([lse.new_full((row, lse.shape[1]), float("-inf")), lse])
+        parts[i].append((out, lse))
+
+    # Level 0 (one call per system chunk over the rows of every span that shares it), then each
+    # span's context segments, each over only the rows that see it.
     groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    calls: list[tuple[tuple[str, int], list[tuple[int, int]]]] = []
     for i, span in enumerate(spans):
         for j, seg in enumerate(span.segments):
+            if span.segment_rows[j] == span.num_tokens:
+                continue  # no row of this step sees it yet
             if seg.level == 0:
                 groups.setdefault(seg.key, []).append((i, j))
-    for key, members in groups.items():
+            else:
+                calls.append((seg.key, [(i, j)]))
+    for key, members in [*groups.items(), *calls]:
         k, v = segment_kv[key]
-        rows = torch.cat([q[spans[i].start:spans[i].start + spans[i].num_tokens] for i, _ in members])
-        bias = torch.cat([spans[i].segment_bias[j] for i, j in members])
-        out, lse = ops.attention_with_lse(rows, k, v, bias, scale)
+        rows = [q[spans[i].start + spans[i].segment_rows[j]:spans[i].start + spans[i].num_tokens]
+                for i, j in members]
+        biases = [spans[i].segment_bias[j] for i, j in members]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else r.new_zeros(r.shape[0], k.shape[0], dtype=torch.float32)
+             for r, b in zip(rows, biases)])
+        out, lse = ops.attention_with_lse(rows[0] if len(rows) == 1 else torch.cat(rows), k, v, bias, scale)
         at = 0
-        for i, _ in members:
-            n = spans[i].num_tokens
-            parts[i].append((out[at:at + n], lse[at:at + n]))
-            at += n
+        for (i, j), r in zip(members, rows):
+            add_part(i, spans[i].segment_rows[j], out[at:at + r.shape[0]], lse[at:at + r.shape[0]])
+            at += r.shape[0]
     for i, span in enumerate(spans):
         rows = q[span.start:span.start + span.num_tokens]
-        context = [j for j, seg in enumerate(span.segments) if seg.level == 1]
-        if context:
-            k = torch.cat([segment_kv[span.segments[j].key][0] for j in context])
-            v = torch.cat([segment_kv[span.segments[j].key][1] for j in context])
-            bias = torch.cat([span.segment_bias[j] for j in context], dim=1)
-            parts[i].append(ops.attention_with_lse(rows, k, v, bias, scale))
         k = _seq_kv(k_cache, span.private_table, span.private_len)
         v = _seq_kv(v_cache, span.private_table, span.private_len)
         parts[i].append(ops.attention_with_lse(rows, k, v, span.private_bias, scale))

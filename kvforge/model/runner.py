@@ -104,17 +104,23 @@ class ModelRunner:
         comp, n = c.composition, len(c.token_ids)
         q_pos = torch.tensor([comp.position(j) for j in range(c.start_pos, c.start_pos + n)])[:, None]  # [n, 1]
         own_pos = torch.tensor([comp.position(j) for j in range(c.start_pos + n)])[None, :]
-        segments, biases = [], []
+        segments, rows, biases = [], [], []
         for p in comp.placements:
             segments.append(ChunkSegment((p.chunk_id, p.offset), p.level, torch.tensor(p.page_indices),
                                          p.num_tokens, p.offset))
             hidden = (p.offset + torch.arange(p.num_tokens))[None, :] > q_pos  # [n, chunk]
             if p.recomputed:
                 hidden[:, list(p.recomputed)] = True
-            biases.append(torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf")))
-        private = torch.zeros(n, own_pos.shape[1]).masked_fill_(own_pos > q_pos, float("-inf"))
-        return ComposedSpan(start, n, tuple(segments), tuple(biases),
-                            torch.tensor(list(c.block_table), dtype=torch.long), private)
+            # Rows are in position order and see more of a chunk the later they sit: the rows that
+            # see any key are a suffix.
+            first = int((~hidden).any(dim=1).int().argmax()) if (~hidden).any() else n
+            rows.append(first)
+            hidden = hidden[first:]
+            biases.append(torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf")) if hidden.any() else None)
+        causal = own_pos > q_pos
+        private = torch.zeros(causal.shape).masked_fill_(causal, float("-inf")) if causal.any() else None
+        return ComposedSpan(start, n, tuple(segments), tuple(rows), tuple(biases),
+                            torch.tensor(list(c.block_table), dtype=torch.long), private, own_pos.shape[1])
 
     @torch.inference_mode()
     def kv_deviation(self, token_ids: Sequence[int], segments: Sequence[tuple[Sequence[int], int, int]],

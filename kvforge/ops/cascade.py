@@ -84,8 +84,10 @@ def merge_attention_states(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     weights = torch.exp(lses - top)  # [P, n, H]; 0 for parts a row does not see
     total = weights.sum(dim=0)
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
-    out = out / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    out = parts[0][0].float() * weights[0][..., None]
+    for w, (o, _) in zip(weights[1:], parts[1:]):
+        out.addcmul_(o.float(), w[..., None])
+    out.div_(torch.where(total > 0, total, torch.ones_like(total))[..., None])
     return out, top + torch.log(total)
 
 
