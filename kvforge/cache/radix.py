@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import NamedTuple
 
 from kvforge.cache import hashing
@@ -70,7 +71,7 @@ class ChainInsert(NamedTuple):
 def stored_event(run: tuple[RadixNode, ...], block_size: int) -> BlockStored:
     """The BlockStored event for a run of consecutive nodes inserted together (nodes never change
     their hash, tokens or parent, so this may be built long after the insert)."""
-    tokens = run[0].token_ids if len(run) == 1 else tuple(t for node in run for t in node.token_ids)
+    tokens = run[0].token_ids if len(run) == 1 else tuple(chain.from_iterable(node.token_ids for node in run))
     return BlockStored(tuple(node.block_hash for node in run), run[0].parent.block_hash, tokens, block_size)
 
 
@@ -194,31 +195,32 @@ class RadixTree:
         runs: list[tuple[RadixNode, ...]] = []
         run: list[RadixNode] = []
         twins: list[tuple[int, RadixNode]] = []
-        placed = 0
-        for block, chunk, block_hash in zip(blocks, chunks, hashes):
+        clock = self._clock
+        for placed, block_hash in enumerate(hashes):
             twin = nodes.get(block_hash)
             if twin is None:
+                block = blocks[placed]
                 assert block.block_hash is None and block.ref_cnt > 0, f"block {block.block_id} cannot be cached"
-                child = RadixNode(block_hash, block, chunk, extra, node)
-                node.children[block_hash] = child
-                nodes[block_hash] = child
+                child = RadixNode(block_hash, block, chunks[placed], extra, node)
+                node.children[block_hash] = nodes[block_hash] = child
                 block.block_hash = block_hash
-                self._clock += 1
-                child.last_access = self._clock
+                clock += 1
+                child.last_access = clock
                 run.append(child)
                 node = child
-            elif twin.parent is node and twin.token_ids == chunk and twin.extra == extra:
+            elif twin.parent is node and twin.token_ids == chunks[placed] and twin.extra == extra:
                 if run:
                     runs.append(tuple(run))
                     run = []
                 twins.append((placed, twin))
                 node = twin
             else:
+                hashes = hashes[:placed]
                 break
-            placed += 1
+        self._clock = clock
         if run:
             runs.append(tuple(run))
-        return ChainInsert(node, tuple(hashes[:placed]), tuple(runs), tuple(twins), placed < len(blocks))
+        return ChainInsert(node, tuple(hashes), tuple(runs), tuple(twins), len(hashes) < len(blocks))
 
     def touch(self, node: RadixNode) -> None:
         """Make `node` the most recently used."""
