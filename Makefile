@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/throughput.py
 	$(PY) bench/prefix_reuse.py
 	$(PY) bench/chat_turns.py
+	$(PY) bench/chunk_reuse.py
 	$(PY) bench/allocator.py
 	$(PY) bench/serve_load.py
 
