@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvforge.config import ceil_div
+
 if TYPE_CHECKING:
     from kvforge.cache.allocator import BlockAllocator
 
@@ -50,7 +52,7 @@ class ChunkTable:
             raise ValueError(f"chunk {chunk_id!r} is already registered; unregister it first or use another id")
         if num_tokens <= 0:
             raise ValueError(f"chunk {chunk_id!r} is empty: a chunk needs at least one token")
-        need = -(-num_tokens // self.block_size)
+        need = ceil_div(num_tokens, self.block_size)
         if self.num_blocks + need > self.max_blocks:
             raise ValueError(f"chunk {chunk_id!r} needs {need} blocks but the chunk budget is {self.max_blocks} "
                              f"blocks (max_chunk_fraction {self.max_fraction} of {self.blocks.pool.num_blocks}) "

@@ -126,17 +126,12 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             seq_k, seq_v = k[rows], v[rows]
         else:
             total = span.context_len + span.num_tokens
-            seq_k = ops.gather_kv(k_cache, span.block_table[None])[0, :, :total].transpose(0, 1)
-            seq_v = ops.gather_kv(v_cache, span.block_table[None])[0, :, :total].transpose(0, 1)
+            seq_k = ops.gather_seq_kv(k_cache, span.block_table, total)
+            seq_v = ops.gather_seq_kv(v_cache, span.block_table, total)
         parts.append(ops.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
     if meta.composed:
         parts.append(_cascade_attention(meta.composed, q, k_cache, v_cache, ctx.inv_freq, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """A block table's first `length` positions: `[length, kv_heads, D]`."""
-    return ops.gather_kv(cache, block_table[None])[0, :, :length].transpose(0, 1)
 
 
 def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache: torch.Tensor,
@@ -149,9 +144,9 @@ def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache
     for span in spans:
         for seg, row in zip(span.segments, span.segment_rows):
             if row < span.num_tokens and seg.key not in segment_kv:
-                k = _seq_kv(k_cache, seg.block_table, seg.num_tokens)
+                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens)
                 k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
-                segment_kv[seg.key] = (k, _seq_kv(v_cache, seg.block_table, seg.num_tokens))
+                segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens))
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in spans]
 
     def add_part(i: int, row: int, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -188,7 +183,7 @@ def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache
             at += r.shape[0]
     for i, span in enumerate(spans):
         rows = q[span.start:span.start + span.num_tokens]
-        k = _seq_kv(k_cache, span.private_table, span.private_len)
-        v = _seq_kv(v_cache, span.private_table, span.private_len)
+        k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len)
+        v = ops.gather_seq_kv(v_cache, span.private_table, span.private_len)
         parts[i].append(ops.attention_with_lse(rows, k, v, span.private_bias, scale))
     return torch.cat([ops.merge_attention_states(p)[0] for p in parts]).to(q.dtype)

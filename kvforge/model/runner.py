@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge import ops
+from kvforge.config import ceil_div
 from kvforge.model.attention import (
     AttentionMetadata,
     ChunkSegment,
@@ -82,8 +83,9 @@ class ModelRunner:
                 if n > 1:
                     spans.append(PrefillSpan(start, n, c.start_pos, torch.tensor(list(c.block_table), dtype=torch.long)))
             else:
-                positions.extend(c.composition.position(j) for j in range(c.start_pos, c.start_pos + n))
-                composed_spans.append(self._composed_span(start, c))
+                own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
+                positions.extend(own[c.start_pos:])
+                composed_spans.append(self._composed_span(start, c, own))
             slots.extend(c.slots)
             row_of[i] = start + n - 1
         meta = AttentionMetadata(
@@ -99,11 +101,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     @staticmethod
-    def _composed_span(start: int, c: SequenceChunk) -> ComposedSpan:
-        """The cascade metadata of a composed sequence's rows: what each row may see at each level."""
+    def _composed_span(start: int, c: SequenceChunk, own_positions: list[int]) -> ComposedSpan:
+        """The cascade metadata of a composed sequence's rows: what each row may see at each level.
+        `own_positions` are the absolute positions of its private tokens up to the last new one."""
         comp, n = c.composition, len(c.token_ids)
-        q_pos = torch.tensor([comp.position(j) for j in range(c.start_pos, c.start_pos + n)])[:, None]  # [n, 1]
-        own_pos = torch.tensor([comp.position(j) for j in range(c.start_pos + n)])[None, :]
+        own_pos = torch.tensor(own_positions)[None, :]  # [1, private_len]
+        q_pos = own_pos[0, c.start_pos:, None]  # [n, 1]
         segments, rows, biases = [], [], []
         for p in comp.placements:
             segments.append(ChunkSegment((p.chunk_id, p.offset), p.level, torch.tensor(p.page_indices),
@@ -113,7 +116,8 @@ class ModelRunner:
                 hidden[:, list(p.recomputed)] = True
             # Rows are in position order and see more of a chunk the later they sit: the rows that
             # see any key are a suffix.
-            first = int((~hidden).any(dim=1).int().argmax()) if (~hidden).any() else n
+            sees = (~hidden).any(dim=1)
+            first = int(sees.int().argmax()) if sees.any() else n
             rows.append(first)
             hidden = hidden[first:]
             biases.append(torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf")) if hidden.any() else None)
@@ -133,7 +137,7 @@ class ModelRunner:
         at positions offset.. and the chunk's stored K/V (keys re-rotated to offset), summed over
         heads and dims."""
         t, bs = len(token_ids), self.block_size
-        nb = -(-t // bs)
+        nb = ceil_div(t, bs)
         shape = (nb, bs) + tuple(self.k_caches[0].shape[2:])
         dtype = self.k_caches[0].dtype
         scratch_k = [torch.empty(shape, dtype=dtype) for _ in range(layer + 1)]
@@ -146,8 +150,8 @@ class ModelRunner:
         out = []
         for pages, offset, n in segments:
             table = torch.tensor(list(pages))
-            k = ops.gather_kv(self.k_caches[layer], table[None])[0, :, :n].transpose(0, 1).float()
-            v = ops.gather_kv(self.v_caches[layer], table[None])[0, :, :n].transpose(0, 1).float()
+            k = ops.gather_seq_kv(self.k_caches[layer], table, n).float()
+            v = ops.gather_seq_kv(self.v_caches[layer], table, n).float()
             k = ops.rerotate_keys(k, offset, self.model.inv_freq)
             dk = (k_full[offset:offset + n] - k).pow(2).sum(dim=(1, 2))
             dv = (v_full[offset:offset + n] - v).pow(2).sum(dim=(1, 2))

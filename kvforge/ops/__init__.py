@@ -7,7 +7,7 @@ from kvforge.ops.cascade import (
     merge_attention_states,
     rerotate_keys,
 )
-from kvforge.ops.kv import gather_kv, store_kv
+from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "attention_with_lse_reference",
     "decode_attention",
     "gather_kv",
+    "gather_seq_kv",
     "kv_bias_from_lengths",
     "merge_attention_states",
     "prefill_attention",

@@ -27,3 +27,9 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     _, block_size, heads, dim = cache.shape
     blocks = cache.index_select(0, block_tables.reshape(-1))
     return blocks.view(batch, nb * block_size, heads, dim).transpose(1, 2)
+
+
+def gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` positions through its `block_table` `[nb]`:
+    `[length, kv_heads, head_dim]` (a copy)."""
+    return gather_kv(cache, block_table[None])[0, :, :length].transpose(0, 1)
