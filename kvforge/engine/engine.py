@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -123,8 +123,7 @@ class LLMEngine:
         params = self._check_request(request_id, params, priority)
         text, ids = self.tokenize(prompt)
         salt = self._salt(prompt, params)
-        prefix = self.cached_prefix(ids, salt) if self.cache.enable_prefix_caching else None
-        self._check_fits(len(ids), params, len(ids), prefix)
+        self._check_fits(len(ids), params, len(ids), lambda: self.cached_prefix(ids, salt))
         seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
                        cache_extra=self.cache_extra(salt))
         self._add(seq, priority)
@@ -173,14 +172,11 @@ class LLMEngine:
         over max_model_len, an id taken by other content, or no room (chunk budget or free blocks)."""
         if kind not in CHUNK_KINDS:
             raise ValueError(f"chunk kind must be one of {', '.join(CHUNK_KINDS)}, got {kind!r}")
-        # A text chunk reads as a piece of a longer prompt: only a system chunk, always first,
-        # starts with BOS (for tokenizers that add one).
-        _, ids = self.tokenize(prompt, add_special_tokens=kind == "system")
+        _, ids = self.tokenize_chunk(prompt, kind)
         if len(ids) > self.max_model_len:
             raise ValueError(f"a chunk of {len(ids)} tokens is over max_model_len={self.max_model_len}")
         if chunk_id is None:
-            digest = hashlib.sha256(f"{self.fingerprint}|{self.config.dtype}|{kind}|{ids}".encode()).hexdigest()
-            chunk_id = "chunk-" + digest[:16]
+            chunk_id = self.default_chunk_id(ids, kind)
         old = self._chunks.get(chunk_id)
         if old is not None:
             if old.token_ids == tuple(ids) and old.kind == kind:
@@ -202,6 +198,17 @@ class LLMEngine:
         chunk = Chunk(chunk_id, tuple(ids), kind, pages.block_ids, len(ids), self.fingerprint)
         self._chunks[chunk_id] = chunk
         return chunk
+
+    def tokenize_chunk(self, prompt: PromptType, kind: str) -> tuple[str | None, list[int]]:
+        """`tokenize` for a chunk's content. A text chunk reads as a piece of a longer prompt: only
+        a system chunk, always first, starts with BOS (for tokenizers that add one)."""
+        return self.tokenize(prompt, add_special_tokens=kind == "system")
+
+    def default_chunk_id(self, token_ids: list[int], kind: str) -> str:
+        """The id `register_chunk` gives content registered without one: it names the model, the
+        KV dtype, the kind and the tokens. Pure."""
+        digest = hashlib.sha256(f"{self.fingerprint}|{self.config.dtype}|{kind}|{token_ids}".encode()).hexdigest()
+        return "chunk-" + digest[:16]
 
     def unregister_chunk(self, chunk_id: str) -> None:
         """Free a chunk's pages. Raises ValueError, changing nothing, if unknown or in use."""
@@ -313,11 +320,12 @@ class LLMEngine:
         return params.cache_salt
 
     def _check_fits(self, num_prompt: int, params: SamplingParams, num_private: int,
-                    prefix: PrefixMatch | None = None) -> None:
+                    cached_prefix: Callable[[], PrefixMatch] | None = None) -> None:
         """Refuse a request that could never run: `num_prompt` tokens (the whole prompt) plus
         max_tokens over the model length, or its `num_private` prompt tokens (those with KV of its
         own: chunk tokens reused from chunk pages are not) plus max_tokens needing more blocks than
-        one sequence can ever hold beside the chunk pages and pins (`sequence_block_limit`)."""
+        one sequence can ever hold beside the chunk pages and pins (`sequence_block_limit`; pinned
+        blocks of the prompt's `cached_prefix` count as its own, looked up only when needed)."""
         total = num_prompt + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} is {total} "
@@ -325,7 +333,9 @@ class LLMEngine:
                              f"max_tokens")
         # The last sampled token is never written to the cache.
         blocks = ceil_div(num_private + params.max_tokens - 1, self.cache.block_size)
-        limit = self.cache.sequence_block_limit(prefix)
+        limit = self.cache.sequence_block_limit()
+        if blocks > limit and cached_prefix is not None and self.cache.enable_prefix_caching:
+            limit = self.cache.sequence_block_limit(cached_prefix())
         if blocks > limit:
             held = self.cache.num_blocks - limit
             raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} needs {blocks} "

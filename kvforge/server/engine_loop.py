@@ -247,7 +247,8 @@ class EngineLoop:
             elif isinstance(job.prompt, str):
                 if not job.prompt:
                     raise ValueError("prompt is empty; give at least one character or token")
-                ids = tok.encode(job.prompt)
+                # A query after chunks continues the prompt: no BOS (as LLMEngine.add_chunk_request).
+                ids = tok.encode(job.prompt, add_special_tokens=not job.chunks)
                 job.engine_prompt = {"prompt": job.prompt, "prompt_token_ids": ids}
             else:
                 ids = job.prompt
@@ -326,7 +327,7 @@ class EngineLoop:
         admission headroom, so registering never forces a preemption of an admitted request."""
         engine = self.engine
         try:
-            text, ids = engine.tokenize(prompt)
+            text, ids = engine.tokenize_chunk(prompt, kind)
         except ValueError as e:  # the engine names the field prompt_token_ids
             raise ApiError(400, str(e).replace("prompt_token_ids", "token_ids"), param=param) from None
         if len(ids) > engine.max_model_len:
@@ -334,19 +335,14 @@ class EngineLoop:
                                 f"{engine.max_model_len} tokens; split it", param=param,
                            code="context_length_exceeded")
         before = {c.chunk_id: c for c in engine.list_chunks()}
-        old = before.get(chunk_id) if chunk_id is not None else None
+        key = chunk_id if chunk_id is not None else engine.default_chunk_id(ids, kind)
+        old = before.get(key)
         if old is not None and (old.token_ids != tuple(ids) or old.kind != kind):
-            raise ApiError(400, f"chunk id {chunk_id!r} is already registered with other content; delete it "
-                                f"first (DELETE /v1/chunks/{chunk_id}) or use another id", param="id",
+            raise ApiError(400, f"chunk id {key!r} is already registered with other content; delete it "
+                                f"first (DELETE /v1/chunks/{key}) or use another id", param="id",
                            code="chunk_id_taken")
-        # Registering content that is registered already returns that chunk and takes nothing. (A
-        # default id names the content. Content registered only under an explicit id is taken for
-        # it too, which skips the checks below for that rare case: the engine then still refuses a
-        # chunk over the budget or the free blocks, as a 400, but may take blocks owed to admitted
-        # requests, which costs a preemption, never a failure.)
-        again = old is not None or (chunk_id is None and any(c.token_ids == tuple(ids) and c.kind == kind
-                                                             for c in before.values()))
-        if not again:
+        # Registering content under an id that holds it already returns that chunk and takes nothing.
+        if old is None:
             cache = engine.cache
             need = math.ceil(len(ids) / cache.block_size)
             taken, budget = cache.stats().num_chunk_blocks, cache.chunk_budget
