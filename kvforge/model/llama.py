@@ -71,6 +71,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits(hidden) -> [N, vocab].
 
+    `inv_freq` (RoPE frequencies `[head_dim // 2]`) is float32 whatever the model's dtype.
+
     Must run inside `forward_context` (the step's attention metadata and the arena tensors).
     """
 
@@ -83,8 +85,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        self.register_buffer("inv_freq", self._rope_inv_freq(torch.device("cpu")), persistent=False)
+
+    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        cfg = self.cfg
+        return ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device, torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        """`to`, `cuda`, `half`, `bfloat16`... all come through here. Parameters and other buffers take
+        the new dtype, but `inv_freq` stays float32 (on the new device), re-derived from the config so
+        a trip through a low-precision dtype loses nothing: in bf16 the RoPE angle at position 1000
+        would be off by ~1 rad."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self._rope_inv_freq(self.inv_freq.device)
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
         """Hidden states after the final norm; with `num_layers`, the residual stream after only the

@@ -27,8 +27,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables `[len(positions), head_dim // 2]` for integer positions."""
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    """cos and sin tables `[len(positions), head_dim // 2]` for integer positions.
+
+    Angles are computed in float64 and only cos/sin are cast to `dtype`. `inv_freq` must be float32 or
+    float64 (ValueError otherwise): frequencies rounded to bf16/fp16 rotate far positions by wrong angles.
+    """
+    if inv_freq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"inv_freq must be float32 or float64, got {inv_freq.dtype}; keep RoPE frequencies "
+                         f"in full precision and pass the activation dtype as `dtype`")
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
