@@ -2,15 +2,17 @@
 
 from kvforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from kvforge.engine import LLM, LLMEngine
-from kvforge.types import CompletionOutput, RequestOutput, SamplingParams
+from kvforge.types import CompletionOutput, InvalidRequestError, OutputKind, RequestOutput, SamplingParams
 
 __all__ = [
     "LLM",
     "CacheConfig",
     "CompletionOutput",
     "EngineConfig",
+    "InvalidRequestError",
     "LLMEngine",
     "ModelConfig",
+    "OutputKind",
     "RequestOutput",
     "SamplingParams",
     "SchedulerConfig",

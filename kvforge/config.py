@@ -113,11 +113,13 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits."""
+    """Continuous batching limits. A waiting request is admitted only while `watermark` of the
+    pool's blocks stay available after it (room for running requests to grow; 0 disables it)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    watermark: float = 0.01
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -126,6 +128,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be a fraction in [0, 1), got {self.watermark}")
 
 
 @dataclass(frozen=True)

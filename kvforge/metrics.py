@@ -65,6 +65,8 @@ class ServerMetrics:
                                      registry=r)
         self.generation_tokens = Counter("kvforge_generation_tokens", "Tokens generated for requests that left "
                                          "the engine", registry=r)
+        self.step_failures = Counter("kvforge_engine_step_failures", "Engine steps that failed (their requests "
+                                     "got a 500; the engine went on serving)", registry=r)
         self.ttft = Histogram("kvforge_time_to_first_token_seconds", "From the request's arrival at the server "
                               "to its first token", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("kvforge_inter_token_latency_seconds", "Between two tokens of one request",

@@ -17,6 +17,19 @@ PROMPTS = [
 ]
 
 
+def assert_engine_idle(engine) -> None:
+    """No request left anywhere in `engine` and every block accounted for: integrity holds (which
+    checks the per-request maps, generators, detokenizers and chunk user counts against the
+    queues), nothing runs or waits, every registered chunk has no user, and no block is held but by
+    chunk pages and pins."""
+    engine.check_integrity()
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and not engine.has_unfinished_requests(), stats
+    assert all(engine.cache.chunk_users(c.chunk_id) == 0 for c in engine.list_chunks())
+    held = stats.cache.num_chunk_blocks + stats.cache.num_pinned_blocks
+    assert stats.cache.num_used_blocks == held, stats.cache
+
+
 def make_llm(**kwargs) -> LLM:
     kwargs.setdefault("kv_cache_memory", 64 << 20)
     return LLM(MODEL, **kwargs)

@@ -105,7 +105,7 @@ class KVCacheManager(PrefixCaching):
     # ---- sequences ----------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: int, capacity: int, prefix: PrefixMatch | None = None,
-                     extra: bytes = b"") -> None:
+                     extra: bytes = b"", count_stats: bool = True) -> None:
         """Register `seq_id` with room for `capacity` tokens, starting from `prefix` if given.
 
         The sequence takes one reference on each matched block (a ref-0 cached block is revived:
@@ -113,7 +113,8 @@ class KVCacheManager(PrefixCaching):
         the matched blocks. `extra` (the extra keys the prefix was matched under, e.g.
         `hashing.extra_keys(model, kv_dtype, salt)`) is kept for its later commits. Statistics
         count `prefix.num_query_tokens` queried and `prefix.num_tokens` hit (nothing when prefix is
-        None or prefix caching is disabled). Allocates no new block: `append` does.
+        None, prefix caching is disabled, or `count_stats` is False: a re-admission after preemption,
+        whose lookup was counted at its first admission). Allocates no new block: `append` does.
         Raises ValueError, changing nothing: id already registered, capacity <= 0 or below the
         prefix, or a stale prefix (a block evicted or re-cached since match_prefix, or matched
         under other extra keys): call match_prefix again.
@@ -134,7 +135,7 @@ class KVCacheManager(PrefixCaching):
         self._seqs[seq_id] = SeqState(capacity, extra, self.tree.root, nodes, self._block_size)
         self._num_tokens += len(nodes) * self._block_size
         self._num_seq_blocks += len(nodes)
-        if prefix is not None and self._prefix_caching:
+        if prefix is not None and self._prefix_caching and count_stats:
             self._query_tokens += prefix.num_query_tokens
             self._hit_tokens += prefix.num_tokens
 
@@ -354,6 +355,10 @@ class KVCacheManager(PrefixCaching):
 
     def release_chunks(self, chunk_ids: list[str]) -> None:
         self._chunks.release(chunk_ids)
+
+    def chunk_users(self, chunk_id: str) -> int:
+        """How many requests use the chunk now (acquired and not released); 0 for an unknown id."""
+        return self._chunks.users.get(chunk_id, 0)
 
     def free_chunk(self, chunk_id: str) -> None:
         """Give a chunk's pages back. ValueError, changing nothing, if unknown or in use."""

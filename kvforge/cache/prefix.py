@@ -51,10 +51,11 @@ class PrefixCaching:
             return PrefixMatch((), (), 0, len(token_ids))
         return self.tree.match_prefix(token_ids, extra)
 
-    def can_admit(self, match: PrefixMatch, num_new_tokens: int) -> bool:
+    def can_admit(self, match: PrefixMatch, num_new_tokens: int, keep_available: int = 0) -> bool:
         """Whether `add_sequence(..., prefix=match)` then `append(num_new_tokens)` would succeed now
-        (capacity aside). Matched blocks with ref_cnt 0 count as available but would be revived by
-        add_sequence, so they are not available for the new blocks. False for a stale match.
+        (capacity aside) and leave at least `keep_available` blocks available (a watermark for running
+        sequences to grow into). Matched blocks with ref_cnt 0 count as available but would be revived
+        by add_sequence, so they are not available for the new blocks. False for a stale match.
         Does not modify anything."""
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
@@ -64,7 +65,7 @@ class PrefixCaching:
             return False
         bs = self._block_size
         need = (match.num_tokens + num_new_tokens + bs - 1) // bs - len(match.block_ids)
-        return need <= self._blocks.num_available - revived
+        return need + keep_available <= self._blocks.num_available - revived
 
     # ---- pinning ------------------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """The engine room: scheduler, LLMEngine and the offline LLM API."""
 
-from kvforge.engine.engine import EngineStats, LLMEngine, model_info
+from kvforge.cache import KVEvent, NoFreeBlocksError
+from kvforge.engine.engine import EngineStats, KVRoom, LLMEngine, StepError, blocks_for, model_info
 from kvforge.engine.llm import LLM
+from kvforge.types import PreparedRequest
 
-__all__ = ["LLM", "EngineStats", "LLMEngine", "model_info"]
+__all__ = ["LLM", "EngineStats", "KVEvent", "KVRoom", "LLMEngine", "NoFreeBlocksError", "PreparedRequest", "StepError",
+           "blocks_for", "model_info"]

@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from kvforge.cache import CacheStats, KVCache, KVCacheManager, NoFreeBlocksError, PinHandle, PrefixMatch, extra_keys
+from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, PrefixMatch, extra_keys
 from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
-from kvforge.engine.scheduler import Scheduler
+from kvforge.engine.chunks import ChunkRequests
+from kvforge.engine.output import OutputProcessor
+from kvforge.engine.scheduler import ScheduledRun, Scheduler
 from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.loader import load_model
-from kvforge.model.runner import ModelRunner, SequenceChunk
+from kvforge.model.runner import ModelRunner, TokenRun
 from kvforge.model.sampler import sample, top_logprobs
-from kvforge.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvforge.model.tokenizer import Tokenizer
 from kvforge.types import (
-    CHUNK_KINDS,
     Chunk,
-    ChunkPlacement,
-    CompletionOutput,
-    Composition,
-    RequestMetrics,
+    InvalidRequestError,
+    PreparedRequest,
     RequestOutput,
     SamplingParams,
     Sequence,
@@ -34,6 +31,12 @@ from kvforge.types import (
 
 PromptType = str | Mapping[str, object]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def blocks_for(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
+    """The most blocks a sequence of this many (private) prompt tokens and max_tokens can ever hold:
+    its last sampled token is never written to the cache."""
+    return ceil_div(num_prompt_tokens + max_tokens - 1, block_size)
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,41 @@ def model_info(config: EngineConfig) -> dict:
     }
 
 
-class LLMEngine:
+@dataclass(frozen=True)
+class KVRoom:
+    """The cache as admission control sees it (`LLMEngine.kv_room`), in blocks.
+
+    available: free plus evictable blocks: what allocations may take now.
+    watermark: blocks the scheduler keeps available for running requests to grow into.
+    waiting_prompts: blocks the prompts of requests waiting in the engine take when admitted
+        (without credit for cached prefixes).
+    owed_worst_case: over every request in the engine, the blocks it may still take at most
+        (prompt + max_tokens) beyond those it holds.
+    """
+
+    available: int
+    watermark: int
+    waiting_prompts: int
+    owed_worst_case: int
+
+
+class StepError(RuntimeError):
+    """`LLMEngine.step()` failed: the requests of that step (`request_ids`) were ended and their
+    blocks freed; every other request is intact and the engine can go on stepping."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); "
+                         f"{len(request_ids)} request(s) of that step were ended")
+        self.request_ids, self.cause = request_ids, cause
+
+
+class LLMEngine(ChunkRequests):
     """Owns the model, the KV arena, the cache manager and the scheduler for one model.
 
-    Requests are validated in `add_request`: a request that can never run is refused there with a
-    ValueError and leaves no trace. `step()` runs one batch and returns the outputs it moved.
+    Requests are validated before any state is created (`prepare_request`, or `add_request`, which
+    also enqueues): a request that can never run is refused with an InvalidRequestError (a
+    ValueError naming the field) and leaves no trace. `step()` runs one batch and returns the
+    outputs it moved.
     """
 
     def __init__(self, config: EngineConfig):
@@ -103,48 +136,71 @@ class LLMEngine:
                                     max_chunk_fraction=config.cache.max_chunk_fraction)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size)
         self.scheduler = Scheduler(config.scheduler, self.cache)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self._requests: dict[str, Sequence] = {}
-        self._detok: dict[int, IncrementalDetokenizer] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._seq_ids = itertools.count()
         self._chunks: dict[str, Chunk] = {}
+        self._filling: dict[str, Sequence] = {}  # chunk id -> its registration, until its prefill is done
+        self._unreturned: list[RequestOutput] = []  # outputs of steps run inside register_chunk
         self._steps = self._prompt_tokens = self._generation_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
-        """Queue a request (lower `priority` runs first; equal priorities in arrival order).
+        """Queue a request (lower `priority` runs first; equal priorities in arrival order): `enqueue`
+        of `prepare_request`. Raises InvalidRequestError (a ValueError) and changes nothing for a bad
+        one."""
+        self.enqueue(self.prepare_request(request_id, prompt, params, priority))
 
-        A dict prompt may carry `cache_salt` (overriding `params.cache_salt`): requests with
-        different salts never share cached KV. Raises ValueError (and changes nothing) for a
-        duplicate id, an empty or out-of-vocabulary prompt, a bad salt or priority, or a request
-        that can never fit the model length or the cache."""
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                        priority: int = 0) -> PreparedRequest:
+        """Validate a request and resolve its max_tokens (None: up to the model length and what one
+        sequence can hold). A dict prompt may carry `cache_salt` (overriding `params.cache_salt`):
+        requests with different salts never share cached KV. Raises InvalidRequestError naming the
+        field: a duplicate id, an empty, invalid or out-of-vocabulary prompt, a bad salt or priority,
+        or a request that can never fit the model length or the cache. Creates no state."""
         params = self._check_request(request_id, params, priority)
         text, ids = self.tokenize(prompt)
         salt = self._salt(prompt, params)
-        self._check_fits(len(ids), params, len(ids), lambda: self.cached_prefix(ids, salt))
+        lookup = lambda: self.cached_prefix(ids, salt)  # noqa: E731 (looked up only when needed)
+        params = self._resolve_max_tokens(params, len(ids), len(ids), lookup)
+        self._check_fits(len(ids), params, len(ids), lookup)
         seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
                        cache_extra=self.cache_extra(salt))
-        self._add(seq, priority)
+        return PreparedRequest(seq, priority)
+
+    def enqueue(self, prepared: PreparedRequest) -> None:
+        """Add a prepared request to the waiting queue. Checks again what may have changed since it
+        was prepared (its id, its chunks, what one sequence can hold) and raises
+        InvalidRequestError, changing nothing, when that no longer holds."""
+        seq = prepared.seq
+        if seq.request_id in self._requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use", "request_id")
+        for chunk_id in prepared.chunk_ids:
+            self._resolve_chunk(chunk_id)
+        lookup = None if seq.composition else (lambda: self.cache.match_prefix([*seq.token_ids, 0], seq.cache_extra))
+        self._check_fits(seq.total_len, seq.params, len(seq.token_ids), lookup)
+        generator = torch.Generator().manual_seed(seq.params.seed) if seq.params.seed is not None else None
+        # Nothing below can fail.
+        self.cache.acquire_chunks(prepared.chunk_ids)
+        self._requests[seq.request_id] = seq
+        self._generators[seq.seq_id] = generator
+        self.outputs.add(seq)
+        self.scheduler.add(seq, prepared.priority)
 
     def _check_request(self, request_id: str, params: SamplingParams | None, priority: int) -> SamplingParams:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}", "request_id")
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer (lower runs first), got {priority!r}")
+            raise InvalidRequestError(f"priority must be an integer (lower runs first), got {priority!r}", "priority")
         return params
-
-    def _add(self, seq: Sequence, priority: int) -> None:
-        params = seq.params
-        self._requests[seq.request_id] = seq
-        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
-        self._generators[seq.seq_id] = (torch.Generator().manual_seed(params.seed)
-                                        if params.seed is not None else None)
-        self.scheduler.add(seq, priority)
 
     def cache_extra(self, cache_salt: str | None) -> bytes:
         """The extra keys of this engine's cached blocks: what besides the tokens determines their KV
@@ -162,162 +218,109 @@ class LLMEngine:
         the next one, whose logits a lookup always leaves to be computed). Changes nothing."""
         return self.cache.match_prefix([*token_ids, 0], self.cache_extra(cache_salt))
 
-    # ---- chunks ---------------------------------------------------------------------------------
+    # ---- admission --------------------------------------------------------------------------------
 
-    def register_chunk(self, prompt: PromptType, kind: str = "context", chunk_id: str | None = None) -> Chunk:
-        """Compute a document chunk's KV once, at positions 0..n-1, into chunk pages kept until
-        `unregister_chunk`. The default id names the content (the same text and kind give the same
-        id, and registering it again returns the registered chunk). Runs the model now, between
-        steps. Raises ValueError, keeping nothing: a bad kind, an empty or invalid prompt, a chunk
-        over max_model_len, an id taken by other content, or no room (chunk budget or free blocks)."""
-        if kind not in CHUNK_KINDS:
-            raise ValueError(f"chunk kind must be one of {', '.join(CHUNK_KINDS)}, got {kind!r}")
-        _, ids = self.tokenize_chunk(prompt, kind)
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"a chunk of {len(ids)} tokens is over max_model_len={self.max_model_len}")
-        if chunk_id is None:
-            chunk_id = self.default_chunk_id(ids, kind)
-        old = self._chunks.get(chunk_id)
-        if old is not None:
-            if old.token_ids == tuple(ids) and old.kind == kind:
-                return old
-            raise ValueError(f"chunk id {chunk_id!r} is already registered with other content; unregister it first")
-        try:
-            pages = self.cache.allocate_chunk(chunk_id, len(ids))
-        except NoFreeBlocksError as e:
-            raise ValueError(f"no room for chunk {chunk_id!r}: {e}") from None
-        try:
-            step = self.config.scheduler.max_num_batched_tokens
-            for start in range(0, len(ids), step):
-                end = min(start + step, len(ids))
-                self.runner.run([SequenceChunk(ids[start:end], start, self.cache.chunk_slot_mapping(chunk_id, start, end),
-                                               pages.block_ids, needs_logits=False)])
-        except BaseException:
-            self.cache.free_chunk(chunk_id)
-            raise
-        chunk = Chunk(chunk_id, tuple(ids), kind, pages.block_ids, len(ids), self.fingerprint)
-        self._chunks[chunk_id] = chunk
-        return chunk
+    def kv_room(self) -> KVRoom:
+        """The cache's room as admission control reads it (see KVRoom). O(requests); changes nothing."""
+        cache, bs = self.cache, self.cache.block_size
+        waiting = owed = 0
+        for s in self.scheduler.waiting:
+            if s.fills_chunk is None:
+                waiting += ceil_div(len(s.token_ids), bs)
+                owed += blocks_for(s.num_prompt_tokens, s.params.max_tokens, bs)
+        for s in self.scheduler.running:
+            if s.fills_chunk is None:
+                owed += max(0, blocks_for(s.num_prompt_tokens, s.params.max_tokens, bs)
+                            - len(cache.block_table(s.seq_id)))
+        return KVRoom(cache.num_available_blocks, self.scheduler.watermark_blocks, waiting, owed)
 
-    def tokenize_chunk(self, prompt: PromptType, kind: str) -> tuple[str | None, list[int]]:
-        """`tokenize` for a chunk's content. A text chunk reads as a piece of a longer prompt: only
-        a system chunk, always first, starts with BOS (for tokenizers that add one)."""
-        return self.tokenize(prompt, add_special_tokens=kind == "system")
+    def prompt_blocks(self, prepared: PreparedRequest) -> int:
+        """Blocks the request's prompt takes when admitted now: its private tokens less the full
+        blocks of its cached prefix. Changes nothing."""
+        seq, bs = prepared.seq, self.cache.block_size
+        cached = 0 if seq.composition else len(self.cache.match_prefix(seq.token_ids, seq.cache_extra).block_ids)
+        return ceil_div(len(seq.token_ids), bs) - cached
 
-    def default_chunk_id(self, token_ids: list[int], kind: str) -> str:
-        """The id `register_chunk` gives content registered without one: it names the model, the
-        KV dtype, the kind and the tokens. Pure."""
-        digest = hashlib.sha256(f"{self.fingerprint}|{self.config.dtype}|{kind}|{token_ids}".encode()).hexdigest()
-        return "chunk-" + digest[:16]
-
-    def unregister_chunk(self, chunk_id: str) -> None:
-        """Free a chunk's pages. Raises ValueError, changing nothing, if unknown or in use."""
-        self.cache.free_chunk(chunk_id)
-        del self._chunks[chunk_id]
-
-    def list_chunks(self) -> list[Chunk]:
-        """The registered chunks, in registration order."""
-        return list(self._chunks.values())
-
-    def add_chunk_request(self, request_id: str, chunks: list[str | Chunk], query: PromptType,
-                          params: SamplingParams | None = None, recompute_ratio: float = 0.15,
-                          recompute_rule: str = "first", priority: int = 0) -> None:
-        """Queue a request whose prompt is `chunks` (ids or Chunk objects; at most one system chunk,
-        first) followed by `query`, reusing the chunks' KV: chunk i sits at the sum of the lengths
-        before it and its keys are re-rotated there as they are read. A fraction `recompute_ratio`
-        of each chunk not at position 0 is recomputed for this request with full attention to
-        everything before it, chosen by `recompute_rule`: "first" (the chunk's first tokens, which
-        otherwise act as extra attention sinks) or "deviation" (the tokens whose K/V at layer 1
-        deviates most from their K/V in context, measured by running the first two layers over the
-        whole prompt). Raises ValueError, changing nothing, for an unknown or foreign chunk, a bad
-        order, ratio or rule, an empty query, or a prompt that can never fit."""
-        params = self._check_request(request_id, params, priority)
-        if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)) \
-                or not 0 <= recompute_ratio <= 1:
-            raise ValueError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
-        if recompute_rule not in ("first", "deviation"):
-            raise ValueError(f"recompute_rule must be 'first' or 'deviation', got {recompute_rule!r}")
-        resolved = [self._resolve_chunk(c) for c in chunks]
-        if not resolved:
-            raise ValueError("generate_from_chunks needs at least one chunk id")
-        if any(c.kind == "system" for c in resolved[1:]):
-            raise ValueError("a system chunk must come first, and at most one per request")
-        text, query_ids = self.tokenize(query, add_special_tokens=False)
-        full = [t for c in resolved for t in c.token_ids] + query_ids
-        offsets = list(itertools.accumulate([0] + [c.num_tokens for c in resolved]))[:-1]
-        later = [i for i, off in enumerate(offsets) if off > 0]
-        counts = {i: math.ceil(recompute_ratio * resolved[i].num_tokens) for i in later}
-        self._check_fits(len(full), params, len(query_ids) + sum(counts.values()))
-        if recompute_rule == "deviation" and any(counts.values()):
-            deviations = self.runner.kv_deviation(
-                full[:offsets[-1] + resolved[-1].num_tokens],
-                [(resolved[i].page_indices, offsets[i], resolved[i].num_tokens) for i in later], layer=1)
-            picks = {i: sorted(dev.topk(counts[i]).indices.tolist()) for i, dev in zip(later, deviations)}
-        else:
-            picks = {i: list(range(counts[i])) for i in later}
-        placements, private_positions = [], []
-        for i, (c, off) in enumerate(zip(resolved, offsets)):
-            recomputed = tuple(picks.get(i, ()))
-            placements.append(ChunkPlacement(c.chunk_id, c.level, off, c.num_tokens, c.page_indices, recomputed))
-            private_positions += [off + j for j in recomputed]
-        private_positions += range(len(full) - len(query_ids), len(full))
-        composition = Composition(tuple(placements), tuple(full), tuple(private_positions))
-        private = [full[p] for p in private_positions]
-        self.cache.acquire_chunks([c.chunk_id for c in resolved])
-        seq = Sequence(next(self._seq_ids), request_id, text, private, params, time.monotonic(),
-                       num_cached_tokens=composition.num_reused, composition=composition)
-        self._add(seq, priority)
-
-    def _resolve_chunk(self, chunk: str | Chunk) -> Chunk:
-        if isinstance(chunk, Chunk):
-            if chunk.model_fingerprint != self.fingerprint:
-                raise ValueError(f"chunk {chunk.chunk_id!r} was computed by another model "
-                                 f"({chunk.model_fingerprint[:12]}), not this engine's ({self.fingerprint[:12]})")
-            chunk = chunk.chunk_id
-        found = self._chunks.get(chunk) if isinstance(chunk, str) else None
-        if found is None:
-            known = ", ".join(list(self._chunks)[:10]) or "none"
-            raise ValueError(f"unknown chunk id {chunk!r}; registered chunks: {known}")
-        return found
+    def worst_case_blocks(self, prepared: PreparedRequest) -> int:
+        """The most blocks the request can ever hold (its private prompt tokens and max_tokens)."""
+        return blocks_for(len(prepared.seq.token_ids), prepared.seq.params.max_tokens, self.cache.block_size)
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its blocks now. Unknown or finished ids are ignored."""
+        """Stop a request (or a chunk registration) and free its blocks now. Unknown or finished ids
+        are ignored."""
         seq = self._requests.get(request_id)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
             self._forget(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._unreturned)
 
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
-        """(text or None, token ids) of a prompt; ValueError naming what is wrong with a bad one.
-        `add_special_tokens` applies to text only (token ids are taken as given): BOS where the
-        model's tokenizer adds one."""
+        """(text or None, token ids) of a prompt; InvalidRequestError (param "prompt") naming what is
+        wrong with a bad one. `add_special_tokens` applies to text only (token ids are taken as
+        given): BOS where the model's tokenizer adds one. Thread-safe: changes nothing."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens)
+                raise InvalidRequestError("prompt is empty; give at least one character or token", "prompt")
+            try:
+                return prompt, self.tokenizer.encode(prompt, add_special_tokens)
+            except ValueError as e:
+                raise InvalidRequestError(str(e).replace("text", "prompt", 1), "prompt") from None
         if isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not ids:
-                raise ValueError("prompt_token_ids must be a non-empty list of token ids")
+                raise InvalidRequestError("prompt_token_ids must be a non-empty list of token ids", "prompt")
             vocab = self.model_config.vocab_size
             for i, t in enumerate(ids):
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id; "
-                                     f"allowed: integers in [0, {vocab - 1}]")
-            return prompt.get("prompt"), list(ids)  # type: ignore[return-value]
-        raise ValueError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+                    raise InvalidRequestError(f"prompt_token_ids[{i}] = {t!r} is not a token id; "
+                                              f"allowed: integers in [0, {vocab - 1}]", "prompt")
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise InvalidRequestError(f"prompt must be a str next to prompt_token_ids, got {type(text).__name__}",
+                                          "prompt")
+            return text, list(ids)
+        raise InvalidRequestError(f"a prompt is a string or a dict with 'prompt_token_ids', got "
+                                  f"{type(prompt).__name__}", "prompt")
+
+    def tokenize_chat(self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True) -> dict:
+        """A conversation rendered with the model's chat template, as a prompt
+        ({"prompt": text, "prompt_token_ids": ids}); ValueError for messages the template or the
+        tokenizer cannot take. Thread-safe: changes nothing."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     @staticmethod
     def _salt(prompt: PromptType, params: SamplingParams) -> str | None:
         if isinstance(prompt, Mapping) and prompt.get("cache_salt") is not None:
             salt = prompt["cache_salt"]
             if not isinstance(salt, str) or not salt:
-                raise ValueError(f"cache_salt must be a non-empty string or None, got {salt!r}")
+                raise InvalidRequestError(f"cache_salt must be a non-empty string or None, got {salt!r}", "cache_salt")
             return salt
         return params.cache_salt
+
+    def _resolve_max_tokens(self, params: SamplingParams, num_prompt: int, num_private: int,
+                            cached_prefix: Callable[[], PrefixMatch] | None = None) -> SamplingParams:
+        """`params` with max_tokens None replaced by as many tokens as the model length and one
+        sequence's share of the cache allow (see `_check_fits`); InvalidRequestError if none fits."""
+        if params.max_tokens is not None:
+            return params
+        limit = self._sequence_block_limit(cached_prefix)
+        by_cache = limit * self.cache.block_size + 1 - num_private  # the last sampled token is never stored
+        max_tokens = min(self.max_model_len - num_prompt, by_cache)
+        if max_tokens < 1:
+            raise InvalidRequestError(
+                f"prompt of {num_prompt} tokens leaves no room for a reply within the model's length "
+                f"({self.max_model_len} tokens) and the cache ({limit} blocks of {self.cache.block_size} tokens "
+                f"for one request); shorten it", "prompt", "context_length_exceeded")
+        return dataclasses.replace(params, max_tokens=max_tokens)
+
+    def _sequence_block_limit(self, cached_prefix: Callable[[], PrefixMatch] | None) -> int:
+        limit = self.cache.sequence_block_limit()
+        if cached_prefix is not None and self.cache.enable_prefix_caching and self.cache.pins():
+            limit = self.cache.sequence_block_limit(cached_prefix())
+        return limit
 
     def _check_fits(self, num_prompt: int, params: SamplingParams, num_private: int,
                     cached_prefix: Callable[[], PrefixMatch] | None = None) -> None:
@@ -328,104 +331,102 @@ class LLMEngine:
         blocks of the prompt's `cached_prefix` count as its own, looked up only when needed)."""
         total = num_prompt + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} is {total} "
-                             f"tokens, over max_model_len={self.max_model_len}; shorten the prompt or lower "
-                             f"max_tokens")
-        # The last sampled token is never written to the cache.
-        blocks = ceil_div(num_private + params.max_tokens - 1, self.cache.block_size)
+            raise InvalidRequestError(
+                f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} is {total} tokens, over "
+                f"max_model_len={self.max_model_len} (the model's length); shorten the prompt or lower max_tokens",
+                "max_tokens" if num_prompt < self.max_model_len else "prompt", "context_length_exceeded")
+        blocks = blocks_for(num_private, params.max_tokens, self.cache.block_size)
         limit = self.cache.sequence_block_limit()
-        if blocks > limit and cached_prefix is not None and self.cache.enable_prefix_caching:
-            limit = self.cache.sequence_block_limit(cached_prefix())
+        if blocks > limit:
+            limit = self._sequence_block_limit(cached_prefix)
         if blocks > limit:
             held = self.cache.num_blocks - limit
-            raise ValueError(f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} needs {blocks} "
-                             f"KV blocks, and one request can hold at most {limit} of the cache's "
-                             f"{self.cache.num_blocks} ({held} are kept by registered chunks and pinned prefixes); "
-                             f"lower max_tokens, unregister chunks or unpin prefixes, or give the cache more memory")
+            raise InvalidRequestError(
+                f"prompt of {num_prompt} tokens plus max_tokens={params.max_tokens} needs {blocks} KV blocks, "
+                f"more than one request can hold: at most {limit} of the cache's {self.cache.num_blocks} "
+                f"({held} are kept by registered chunks and pinned prefixes); lower max_tokens, unregister "
+                f"chunks or unpin prefixes, or give the cache more memory", "max_tokens")
 
     # ---- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that got a token or finished."""
+        """Run one batch; return an output for every request that got a token or finished (shaped
+        by its `output_kind`), and a finished output with no completions for every chunk
+        registration that completed. Raises StepError when the batch fails: the requests of that
+        step are ended and their blocks freed, everything else is left intact."""
+        outputs, self._unreturned = self._unreturned, []
+        return outputs + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        if not sched.chunks:
+        if not sched.runs:
             return []
         self._steps += 1
+        try:
+            return self._run(sched.runs)
+        except Exception as e:
+            failed = []
+            for r in sched.runs:
+                failed.append(r.seq.request_id)
+                if self._requests.get(r.seq.request_id) is r.seq:
+                    self.abort_request(r.seq.request_id)
+            raise StepError(failed, e) from e
+
+    def _run(self, runs: list[ScheduledRun]) -> list[RequestOutput]:
         items = []
-        for c in sched.chunks:
-            seq, start = c.seq, c.seq.num_computed
-            items.append(SequenceChunk(seq.token_ids[start:start + c.num_tokens], start, c.slots,
-                                       self.cache.block_table(seq.seq_id),
-                                       start + c.num_tokens == len(seq.token_ids), seq.composition))
+        for r in runs:
+            seq, start = r.seq, r.seq.num_computed
+            if seq.fills_chunk is None:
+                table, logits = self.cache.block_table(seq.seq_id), start + r.num_tokens == len(seq.token_ids)
+            else:
+                table, logits = self.cache.chunk_pages(seq.fills_chunk).block_ids, False
+            items.append(TokenRun(seq.token_ids[start:start + r.num_tokens], start, r.slots, table, logits,
+                                  seq.composition))
         logits = self.runner.run(items)
-        sampling = [c.seq for c, item in zip(sched.chunks, items) if item.needs_logits]
+        sampling = [r.seq for r, item in zip(runs, items) if item.needs_logits]
         tokens = sample(logits, [s.params for s in sampling], [self._generators[s.seq_id] for s in sampling])
         bs = self.cache.block_size
-        for c in sched.chunks:
-            seq = c.seq
-            seq.num_computed += c.num_tokens
+        outputs = []
+        for r in runs:
+            seq = r.seq
+            seq.num_computed += r.num_tokens
             if seq.num_computed <= seq.num_prompt_tokens:
-                self._prompt_tokens += c.num_tokens
-            if seq.composition is None and seq.num_computed // bs > (seq.num_computed - c.num_tokens) // bs:
+                self._prompt_tokens += r.num_tokens
+            if seq.fills_chunk is not None:
+                if seq.num_computed == len(seq.token_ids):
+                    outputs.append(self._register_filled(seq))
+            elif seq.composition is None and seq.num_computed // bs > (seq.num_computed - r.num_tokens) // bs:
                 # a block was filled: cache it
                 self.cache.commit(seq.seq_id, seq.token_ids[:seq.num_computed])
-        outputs = []
         now = time.monotonic()
         for row, (seq, token) in enumerate(zip(sampling, tokens)):
             if seq.params.logprobs is not None:
                 entries = top_logprobs(logits[row], token, seq.params.logprobs)
                 seq.logprobs.append(entries)
                 seq.cumulative_logprob += entries[token].logprob
-            self._append_token(seq, token, now)
-            outputs.append(self._output(seq))
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._generation_tokens += 1
+            self.outputs.append_token(seq, token, self.max_model_len)
+            out = self.outputs.output(seq)
+            if out is not None:
+                outputs.append(out)
             if seq.finished:
                 self._forget(seq)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
-        seq.token_ids.append(token)
-        self._generation_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        p = seq.params
-        if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
-            return self.scheduler.finish(seq, "stop")
-        if token in p.stop_token_ids:
-            return self.scheduler.finish(seq, "stop", token)
-        new = self._detok[seq.seq_id].add(token)
-        seq.text += new
-        if p.stop and new:
-            # A stop string can only end in the new text; look back far enough to catch it whole.
-            window = len(new) + max(len(s) for s in p.stop)
-            base = max(0, len(seq.text) - window)
-            hits = [(seq.text.find(s, base), s) for s in p.stop]
-            hits = [(at, s) for at, s in hits if at >= 0]
-            if hits:
-                at, s = min(hits)
-                seq.text = seq.text[:at + len(s)] if p.include_stop_str_in_output else seq.text[:at]
-                return self.scheduler.finish(seq, "stop", s)
-        if len(seq.output_token_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=list(seq.composition.prompt_token_ids) if seq.composition else seq.prompt_token_ids,
-            outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
-                                      *((seq.cumulative_logprob, list(seq.logprobs))
-                                        if seq.params.logprobs is not None else ()))],
-            finished=seq.finished,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-            metrics=RequestMetrics(seq.arrival, seq.first_token_time,
-                                   time.monotonic() if seq.finished else None, seq.num_preemptions),
-        )
-
     def _forget(self, seq: Sequence) -> None:
-        if seq.composition is not None and self._requests.get(seq.request_id) is seq:
+        """Drop what the engine keeps for a finished sequence: its chunk users, or the pages of a
+        registration that did not complete."""
+        if self._requests.get(seq.request_id) is not seq:
+            return
+        if seq.composition is not None:
             self.cache.release_chunks([p.chunk_id for p in seq.composition.placements])
-        self._requests.pop(seq.request_id, None)
-        self._detok.pop(seq.seq_id, None)
+        if seq.fills_chunk is not None and self._filling.get(seq.fills_chunk) is seq:
+            del self._filling[seq.fills_chunk]
+            self.cache.free_chunk(seq.fills_chunk)
+        del self._requests[seq.request_id]
+        self.outputs.forget(seq)
         self._generators.pop(seq.seq_id, None)
 
     # ---- visibility -----------------------------------------------------------------------------
@@ -442,13 +443,34 @@ class LLMEngine:
         )
 
     def check_integrity(self) -> None:
-        """Every block accounted for, and the cache agrees with the scheduler's queues."""
+        """Every block accounted for, and the engine's per-request state agrees with the scheduler's
+        queues: the cache holds exactly the running sequences (not chunk registrations, whose pages
+        are chunk pages), each request id, generator and detokenizer belongs to an unfinished
+        sequence, and every chunk's user count is the number of unfinished requests composed from it.
+        Raises RuntimeError naming the first disagreement. Changes nothing."""
         self.cache.check_integrity()
-        running = {s.seq_id for s in self.scheduler.running}
+        queued = [*self.scheduler.running, *self.scheduler.waiting]
         for seq in self.scheduler.running:
-            if self.cache.length(seq.seq_id) < seq.num_computed:
+            if seq.fills_chunk is None and self.cache.length(seq.seq_id) < seq.num_computed:
                 raise RuntimeError(f"sequence {seq.seq_id} computed {seq.num_computed} tokens but the cache "
                                    f"holds {self.cache.length(seq.seq_id)}")
-        if self.cache.num_sequences != len(running):
-            raise RuntimeError(f"the cache holds {self.cache.num_sequences} sequences, "
-                               f"{len(running)} are running")
+        cached = sum(1 for s in self.scheduler.running if s.fills_chunk is None)
+        if self.cache.num_sequences != cached:
+            raise RuntimeError(f"the cache holds {self.cache.num_sequences} sequences, {cached} are running")
+        if {s.request_id: s for s in queued} != self._requests or len(queued) != len(self._requests):
+            raise RuntimeError(f"the engine tracks {len(self._requests)} requests, the scheduler holds "
+                               f"{len(queued)}: {sorted(self._requests)[:5]} vs {[s.request_id for s in queued][:5]}")
+        generating = {s.seq_id for s in queued if s.fills_chunk is None}
+        if set(self._generators) != generating or len(self.outputs) != len(generating) \
+                or not all(i in self.outputs for i in generating):
+            raise RuntimeError(f"generators or detokenizers are left for {len(self._generators)} / "
+                               f"{len(self.outputs)} sequences, {len(generating)} are unfinished")
+        if {s.fills_chunk: s for s in queued if s.fills_chunk is not None} != self._filling:
+            raise RuntimeError(f"chunk registrations in flight {sorted(self._filling)} disagree with the queues")
+        users = dict.fromkeys(self._chunks, 0)
+        for s in queued:
+            for p in s.composition.placements if s.composition else ():
+                users[p.chunk_id] = users.get(p.chunk_id, 0) + 1
+        counted = {c: self.cache.chunk_users(c) for c in users}
+        if counted != users:
+            raise RuntimeError(f"chunk user counts {counted} disagree with the requests composed from them {users}")

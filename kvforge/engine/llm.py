@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as Seq
@@ -10,7 +11,7 @@ from kvforge.cache import KVEvent, PinHandle
 from kvforge.config import EngineConfig
 from kvforge.engine.engine import EngineStats, LLMEngine, PromptType
 from kvforge.model.tokenizer import Tokenizer
-from kvforge.types import Chunk, RequestOutput, SamplingParams
+from kvforge.types import Chunk, OutputKind, RequestOutput, SamplingParams
 
 Message = Mapping[str, str]
 
@@ -54,25 +55,21 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         if not conversations:
             raise ValueError("chat() needs at least one message")
-        tok = self.engine.tokenizer
-        prompts = []
-        for conv in conversations:
-            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt)
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        prompts = [self.engine.tokenize_chat(list(conv), add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params)
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are produced."""
-        [request_id] = self._add([(prompt, sampling_params or SamplingParams())])
-        printed = 0
+        """Yield the completion's text piece by piece as tokens are produced. Text that may be the
+        start of a stop string is held back until the next tokens show it is not (the engine cuts a
+        matched stop string out), so the pieces always add up to the final text."""
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind=OutputKind.DELTA)
+        [request_id] = self._add([(prompt, params)], kind=None)
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id == request_id:
-                        text = out.outputs[0].text
-                        if len(text) > printed:
-                            yield text[printed:]
-                            printed = len(text)
+                        if out.outputs[0].text:
+                            yield out.outputs[0].text
                         if out.finished:
                             return
         finally:
@@ -138,7 +135,8 @@ class LLM:
         `recompute_ratio` 0 is pure reuse, 1 recomputes every chunk after the first (a full
         prefill). Returns a RequestOutput like `generate`."""
         request_id = str(next(self._ids))
-        self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query), sampling_params,
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind=OutputKind.FINAL_ONLY)
+        self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query), params,
                                       recompute_ratio, recompute_rule)
         return self._wait([request_id])[0]
 
@@ -150,11 +148,14 @@ class LLM:
     def dump_stats(self) -> str:
         return self.engine.cache.dump_stats()
 
-    def _add(self, requests) -> list[str]:
+    def _add(self, requests, kind: OutputKind | None = OutputKind.FINAL_ONLY) -> list[str]:
+        """Add every request (all or none); `kind` replaces their output kind unless None."""
         ids: list[str] = []
         try:
             for prompt, params in requests:
                 request_id = str(next(self._ids))
+                if kind is not None and isinstance(params, SamplingParams):
+                    params = dataclasses.replace(params, output_kind=kind)
                 self.engine.add_request(request_id, prompt, params)
                 ids.append(request_id)
         except Exception:
@@ -169,10 +170,11 @@ class LLM:
     def _wait(self, ids: list[str]) -> list[RequestOutput]:
         """Step until the requests `ids` finish; abort them if interrupted."""
         final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         try:
             while len(final) < len(ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         final[out.request_id] = out
         finally:
             for request_id in ids:

@@ -1,16 +1,21 @@
 """Continuous batching: waiting and running queues, a per-step token budget, preemption by recompute.
 
-Each step, running sequences (oldest first) get their next tokens (one while decoding, or the rest of
-a chunked prompt), then waiting sequences join while the token budget, `max_num_seqs` and free blocks
-allow. A joining sequence starts from the longest cached prefix of its tokens (prefix caching): only
-the rest is computed. When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-goes back to the front of the waiting queue to be recomputed later, so no request fails while any
-can progress.
+Each step, running sequences (oldest first) get their next tokens (one while decoding, or the next
+piece of a prompt prefilled in pieces), then waiting sequences join while the token budget,
+`max_num_seqs` and free blocks allow. Admission is by need, as vLLM does: a waiting sequence joins
+when the blocks its prompt needs now (less its cached prefix: prefix caching) fit above a small
+watermark (`SchedulerConfig.watermark` of the pool, kept for running sequences to grow into); it
+then grows a block at a time while it decodes. When blocks run out, the lowest-priority running
+sequence is preempted (the newest among equals): its blocks are freed and it goes back to the front
+of the waiting queue to be recomputed later, so no request fails while any can progress.
 
 The waiting queue is ordered by priority (lower runs first; equal priorities first come, first
 served), except that preempted sequences go back to the very front, ahead of every priority:
 
     waiting = [preempted..., then by (priority, arrival)]
+
+A chunk registration (`seq.fills_chunk`) is scheduled like any prefill, but its K/V goes to the
+chunk's pages, which it holds from the start: it needs no block and is never preempted.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from kvforge.types import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledRun:
     """`num_tokens` tokens of `seq` from position `seq.num_computed`, with their reserved `slots`."""
 
     seq: Sequence
@@ -34,7 +39,7 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    chunks: list[ScheduledChunk]
+    runs: list[ScheduledRun]
     preempted: list[Sequence]
 
 
@@ -46,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.watermark_blocks = int(config.watermark * cache.num_blocks)
         self._priority: dict[int, int] = {}  # seq_id -> priority, for every unfinished sequence
 
     def add(self, seq: Sequence, priority: int = 0) -> None:
@@ -70,60 +76,90 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work and reserve its slots in the cache (advances cache lengths;
-        the caller advances `seq.num_computed` once the chunk has run)."""
+        the caller advances `seq.num_computed` once the run is computed)."""
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        i = self._schedule_decodes(chunks)
-        budget -= i
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            while not self.cache.can_append(seq.seq_id, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
+        runs = self._schedule_decodes()
+        if runs:
+            budget -= len(runs)
+        else:
+            scheduled: dict[int, ScheduledRun] = {}  # seq_id -> run, in running order
+            for seq in list(self.running):
+                if budget <= 0:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
-                break
-            chunks.append(ScheduledChunk(seq, n, self.cache.append(seq.seq_id, n)))
-            budget -= n
-            i += 1
+                if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
+                    continue
+                n = min(seq.num_uncomputed, budget)
+                while not self._can_reserve(seq, n):
+                    victim = self._victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    dropped = scheduled.pop(victim.seq_id, None)
+                    if dropped is not None:  # its slots went with its blocks
+                        budget += dropped.num_tokens
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                scheduled[seq.seq_id] = ScheduledRun(seq, n, self._reserve(seq, n))
+                budget -= n
+            runs = list(scheduled.values())
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
-            # (A composed sequence's private tokens are not a prefix: nothing is matched.)
-            prefix = self.cache.match_prefix(seq.token_ids if seq.composition is None else (), seq.cache_extra)
-            n = min(len(seq.token_ids) - prefix.num_tokens, budget)
-            if not self.cache.can_admit(prefix, n):
-                break
+            if seq.fills_chunk is None:
+                # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
+                # (A composed sequence's private tokens are not a prefix: nothing is matched.)
+                prefix = self.cache.match_prefix(seq.token_ids if seq.composition is None else (), seq.cache_extra)
+                n = min(len(seq.token_ids) - prefix.num_tokens, budget)
+                keep = self.watermark_blocks if self.running else 0
+                if not self.cache.can_admit(prefix, n, keep):
+                    break
+                # A re-admission after preemption was counted at the first admission.
+                self.cache.add_sequence(seq.seq_id, capacity=seq.max_len, prefix=prefix, extra=seq.cache_extra,
+                                        count_stats=seq.num_preemptions == 0)
+                seq.num_computed = prefix.num_tokens
+                if seq.num_cached_tokens is None:  # the first admission is what the request reports
+                    seq.num_cached_tokens = min(prefix.num_tokens, seq.num_prompt_tokens)
+            else:
+                n = min(len(seq.token_ids), budget)
             self.waiting.popleft()
-            self.cache.add_sequence(seq.seq_id, capacity=seq.max_len, prefix=prefix, extra=seq.cache_extra)
-            seq.num_computed = prefix.num_tokens
-            if seq.num_cached_tokens is None:  # the first admission is what the request reports
-                seq.num_cached_tokens = min(prefix.num_tokens, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n, self.cache.append(seq.seq_id, n)))
+            runs.append(ScheduledRun(seq, n, self._reserve(seq, n)))
             budget -= n
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(runs, preempted)
 
-    def _schedule_decodes(self, chunks: list[ScheduledChunk]) -> int:
+    def _schedule_decodes(self) -> list[ScheduledRun]:
         """The common step in one cache call: when every running sequence decodes one token within
         the budget and the blocks they need are available, reserve all their slots with
-        `append_decode` and return how many were scheduled; otherwise schedule nothing and return 0
-        (the per-sequence path then preempts as needed)."""
+        `append_decode` and return their runs; otherwise schedule nothing and return [] (the
+        per-sequence path then preempts as needed)."""
         running = self.running
         if not running or len(running) > self.config.max_num_batched_tokens \
-                or any(seq.num_uncomputed != 1 for seq in running):
-            return 0
+                or any(seq.num_uncomputed != 1 or seq.fills_chunk is not None for seq in running):
+            return []
         try:
             slots = self.cache.append_decode([seq.seq_id for seq in running])
         except NoFreeBlocksError:  # raised having changed nothing
-            return 0
-        chunks.extend(ScheduledChunk(seq, 1, [slot]) for seq, slot in zip(running, slots))
-        return len(running)
+            return []
+        return [ScheduledRun(seq, 1, [slot]) for seq, slot in zip(running, slots)]
+
+    def _can_reserve(self, seq: Sequence, n: int) -> bool:
+        return seq.fills_chunk is not None or self.cache.can_append(seq.seq_id, n)
+
+    def _reserve(self, seq: Sequence, n: int) -> list[int]:
+        """The slots of `seq`'s next `n` tokens: its chunk's pages for a registration, else blocks
+        appended to its block table."""
+        if seq.fills_chunk is not None:
+            return self.cache.chunk_slot_mapping(seq.fills_chunk, seq.num_computed, seq.num_computed + n)
+        return self.cache.append(seq.seq_id, n)
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the lowest priority (highest number), newest among equals.
+        Chunk registrations hold no preemptible blocks and are never chosen."""
+        candidates = [s for s in self.running if s.fills_chunk is None]
+        assert candidates, "only a sequence that needs blocks preempts, and it is a candidate itself"
+        return max(candidates, key=lambda s: (self._priority[s.seq_id], s.seq_id))
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark `seq` finished and free its blocks at once (works from either queue)."""

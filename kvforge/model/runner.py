@@ -29,7 +29,7 @@ MIN_GROUP = 8
 
 
 @dataclass(frozen=True)
-class SequenceChunk:
+class TokenRun:
     """New tokens of one sequence to compute this step.
 
     Positions `start_pos .. start_pos + len(token_ids) - 1`; `slots` are their arena slots (already
@@ -54,27 +54,27 @@ class ModelRunner:
         self.model, self.k_caches, self.v_caches, self.block_size = model, k_caches, v_caches, block_size
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        """Compute every chunk; return float32 logits `[n, vocab]` for the chunks with `needs_logits`,
-        in the order they were given. Writes the chunks' K/V into their slots."""
-        if not chunks:
-            raise ValueError("run() needs at least one chunk")
-        for i, c in enumerate(chunks):
+    def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
+        """Compute every run; return float32 logits `[n, vocab]` for the runs with `needs_logits`,
+        in the order they were given. Writes the runs' K/V into their slots."""
+        if not runs:
+            raise ValueError("run() needs at least one token run")
+        for i, c in enumerate(runs):
             if not c.token_ids or len(c.slots) != len(c.token_ids):
-                raise ValueError(f"chunk {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
+                raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
         # Packed order: decodes (one new token each), longest K/V first, in groups; then prefills;
-        # then the sequences composed from chunks.
-        plain = [i for i, c in enumerate(chunks) if c.composition is None]
-        decodes = sorted((i for i in plain if len(chunks[i].token_ids) == 1), key=lambda i: -chunks[i].start_pos)
-        prefills = [i for i in plain if len(chunks[i].token_ids) > 1]
-        composed = [i for i, c in enumerate(chunks) if c.composition is not None]
+        # then the sequences composed from document chunks.
+        plain = [i for i, c in enumerate(runs) if c.composition is None]
+        decodes = sorted((i for i in plain if len(runs[i].token_ids) == 1), key=lambda i: -runs[i].start_pos)
+        prefills = [i for i in plain if len(runs[i].token_ids) > 1]
+        composed = [i for i, c in enumerate(runs) if c.composition is not None]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         row_of: dict[int, int] = {}
         spans, composed_spans = [], []
         for i in decodes + prefills + composed:
-            c = chunks[i]
+            c = runs[i]
             n = len(c.token_ids)
             start = len(ids)
             ids.extend(c.token_ids)
@@ -90,18 +90,18 @@ class ModelRunner:
             row_of[i] = start + n - 1
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
-            decodes=self._decode_groups([chunks[i] for i in decodes]),
+            decodes=self._decode_groups([runs[i] for i in decodes]),
             prefills=tuple(spans),
             composed=tuple(composed_spans),
         )
         ctx = ForwardContext(meta, self.k_caches, self.v_caches, self.model.inv_freq)
         with forward_context(ctx):
             hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
-        rows = [row_of[i] for i, c in enumerate(chunks) if c.needs_logits]
+        rows = [row_of[i] for i, c in enumerate(runs) if c.needs_logits]
         return self.model.compute_logits(hidden[rows])
 
     @staticmethod
-    def _composed_span(start: int, c: SequenceChunk, own_positions: list[int]) -> ComposedSpan:
+    def _composed_span(start: int, c: TokenRun, own_positions: list[int]) -> ComposedSpan:
         """The cascade metadata of a composed sequence's rows: what each row may see at each level.
         `own_positions` are the absolute positions of its private tokens up to the last new one."""
         comp, n = c.composition, len(c.token_ids)
@@ -158,16 +158,16 @@ class ModelRunner:
             out.append(dk + dv)
         return out
 
-    def _decode_groups(self, chunks: list[SequenceChunk]) -> tuple[DecodeGroup, ...]:
+    def _decode_groups(self, runs: list[TokenRun]) -> tuple[DecodeGroup, ...]:
         """Split decode rows (sorted longest first) into groups with padded block tables and masks."""
         groups, start = [], 0
-        while start < len(chunks):
-            longest = chunks[start].start_pos + 1
+        while start < len(runs):
+            longest = runs[start].start_pos + 1
             end = start + 1
-            while end < len(chunks) and (end - start < MIN_GROUP
-                                         or chunks[end].start_pos + 1 >= GROUP_LENGTH_RATIO * longest):
+            while end < len(runs) and (end - start < MIN_GROUP
+                                         or runs[end].start_pos + 1 >= GROUP_LENGTH_RATIO * longest):
                 end += 1
-            members = chunks[start:end]
+            members = runs[start:end]
             nb = len(members[0].block_table)
             tables = torch.tensor([list(c.block_table) + [c.block_table[0]] * (nb - len(c.block_table))
                                    for c in members], dtype=torch.long)

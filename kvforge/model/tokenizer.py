@@ -55,6 +55,16 @@ def _byte_alphabet() -> dict[int, str]:
     return chars
 
 
+def check_text(text: str, what: str) -> None:
+    """Raise ValueError naming `what` when `text` is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON can carry but UTF-8 cannot): no tokenizer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate ({text[e.start]!r} at index {e.start}), which is not "
+                         f"valid Unicode text; send valid UTF-8 or token ids") from None
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template.
 
@@ -124,6 +134,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text, "text")
         ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self._add_bos:
@@ -177,6 +188,8 @@ class Tokenizer:
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
                     m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with str 'role' and str 'content', got {m!r}")
+            check_text(m["role"], f"messages[{i}].role")
+            check_text(m["content"], f"messages[{i}].content")
         context = {"messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt}
         for name, tid in (("bos_token", self._bos), ("eos_token", self.eos_token_id)):
             if tid is not None:
@@ -330,8 +343,13 @@ class IncrementalDetokenizer:
 
     `add()` returns only newly completed text: a token that ends inside a multi-byte UTF-8 character
     returns "" and its text arrives with the token that completes it, so no U+FFFD is ever emitted
-    for a split character. The concatenation of all pieces is `text`. Optional `prompt_token_ids`
-    give context (they are not part of `text`). Not thread-safe: one per sequence.
+    for a split character. The concatenation of all pieces is `text`. Not thread-safe: one per sequence.
+
+    `prompt_token_ids` give context and are not part of `text`: then `text == decode(prompt +
+    generated)[len(decode(prompt)):]`, so the first generated token keeps the leading space a
+    SentencePiece decoder strips from the start of a text ("▁Hello" decodes alone to "Hello"). Pass
+    the whole prompt: only its tail is decoded (back to the last ids that decode to text). Without a
+    prompt `text == decode(generated)`, that space stripped.
     """
 
     _CONTEXT = 5  # tokens of already-printed text decoded again as context
@@ -341,8 +359,14 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids = list(prompt_token_ids)
-        self._read = len(self._ids)                        # ids[:read] are printed (or prompt)
-        self._prefix = max(0, self._read - self._CONTEXT)  # ids[prefix:read] are context for the next piece
+        self._read = len(self._ids)  # ids[:read] are printed (or prompt)
+        # ids[prefix:read] are context for the next piece: the last _CONTEXT prompt ids, widened back
+        # while they decode to "" (say, a prompt ending in skipped control tokens), or the decoder's
+        # leading-space strip would fall on the first generated token instead of on the context.
+        self._prefix, step = max(0, self._read - self._CONTEXT), self._CONTEXT
+        while self._prefix > 0 and not self._tok.decode(self._ids[self._prefix:self._read], self._skip):
+            step *= 2
+            self._prefix = max(0, self._prefix - step)
         self._text = ""
 
     @property

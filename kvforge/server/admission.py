@@ -1,21 +1,23 @@
 """Admission: whether the KV cache can take a request now, and the queue of requests that wait for it.
 
-"Full" is defined against the worst case, so that an admitted request never forces a preemption:
+Two modes (`--admission`), read through `LLMEngine.kv_room()` and the request's sizes:
 
-    need(r)   = ceil((prompt_tokens(r) + max_tokens(r) - 1) / block_size)
-                (the blocks r may ever hold; its last sampled token is never written to the cache)
-    held(r)   = blocks r holds now (0 while it waits in the engine, or after a preemption)
-    owed      = sum over requests in the engine (running or waiting) of need(r) - held(r)
-    headroom  = cache.num_available_blocks - owed   (free blocks plus cached blocks nobody holds)
-    r fits    <=> need(r) <= headroom
+    need (default, as vLLM):  need(r) = blocks r's prompt takes now, less its cached prefix
+                              room    = available - watermark - blocks of prompts waiting in the engine
+    reserve:                  need(r) = ceil((prompt_tokens(r) + max_tokens(r) - 1) / block_size),
+                                        the most r may ever hold (its last sampled token is never stored)
+                              room    = available - sum over requests in the engine of
+                                        (their worst case - the blocks they hold)
+    r fits  <=>  need(r) <= room
 
-need(r) ignores the prefix r may find cached, so "fits" errs on the safe side. For a request composed
-from chunks, prompt_tokens(r) counts its private tokens only (the query and the recomputed tokens of
-each chunk after the first, ceil(recompute_ratio * chunk length)): the chunks' own KV sits in chunk
-pages, outside this accounting, exactly as the engine counts it. The model-length and whole-cache
-limits still count the whole composed prompt, as `LLMEngine.add_chunk_request` does.
-Registering a chunk takes its blocks only within the headroom (else 503), for the same reason.
-A request also has to wait for `max_num_seqs` in the engine's own queue; that is not "full".
+With `need`, running requests grow a block at a time while they decode; when blocks run out the
+engine preempts the lowest-priority, newest one (recomputed later, nothing is lost). With
+`reserve`, an admitted request never forces a preemption, at the price of far fewer requests
+running at once (a chat request without max_tokens reserves the whole model length). For a request
+composed from chunks, prompt_tokens(r) counts its private tokens only (the query and the recomputed
+chunk tokens): the chunks' own KV sits in chunk pages, outside this accounting. `--on-full` decides
+what happens to a request that does not fit: reject (503), wait (queue, by priority then arrival),
+or shrink (reserve: lower max_tokens to what fits; need: nothing to shrink, so 503 as reject).
 
 Everything here reads the engine, so it runs on the engine loop's thread only.
 """
@@ -28,33 +30,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from kvforge.config import ceil_div
-from kvforge.engine import LLMEngine
+from kvforge.engine import LLMEngine, PreparedRequest
 
 T = TypeVar("T")
 
 
-def blocks_needed(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
-    """need(r) above: the most blocks a request of this size can ever hold."""
-    return ceil_div(num_prompt_tokens + max_tokens - 1, block_size)
+def room(engine: LLMEngine, mode: str) -> int:
+    """Blocks a new request may claim now under `mode` (see the module docstring); may be negative.
+    Modifies nothing."""
+    r = engine.kv_room()
+    if mode == "reserve":
+        return r.available - r.owed_worst_case
+    return r.available - r.watermark - r.waiting_prompts
 
 
-def headroom(engine: LLMEngine) -> int:
-    """Blocks a new request may claim now without ever forcing a preemption (see the module
-    docstring). May be negative after a preemption or while the engine runs requests this server did
-    not admit. Reads the engine; modifies nothing."""
-    cache, sched = engine.cache, engine.scheduler
-    bs = cache.block_size
-    owed = sum(blocks_needed(s.num_prompt_tokens, s.params.max_tokens, bs) for s in sched.waiting)
-    for s in sched.running:
-        owed += max(0, blocks_needed(s.num_prompt_tokens, s.params.max_tokens, bs)
-                    - len(cache.block_table(s.seq_id)))
-    return cache.num_available_blocks - owed
+def need(engine: LLMEngine, prepared: PreparedRequest, mode: str) -> int:
+    """need(r) under `mode` (see the module docstring). Modifies nothing."""
+    return engine.worst_case_blocks(prepared) if mode == "reserve" else engine.prompt_blocks(prepared)
 
 
-def shrunk_max_tokens(num_prompt_tokens: int, room: int, block_size: int) -> int:
-    """The largest max_tokens whose need fits in `room` blocks (< 1 when not even one token fits)."""
-    return room * block_size - num_prompt_tokens + 1
+def shrunk_max_tokens(num_prompt_tokens: int, room_blocks: int, block_size: int) -> int:
+    """The largest max_tokens whose worst case fits in `room_blocks` (< 1 when not even one token fits)."""
+    return room_blocks * block_size - num_prompt_tokens + 1
 
 
 @dataclass(order=True)

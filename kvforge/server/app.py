@@ -27,8 +27,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,22 +37,25 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from kvforge.server import protocol as P
-from kvforge.server.engine_loop import Job
+from kvforge.server.engine_loop import EngineLoop
+from kvforge.server.jobs import ChunkJob, Job, create_future
 from kvforge.server.protocol import ApiError
-from kvforge.types import RequestOutput
 
 if TYPE_CHECKING:
     from kvforge.server.serve import Server
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/chunks", "/health", "/metrics")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/chunks", "/v1/kv_events", "/health",
+              "/metrics")
 
 
 def build_app(server: Server) -> FastAPI:
-    """The app for `server` (which holds the engine loop, the metrics and the served model name)."""
+    """The app for `server` (which holds the engine loop, the metrics, the tokenizing workers and
+    the served model name)."""
     app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CountRequests, metrics=server.metrics)
-    loop, names = server.loop, {server.model_name, server.engine.model_name}
+    loop, engine, names = server.loop, server.engine, {server.model_name, server.engine.model_name}
+    config = server.config
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -74,112 +77,190 @@ def build_app(server: Server) -> FastAPI:
         return JSONResponse(err.body(), status_code=500)
 
     async def parse(request: Request, model: type[BaseModel]):
-        body = await request.body()
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        data = _json_object(await _read_body(request, config.max_body_bytes))
         try:
             req = model.model_validate(data)
         except ValidationError as e:
             raise P.validation_error(e) from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         req.check()
         if req.model is not None and req.model not in names:
             raise ApiError(400, f"model {req.model!r} is not served here; available: {server.model_name!r}",
                            param="model", code="model_not_found")
         return req
 
+    async def tokenized(fn: Callable[[], Any], param: str) -> Any:
+        """Run `fn` (tokenizing, chat templating) on the server's worker threads, never on the event
+        loop or the engine loop; a ValueError is the caller's mistake (400 naming `param`)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(server.workers, fn)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param) from None
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req: P.CompletionRequest = await parse(request, P.CompletionRequest)
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        job = Job.create(f"cmpl-{uuid.uuid4().hex}", req.single_prompt(), chat=False,
-                         params=req.sampling_params(max_tokens), max_tokens=max_tokens,
-                         priority=req.priority, stream=bool(req.stream), chunks=req.chunk_ids,
-                         recompute_ratio=req.ratio)
+        params = req.sampling_params(max_tokens)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            # A query after chunks continues the prompt: no BOS (as LLMEngine.prepare_chunk_request).
+            text, ids = await tokenized(lambda: engine.tokenize(prompt, add_special_tokens=not req.chunk_ids), "prompt")
+            engine_prompt = {"prompt": text, "prompt_token_ids": ids}
+        else:
+            engine_prompt = {"prompt_token_ids": prompt}
+        job = _job(f"cmpl-{uuid.uuid4().hex}", engine_prompt, req, params, chat=False)
         return await _respond(request, job, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req: P.ChatCompletionRequest = await parse(request, P.ChatCompletionRequest)
-        max_tokens = req.requested_max_tokens
-        job = Job.create(f"chatcmpl-{uuid.uuid4().hex}", [m.as_template_input() for m in req.messages],
-                         chat=True, params=req.sampling_params(max_tokens), max_tokens=max_tokens,
-                         priority=req.priority, stream=bool(req.stream), chunks=req.chunk_ids,
-                         recompute_ratio=req.ratio)
+        params = req.sampling_params(req.requested_max_tokens)
+        messages = [m.as_template_input() for m in req.messages]
+        engine_prompt = await tokenized(lambda: engine.tokenize_chat(messages), "messages")
+        job = _job(f"chatcmpl-{uuid.uuid4().hex}", engine_prompt, req, params, chat=True)
         return await _respond(request, job, req, chat=True)
+
+    def _job(request_id: str, engine_prompt: dict, req: P.BaseRequest, params, chat: bool) -> Job:
+        aloop, admitted = create_future()
+        return Job(request_id, engine_prompt, chat, params, req.priority, bool(req.stream), aloop, admitted,
+                   req.chunk_ids, req.ratio)
 
     async def _respond(request: Request, job: Job, req: P.BaseRequest, chat: bool) -> Response:
         loop.submit(job)
         try:
-            await _unless_disconnected(request, job.admitted)
+            await _from_loop(loop, job.admitted, request)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = _events(job, chat, server.model_name, include_usage)
-                return StreamingResponse(_aborting(events, loop, job), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            out = await _unless_disconnected(request, job.outputs.get())
+                events = _events(job, loop, chat, server.model_name, include_usage)
+                return _AbortingStream(events, lambda: loop.abort(job), media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache"})
+            text = []
+            while True:
+                out = await _from_loop(loop, job.outputs.get(), request)
+                text.append(out.text)
+                if out.finished:
+                    break
         except BaseException:
             loop.abort(job)
             raise
-        if isinstance(out, ApiError):
-            raise out
-        o = out.outputs[0]
-        use = P.usage(len(out.prompt_token_ids), len(o.token_ids), out.num_cached_tokens)
+        use = P.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
         build = P.chat_completion if chat else P.completion
-        return JSONResponse(build(job.request_id, server.model_name, o.text, o.finish_reason, use))
+        return JSONResponse(build(job.request_id, server.model_name, "".join(text), out.finish_reason, use))
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "kvforge", "max_model_len": server.engine.max_model_len}]}
+                                            "owned_by": "kvforge", "max_model_len": engine.max_model_len}]}
 
     @app.get("/health")
     async def health() -> Response:
-        if loop.alive and loop.healthy:
+        if loop.healthy:
             return JSONResponse({"status": "ok"})
-        return JSONResponse(ApiError(503, "the engine loop is not running or has failed",
+        return JSONResponse(ApiError(503, "the engine loop is not running, or its steps are failing",
                                      type="server_unhealthy").body(), status_code=503)
+
+    async def call(fut) -> Any:
+        return await _from_loop(loop, asyncio.wrap_future(fut), timeout=config.engine_timeout)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats, queued = await asyncio.wrap_future(loop.snapshot())
+        stats, queued = await call(loop.snapshot())
         server.metrics.update(stats, queued)
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    @app.get("/v1/kv_events")
+    async def kv_events() -> dict:
+        """Drain the KV events (BlockStored / BlockRemoved / AllBlocksCleared) recorded since the last
+        call: for a router mirroring the prefix cache. The engine keeps a bounded buffer; `dropped`
+        counts the events lost because nobody drained them in time (resynchronise when it grows)."""
+        events, dropped = await call(loop.take_events())
+        return {"object": "list", "data": [P.kv_event(e) for e in events], "dropped": dropped}
 
     @app.post("/v1/chunks")
     async def create_chunk(request: Request) -> dict:
         req: P.ChunkCreateRequest = await parse(request, P.ChunkCreateRequest)
-        chunk, created = await asyncio.wrap_future(loop.register_chunk(req.prompt(), req.kind, req.id, req.param))
+        text, ids = await tokenized(lambda: engine.tokenize_chunk(req.prompt(), req.kind), req.param)
+        aloop, done = create_future()
+        job = ChunkJob(f"chunk-{uuid.uuid4().hex}", {"prompt": text, "prompt_token_ids": ids}, req.kind, req.id,
+                       req.param, aloop, done)
+        loop.register(job)
+        try:
+            chunk, created = await _from_loop(loop, done, request)
+        except BaseException:
+            loop.abort(job)
+            raise
         return P.chunk_object(chunk, created, server.model_name)
 
     @app.get("/v1/chunks")
     async def list_chunks() -> dict:
-        chunks = await asyncio.wrap_future(loop.list_chunks())
+        chunks = await call(loop.list_chunks())
         return {"object": "list", "data": [P.chunk_object(c, created, server.model_name) for c, created in chunks]}
 
     @app.delete("/v1/chunks/{chunk_id}")
     async def delete_chunk(chunk_id: str) -> dict:
-        await asyncio.wrap_future(loop.unregister_chunk(chunk_id))
+        await call(loop.unregister_chunk(chunk_id))
         return {"id": chunk_id, "object": "chunk", "deleted": True}
 
     return app
 
 
-async def _unless_disconnected(request: Request, awaitable):
-    """Await `awaitable`, or raise ApiError(499) if the client disconnects first."""
-    task = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ApiError(413) once it is over `limit` bytes (read no further)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body of {declared} bytes is over the limit of {limit} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_object(body: bytes) -> dict:
+    """The body as a JSON object; ApiError(400) for anything else (NaN and Infinity included)."""
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return data
+
+
+async def _from_loop(loop: EngineLoop, awaitable: Awaitable, request: Request | None = None,
+                     timeout: float | None = None) -> Any:
+    """Await something the engine loop provides, with a bound: ApiError 503 if the loop stops first
+    or `timeout` seconds pass, 499 if the client of `request` disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            await asyncio.wait({task} | ({gone} if gone else set()), timeout=0.5,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            if gone is not None and gone.done():
+                raise ApiError(499, "the client closed the connection", type="client_closed_request")
+            if not loop.alive:
+                raise ApiError(503, "the engine loop has stopped", type="server_unhealthy")
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(503, f"the engine did not answer within {timeout:g} s; retry later",
+                               type="server_overloaded")
     finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        raise ApiError(499, "the client closed the connection", type="client_closed_request")
-    return task.result()
+        for t in (task, gone):
+            if t is not None and not t.done():
+                t.cancel()
 
 
 async def _disconnected(request: Request) -> None:
@@ -188,26 +269,29 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _aborting(events: AsyncIterator[str], loop, job: Job) -> AsyncIterator[str]:
-    """Pass `events` on; however the stream ends (finished, client gone, cancelled), abort the job,
-    which is a no-op for a finished one and frees the blocks of an unfinished one."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        loop.abort(job)
+class _AbortingStream(StreamingResponse):
+    """A streaming response that calls `on_exit` however it ends: finished, client gone (even
+    before the first byte), or cancelled. Aborting a finished job is a no-op."""
+
+    def __init__(self, content: AsyncIterator[str], on_exit: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_exit = on_exit
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_exit()
 
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _events(job: Job, chat: bool, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events for one admitted job. Text that could still turn out to be the start of a
-    stop string is held back until the next token shows it is not (the engine cuts a matched stop
-    string out of the text)."""
+async def _events(job: Job, loop: EngineLoop, chat: bool, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events for one admitted job: each event carries what is new since the last one
+    (the engine holds back text that may still be the start of a stop string)."""
     created, rid = int(time.time()), job.request_id
-    hold = max((len(s) for s in job.params.stop), default=1) - 1
 
     def chunk(text: str | None, finish: str | None, use: dict | None = None) -> str:
         if chat:
@@ -217,20 +301,17 @@ async def _events(job: Job, chat: bool, model: str, include_usage: bool) -> Asyn
 
     if chat:
         yield _sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, include_usage))
-    sent = 0
     while True:
-        out: RequestOutput | ApiError = await job.outputs.get()
-        if isinstance(out, ApiError):
-            yield _sse(out.body())
+        try:
+            d = await _from_loop(loop, job.outputs.get())
+        except ApiError as e:
+            yield _sse(e.body())
             break
-        o = out.outputs[0]
-        upto = len(o.text) if out.finished else max(sent, len(o.text) - hold)
-        if upto > sent or out.finished:
-            yield chunk(o.text[sent:upto], o.finish_reason if out.finished else None)
-            sent = upto
-        if out.finished:
+        if d.text or d.finished:
+            yield chunk(d.text, d.finish_reason if d.finished else None)
+        if d.finished:
             if include_usage:
-                yield chunk(None, None, P.usage(len(out.prompt_token_ids), len(o.token_ids), out.num_cached_tokens))
+                yield chunk(None, None, P.usage(d.num_prompt_tokens, d.num_output_tokens, d.num_cached_tokens))
             break
     yield "data: [DONE]\n\n"
 

@@ -1,22 +1,25 @@
-"""EngineLoop: the one thread that owns the engine. Every engine call of the server happens here.
+"""EngineLoop: the one thread that owns the engine. Every engine call of the server happens here, and
+this thread does nothing but engine work: tokenizing and chat templating happen before a job gets
+here (the handlers' worker threads).
 
-HTTP handlers (on uvicorn's asyncio loop) never touch the engine: they put a `Job` in the inbox
-(`submit`), ask for its end (`abort`), or ask for a function to run between two steps (`call`).
-The loop thread, each turn:
+HTTP handlers (on uvicorn's asyncio loop) never touch the engine: they put a `Job` or `ChunkJob` in
+the inbox (`submit`, `register`), ask for its end (`abort`), or ask for a function to run between
+two steps (`call`). The loop thread, each turn:
 
-    1. takes the inbox: tokenizes new jobs and admits, queues or refuses them (admission.py),
-       aborts jobs whose client has gone (their blocks are freed at once), runs `call`s;
+    1. takes the inbox: prepares new jobs (the engine's validation) and admits, queues or refuses
+       them (admission.py), aborts jobs whose client has gone (their blocks are freed at once),
+       queues chunk registrations (their prefill is an ordinary prefill of the next steps), runs
+       `call`s;
     2. gives up queued jobs past their deadline (503), admits queued jobs from the head while they fit;
     3. runs one `engine.step()` if anything is unfinished, so every client's request joins the same
-       continuous batch, and hands the outputs back to the asyncio loop, all in one
-       `call_soon_threadsafe` per turn.
+       continuous batch, and hands the outputs back to the asyncio loops, one `call_soon_threadsafe`
+       per loop per turn.
 
-It sleeps on a condition variable while there is nothing to do.
-
-Chunks: `register_chunk`, `unregister_chunk` and `list_chunks` are `call`s too, so a chunk is
-registered (its KV computed) between two steps, on this thread. A job with `chunks` is composed
-from them by `engine.add_chunk_request`; it is sized, admitted, queued, streamed and aborted like
-any other job. A chunk named by a queued job counts as in use.
+Nothing one request does stops this thread: whatever preparing, admitting or aborting a job raises
+fails that job alone (a 4xx for the caller's mistakes, 500 otherwise), and a failed step fails only
+the requests of that step (500), after which the engine's integrity is checked and serving goes on
+(`healthy` is false while steps keep failing or the engine is not intact). It sleeps on a condition
+variable while there is nothing to do.
 """
 
 from __future__ import annotations
@@ -25,70 +28,30 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from kvforge.engine import LLMEngine
+from kvforge.config import ceil_div
+from kvforge.engine import LLMEngine, NoFreeBlocksError, StepError
 from kvforge.metrics import ServerMetrics
-from kvforge.server.admission import AdmissionQueue, blocks_needed, headroom, shrunk_max_tokens
+from kvforge.server import admission
+from kvforge.server.admission import AdmissionQueue
 from kvforge.server.config import ServerConfig
-from kvforge.server.protocol import DEFAULT_RECOMPUTE_RATIO, ApiError
-from kvforge.types import Chunk, RequestOutput, SamplingParams
+from kvforge.server.jobs import ChunkJob, Job
+from kvforge.server.protocol import ApiError
+from kvforge.types import Chunk, RequestOutput
 
 log = logging.getLogger("kvforge.server")
 
-Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
-
-
-@dataclass(eq=False)
-class Job:
-    """One request between its HTTP handler and the loop.
-
-    The handler creates it (on the asyncio loop), submits it, awaits `admitted` (None, or an
-    ApiError raised) and then reads `outputs`: RequestOutputs until one is `finished` (only that one
-    when `stream` is false), or an ApiError if the engine failed. Fields below `outputs` belong to
-    the loop thread.
-    """
-
-    request_id: str
-    prompt: Prompt
-    chat: bool
-    params: SamplingParams
-    max_tokens: int | None  # None: as many as the model length and the whole cache allow
-    priority: int
-    stream: bool
-    aloop: asyncio.AbstractEventLoop
-    admitted: asyncio.Future
-    chunks: tuple[str, ...] = ()  # registered chunk ids composed before the prompt (the query)
-    recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO
-    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
-    received: float = field(default_factory=time.monotonic)
-    state: str = "new"  # new -> queued -> running -> done (or new/queued -> done)
-    num_prompt_tokens: int = 0  # the whole prompt (with chunks: the chunks' tokens and the query's)
-    num_private_tokens: int = 0  # prompt tokens that take blocks: all, or the query and recomputed chunk tokens
-    need: int = 0  # blocks the request may ever hold (admission.blocks_needed)
-    engine_prompt: dict[str, Any] = field(default_factory=dict)
-    last_token_time: float | None = None
-    num_tokens: int = 0
-
-    @classmethod
-    def create(cls, request_id: str, prompt: Prompt, *, chat: bool, params: SamplingParams,
-               max_tokens: int | None, priority: int, stream: bool, chunks: tuple[str, ...] = (),
-               recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO) -> Job:
-        """Call on the asyncio loop that will await the job."""
-        aloop = asyncio.get_running_loop()
-        return cls(request_id, prompt, chat, params, max_tokens, priority, stream, aloop, aloop.create_future(),
-                   tuple(chunks), recompute_ratio)
+MAX_FAILED_STEPS = 3  # consecutive failed steps after which the engine reports unhealthy
 
 
 class EngineLoop:
     """Steps `engine` on its own thread for the server; see the module docstring.
 
-    `submit`, `abort` and `call` are thread-safe and never block on the engine.
+    `submit`, `register`, `abort` and `call` are thread-safe and never block on the engine.
     """
 
     def __init__(self, engine: LLMEngine, config: ServerConfig, metrics: ServerMetrics):
@@ -98,11 +61,12 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kvforge-engine-loop", daemon=True)
         # loop-thread state
-        self._jobs: dict[str, Job] = {}  # admitted and not finished
+        self._jobs: dict[str, Job | ChunkJob] = {}  # in the engine and not finished
         self._queue: AdmissionQueue[Job] = AdmissionQueue()
         self._posts: list[tuple[asyncio.AbstractEventLoop, Callable, tuple]] = []
         self._chunk_created: dict[str, int] = {}  # chunk id -> when it was registered (unix seconds)
-        self.healthy = True
+        self._failed_steps = 0
+        self._intact = True
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -120,11 +84,24 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    @property
+    def healthy(self) -> bool:
+        """The loop runs, the engine was intact after its last failure, and steps are not failing
+        in a row."""
+        return self.alive and self._intact and self._failed_steps < MAX_FAILED_STEPS
+
     def submit(self, job: Job) -> None:
         if not self._put("submit", job):
             job.aloop.call_soon_threadsafe(_resolve, job.admitted, _shutting_down())
 
-    def abort(self, job: Job) -> None:
+    def register(self, job: ChunkJob) -> None:
+        """Register a chunk (see `LLMEngine.add_chunk_registration`); `job.done` gets (Chunk, created)
+        or an ApiError: 400 for what can never be registered as asked, 503 while the cache has no
+        room for it now, 500 if its prefill failed."""
+        if not self._put("register", job):
+            job.aloop.call_soon_threadsafe(_resolve, job.done, _shutting_down())
+
+    def abort(self, job: Job | ChunkJob) -> None:
         """End `job` wherever it is (queued or running) and free its blocks. No-op once done."""
         self._put("abort", job)
 
@@ -139,13 +116,6 @@ class EngineLoop:
         """A future of (engine.stats(), requests queued for cache room), taken between two steps."""
         return self.call(lambda engine: (engine.stats(), len(self._queue)))
 
-    def register_chunk(self, prompt: str | dict[str, list[int]], kind: str, chunk_id: str | None,
-                       param: str = "text") -> concurrent.futures.Future:
-        """A future of (Chunk, created) for the chunk `prompt` (see `LLMEngine.register_chunk`), or of
-        an ApiError: 400 for what can never be registered as asked (`param` names the content's
-        field), 503 while the cache has no room for it now."""
-        return self.call(lambda engine: self._register_chunk(prompt, kind, chunk_id, param))
-
     def unregister_chunk(self, chunk_id: str) -> concurrent.futures.Future:
         """A future of None once the chunk's pages are free, or of an ApiError: 404 for an unknown id,
         409 while a request (running, waiting or queued for room) uses it."""
@@ -154,6 +124,10 @@ class EngineLoop:
     def list_chunks(self) -> concurrent.futures.Future:
         """A future of [(Chunk, created)] in registration order."""
         return self.call(lambda engine: [(c, self._created(c.chunk_id)) for c in engine.list_chunks()])
+
+    def take_events(self) -> concurrent.futures.Future:
+        """A future of (KV events since the last call, oldest first; events dropped so far)."""
+        return self.call(lambda engine: (engine.cache.take_events(), engine.cache.num_dropped_events))
 
     def _put(self, kind: str, payload: Any) -> bool:
         with self._cv:
@@ -175,56 +149,104 @@ class EngineLoop:
                     deadline = self._queue.next_deadline()
                     self._cv.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 inbox, self._inbox = self._inbox, []
-            stop = False
-            for kind, payload in inbox:
-                if kind == "stop":
-                    stop = True
-                else:
-                    getattr(self, "_on_" + kind)(payload)
-            if stop:
+            if any(kind == "stop" for kind, _ in inbox):
                 break
-            self._expire_queued(time.monotonic())
-            self._admit_queued()
+            for kind, payload in inbox:
+                try:
+                    getattr(self, "_on_" + kind)(payload)
+                except Exception as e:  # a kvforge bug met by this one item: it fails alone
+                    log.exception("the engine loop failed to handle a %s", kind)
+                    self._fail_item(kind, payload, e)
+            self._guarded(self._expire_queued)
+            self._guarded(self._admit_queued)
             if engine.has_unfinished_requests():
                 self._step()
-                self._admit_queued()  # what just finished made room: admit now, before any sleep
+                self._guarded(self._admit_queued)  # what just finished made room: admit now, before any sleep
+            elif not self._intact:
+                self._check_intact()
             self._flush()
         self._shutdown()
 
-    def _on_submit(self, job: Job) -> None:
+    def _guarded(self, fn: Callable[[], None]) -> None:
         try:
-            self._prepare(job)
-        except ApiError as e:
-            return self._fail(job, e)
-        policy, bs = self.config.on_full, self.engine.cache.block_size
+            fn()
+        except Exception:
+            log.exception("the engine loop failed in %s", fn.__name__)
+
+    def _fail_item(self, kind: str, payload: Any, e: Exception) -> None:
+        err = _internal(e)
+        if kind in ("submit", "register"):
+            self._end(payload, err)
+        elif kind == "call" and not payload[1].done():
+            payload[1].set_exception(err)
+
+    def _on_submit(self, job: Job) -> None:
+        engine, mode = self.engine, self.config.admission
+        try:
+            if job.chunks:
+                job.prepared = engine.prepare_chunk_request(job.request_id, list(job.chunks), job.engine_prompt,
+                                                            job.params, job.recompute_ratio, priority=job.priority)
+            else:
+                job.prepared = engine.prepare_request(job.request_id, job.engine_prompt, job.params, job.priority)
+        except ValueError as e:  # the engine's validation: the caller's mistake, nothing was kept
+            return self._end(job, _invalid(e, job.prompt_param))
+        job.num_prompt_tokens = job.prepared.seq.total_len
+        policy = self.config.on_full
         if policy == "wait":
-            if not self._queue and job.need <= headroom(self.engine):
+            if not self._queue and admission.need(engine, job.prepared, mode) <= admission.room(engine, mode):
                 return self._start(job)
             if len(self._queue) >= self.config.max_queue:
-                return self._fail(job, self._busy(429, f"the admission queue is full ({self.config.max_queue} "
-                                                       f"requests wait for KV cache room); retry later"))
+                return self._end(job, self._busy(429, f"the admission queue is full ({self.config.max_queue} "
+                                                      f"requests wait for KV cache room); retry later"))
             job.state = "queued"
             self._queue.push(job, job.priority, job.received + self.config.queue_timeout)
             return None
-        room = headroom(self.engine)
-        if job.need <= room:
+        needed, free = admission.need(engine, job.prepared, mode), admission.room(engine, mode)
+        if needed <= free:
             return self._start(job)
-        if policy == "shrink":
-            fit = shrunk_max_tokens(job.num_private_tokens, room, bs)
+        if policy == "shrink" and mode == "reserve":
+            seq = job.prepared.seq
+            fit = admission.shrunk_max_tokens(len(seq.token_ids), free, engine.cache.block_size)
             if fit >= 1:
-                job.params = dataclasses.replace(job.params, max_tokens=fit)
+                seq.params = dataclasses.replace(seq.params, max_tokens=fit)
                 return self._start(job)
-        return self._fail(job, self._busy(503, f"the KV cache is full: the request needs {job.need} blocks "
-                                               f"for its prompt and max_tokens, {max(room, 0)} are free "
-                                               f"now; retry later"))
+        what = "its prompt and max_tokens" if mode == "reserve" else "its prompt"
+        return self._end(job, self._busy(503, f"the KV cache is full: the request needs {needed} blocks for "
+                                              f"{what}, {max(free, 0)} are free now; retry later"))
 
-    def _on_abort(self, job: Job) -> None:
+    def _on_register(self, job: ChunkJob) -> None:
+        """Queue a chunk's prefill. What no retry can fix is a 400, checked (by the engine) before
+        what the cache lacks now (503); a chunk takes blocks only within the admission room."""
+        engine = self.engine
+        ids = job.engine_prompt["prompt_token_ids"]
+        key = job.chunk_id if job.chunk_id is not None else engine.default_chunk_id(ids, job.kind)
+        old = next((c for c in engine.list_chunks() if c.chunk_id == key), None)
+        blocks = ceil_div(len(ids), engine.cache.block_size)
+        free = admission.room(engine, self.config.admission)
+        if old is None and blocks > free and blocks + engine.cache.stats().num_chunk_blocks <= engine.cache.chunk_budget:
+            return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: it needs {blocks} "
+                                                  f"blocks, {max(free, 0)} are free; retry later"))
+        try:
+            registration = engine.add_chunk_registration(job.request_id, job.engine_prompt, job.kind, job.chunk_id)
+        except ValueError as e:
+            return self._end(job, _invalid(e, job.param))
+        except NoFreeBlocksError:
+            return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: it needs {blocks} "
+                                                  f"blocks; retry later"))
+        if registration.chunk is not None:
+            return self._end(job, None, registration.chunk)
+        job.state, job.chunk_id = "running", registration.chunk_id
+        self._jobs[job.request_id] = job
+        return None
+
+    def _on_abort(self, job: Job | ChunkJob) -> None:
         if job.state == "queued":
             self._queue.remove(job)
         elif job.state == "running":
             self.engine.abort_request(job.request_id)
             self._jobs.pop(job.request_id, None)
-            self.metrics.finished(job.num_prompt_tokens, job.num_tokens, "abort")
+            if isinstance(job, Job):
+                self.metrics.finished(job.num_prompt_tokens, job.num_tokens, "abort")
         job.state = "done"
 
     def _on_call(self, payload: tuple[Callable, concurrent.futures.Future]) -> None:
@@ -232,136 +254,19 @@ class EngineLoop:
         if fut.set_running_or_notify_cancel():
             try:
                 fut.set_result(fn(self.engine))
-            except BaseException as e:  # handed to the caller
+            except Exception as e:  # handed to the caller
                 fut.set_exception(e)
-
-    def _prepare(self, job: Job) -> None:
-        """Tokenize and size `job`; refuse (ApiError 400) what could never run."""
-        engine, tok = self.engine, self.engine.tokenizer
-        chunks = self._resolve_chunks(job.chunks)
-        try:
-            if job.chat:
-                text = tok.apply_chat_template(job.prompt, add_generation_prompt=True)
-                ids = tok.encode(text, add_special_tokens=False)
-                job.engine_prompt = {"prompt": text, "prompt_token_ids": ids}
-            elif isinstance(job.prompt, str):
-                if not job.prompt:
-                    raise ValueError("prompt is empty; give at least one character or token")
-                # A query after chunks continues the prompt: no BOS (as LLMEngine.add_chunk_request).
-                ids = tok.encode(job.prompt, add_special_tokens=not job.chunks)
-                job.engine_prompt = {"prompt": job.prompt, "prompt_token_ids": ids}
-            else:
-                ids = job.prompt
-                vocab = engine.model_config.vocab_size
-                bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise ValueError(f"prompt[{bad}] = {ids[bad]} is not a token id; allowed: integers in "
-                                     f"[0, {vocab - 1}]")
-                job.engine_prompt = {"prompt_token_ids": list(ids)}
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages" if job.chat else "prompt") from None
-        n, bs, limit = len(ids) + sum(c.num_tokens for c in chunks), engine.cache.block_size, engine.max_model_len
-        # A chunk request holds blocks only for its private tokens: the query and, of every chunk
-        # after the first, the ceil(recompute_ratio * its length) tokens it recomputes (either rule).
-        private = len(ids) + sum(math.ceil(job.recompute_ratio * c.num_tokens) for c in chunks[1:])
-        cache_tokens = engine.cache.num_blocks * bs + 1  # the last sampled token is never stored
-        max_tokens = job.max_tokens
-        if max_tokens is None:
-            # As many as the model length and the cache allow, counting only the blocks that
-            # registered chunks do not hold: more could never be admitted while they are registered.
-            usable = (engine.cache.num_blocks - engine.cache.stats().num_chunk_blocks) * bs + 1
-            max_tokens = min(limit - n, cache_tokens - n, usable - private)
-            if max_tokens < 1:
-                raise ApiError(400, f"prompt of {n} tokens leaves no room for a reply within the model's length "
-                                    f"({limit} tokens) and the cache ({usable - 1} tokens not held by registered "
-                                    f"chunks); shorten it", param="messages" if job.chat else "prompt",
-                               code="context_length_exceeded")
-        if n + max_tokens > limit:
-            raise ApiError(400, f"prompt of {n} tokens plus max_tokens={max_tokens} is over the model's "
-                                f"length of {limit} tokens; shorten the prompt or lower max_tokens",
-                           param="max_tokens" if n < limit else "prompt", code="context_length_exceeded")
-        if n + max_tokens > cache_tokens:
-            raise ApiError(400, f"prompt of {n} tokens plus max_tokens={max_tokens} needs more KV blocks than "
-                                f"the whole cache holds ({engine.cache.num_blocks} of {bs} tokens); shorten "
-                                f"the prompt or lower max_tokens", param="max_tokens")
-        job.params = dataclasses.replace(job.params, max_tokens=max_tokens)
-        job.num_prompt_tokens, job.num_private_tokens = n, private
-        job.need = blocks_needed(private, max_tokens, bs)
-
-    def _resolve_chunks(self, chunk_ids: tuple[str, ...]) -> list[Chunk]:
-        """The registered chunks a job names, in its order; ApiError 400 (param "chunks") for an
-        unknown id or a system chunk anywhere but first."""
-        if not chunk_ids:
-            return []
-        registered = {c.chunk_id: c for c in self.engine.list_chunks()}
-        unknown = [c for c in chunk_ids if c not in registered]
-        if unknown:
-            known = ", ".join(list(registered)[:10]) or "none"
-            raise ApiError(400, f"unknown chunk id {unknown[0]!r}: register it first (POST /v1/chunks); "
-                                f"registered chunks: {known}", param="chunks", code="chunk_not_found")
-        chunks = [registered[c] for c in chunk_ids]
-        if any(c.kind == "system" for c in chunks[1:]):
-            raise ApiError(400, "a system chunk must come first in chunks, and at most one per request",
-                           param="chunks")
-        return chunks
 
     def _start(self, job: Job) -> None:
         try:
-            if job.chunks:
-                self.engine.add_chunk_request(job.request_id, list(job.chunks), job.engine_prompt, job.params,
-                                              job.recompute_ratio, priority=job.priority)
-            else:
-                self.engine.add_request(job.request_id, job.engine_prompt, job.params, priority=job.priority)
-        except ValueError as e:  # the engine's own validation: the caller's mistake, nothing was kept
-            return self._fail(job, ApiError(400, str(e)))
+            self.engine.enqueue(job.prepared)
+        except ValueError as e:  # what changed since it was prepared: nothing was kept
+            return self._end(job, _invalid(e, job.prompt_param))
         job.state = "running"
         self._jobs[job.request_id] = job
         self.metrics.queue_time.observe(time.monotonic() - job.received)
         self._post(job, _resolve, job.admitted, None)
         return None
-
-    def _register_chunk(self, prompt: str | dict[str, list[int]], kind: str, chunk_id: str | None,
-                        param: str) -> tuple[Chunk, int]:
-        """On the loop thread. Checks in the order that gives the right status: what no retry can
-        fix (400) before what the cache lacks now (503). A chunk takes blocks only within the
-        admission headroom, so registering never forces a preemption of an admitted request."""
-        engine = self.engine
-        try:
-            text, ids = engine.tokenize_chunk(prompt, kind)
-        except ValueError as e:  # the engine names the field prompt_token_ids
-            raise ApiError(400, str(e).replace("prompt_token_ids", "token_ids"), param=param) from None
-        if len(ids) > engine.max_model_len:
-            raise ApiError(400, f"a chunk of {len(ids)} tokens is over the model's length of "
-                                f"{engine.max_model_len} tokens; split it", param=param,
-                           code="context_length_exceeded")
-        before = {c.chunk_id: c for c in engine.list_chunks()}
-        key = chunk_id if chunk_id is not None else engine.default_chunk_id(ids, kind)
-        old = before.get(key)
-        if old is not None and (old.token_ids != tuple(ids) or old.kind != kind):
-            raise ApiError(400, f"chunk id {key!r} is already registered with other content; delete it "
-                                f"first (DELETE /v1/chunks/{key}) or use another id", param="id",
-                           code="chunk_id_taken")
-        # Registering content under an id that holds it already returns that chunk and takes nothing.
-        if old is None:
-            cache = engine.cache
-            need = math.ceil(len(ids) / cache.block_size)
-            taken, budget = cache.stats().num_chunk_blocks, cache.chunk_budget
-            if taken + need > budget:
-                raise ApiError(400, f"the chunk needs {need} KV blocks but the chunk budget is {budget} blocks "
-                                    f"(max_chunk_fraction of the cache) and registered chunks hold {taken}: "
-                                    f"delete a chunk (DELETE /v1/chunks/{{id}}) or shorten this one", param=param,
-                               code="chunk_budget_exceeded")
-            room = headroom(engine)
-            if need > room:
-                raise self._busy(503, f"the KV cache has no room for the chunk now: it needs {need} blocks, "
-                                      f"{max(room, 0)} are free of running requests; retry later")
-        try:
-            chunk = engine.register_chunk({"prompt": text, "prompt_token_ids": ids}, kind, chunk_id)
-        except ValueError as e:  # what the checks above did not foresee: nothing was kept
-            raise ApiError(400, str(e), param=param) from None
-        if before.get(chunk.chunk_id) is not chunk:
-            self._chunk_created[chunk.chunk_id] = int(time.time())
-        return chunk, self._created(chunk.chunk_id)
 
     def _unregister_chunk(self, chunk_id: str) -> None:
         if chunk_id not in {c.chunk_id for c in self.engine.list_chunks()}:
@@ -382,70 +287,100 @@ class EngineLoop:
         when the server first saw it."""
         return self._chunk_created.setdefault(chunk_id, int(time.time()))
 
-    def _expire_queued(self, now: float) -> None:
-        for job in self._queue.pop_expired(now):
-            job.state = "done"
-            self._fail(job, self._busy(503, f"timed out after {self.config.queue_timeout:g} s waiting for KV "
-                                            f"cache room; retry later"))
+    def _expire_queued(self) -> None:
+        for job in self._queue.pop_expired(time.monotonic()):
+            self._end(job, self._busy(503, f"timed out after {self.config.queue_timeout:g} s waiting for KV "
+                                           f"cache room; retry later"))
 
     def _admit_queued(self) -> None:
-        if not self._queue:
-            return
-        room = headroom(self.engine)
-        while self._queue and self._queue.head().need <= room:
-            job = self._queue.pop_head()
-            room -= job.need
-            self._start(job)
+        engine, mode = self.engine, self.config.admission
+        while self._queue and admission.need(engine, self._queue.head().prepared, mode) <= admission.room(engine, mode):
+            self._start(self._queue.pop_head())
+
+    # ---- stepping -----------------------------------------------------------------------------
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # our bug, not the caller's: fail what runs, keep serving if we can
-            log.exception("engine step failed")
-            self.healthy = False
-            err = ApiError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_server_error")
-            for job in list(self._jobs.values()):
-                try:
-                    self.engine.abort_request(job.request_id)
-                except Exception:
-                    log.exception("could not abort %s after the failed step", job.request_id)
-                self._jobs.pop(job.request_id)
-                job.state = "done"
-                self._post(job, job.outputs.put_nowait, err)
+        except StepError as e:  # the engine ended that step's requests; everything else is intact
+            log.error("engine step failed: %s", e, exc_info=e.cause)
+            self._step_failed(e.request_ids, e)
             return
+        except Exception as e:  # failed before it had a batch: end everything it holds
+            log.exception("engine step failed")
+            for job in list(self._jobs.values()):
+                self._guarded(lambda: self.engine.abort_request(job.request_id))
+            self._step_failed(list(self._jobs), e)
+            return
+        self._failed_steps = 0
+        self._intact = True
         now = time.monotonic()
         for out in outputs:
             job = self._jobs.get(out.request_id)
-            if job is not None:
+            if isinstance(job, Job):
                 self._on_output(job, out, now)
+            elif isinstance(job, ChunkJob):
+                del self._jobs[job.request_id]
+                chunk = self.engine.chunk(job.chunk_id)
+                self._chunk_created[chunk.chunk_id] = int(time.time())
+                self._end(job, None, chunk)
+
+    def _step_failed(self, request_ids: list[str], e: Exception) -> None:
+        """Fail the jobs of a failed step (500), then check the engine is intact."""
+        self.metrics.step_failures.inc()
+        self._failed_steps += 1
+        err = _internal(e)
+        for request_id in request_ids:
+            job = self._jobs.pop(request_id, None)
+            if job is not None:
+                self._end(job, err)
+        self._check_intact()
+
+    def _check_intact(self) -> None:
+        try:
+            self.engine.check_integrity()
+            self._intact = True
+        except Exception:
+            log.exception("the engine is not intact")
+            self._intact = False
 
     def _on_output(self, job: Job, out: RequestOutput, now: float) -> None:
         n = len(out.outputs[0].token_ids)
-        if n > job.num_tokens:
+        if n:
             if job.last_token_time is None:
                 self.metrics.ttft.observe(now - job.received)
             else:
-                gap = (now - job.last_token_time) / (n - job.num_tokens)
-                for _ in range(n - job.num_tokens):
+                gap = (now - job.last_token_time) / n
+                for _ in range(n):
                     self.metrics.itl.observe(gap)
-            job.num_tokens, job.last_token_time = n, now
+            job.num_tokens += n
+            job.last_token_time = now
         if out.finished:
             del self._jobs[job.request_id]
             job.state = "done"
-            self.metrics.finished(job.num_prompt_tokens, n, out.outputs[0].finish_reason or "stop")
-        if job.stream or out.finished:
-            self._post(job, job.outputs.put_nowait, out)
+            self.metrics.finished(job.num_prompt_tokens, job.num_tokens, out.outputs[0].finish_reason or "stop")
+        self._post(job, job.outputs.put, out)
+
+    # ---- results ------------------------------------------------------------------------------
 
     def _busy(self, status: int, message: str) -> ApiError:
         return ApiError(status, message, type="server_overloaded" if status == 503 else "rate_limit_exceeded",
                         code="kv_cache_full" if status == 503 else "queue_full",
                         headers={"Retry-After": str(self.config.retry_after)})
 
-    def _fail(self, job: Job, err: ApiError) -> None:
-        job.state = "done"
-        self._post(job, _resolve, job.admitted, err)
+    def _end(self, job: Job | ChunkJob, err: ApiError | None, chunk: Chunk | None = None) -> None:
+        """Finish `job` with `err` or its result: a job not yet admitted gets it as its admission,
+        a running one in its output stream, a chunk job as its result."""
+        was, job.state = job.state, "done"
+        if isinstance(job, ChunkJob):
+            result = err if err is not None else (chunk, self._created(chunk.chunk_id))
+            self._post(job, _resolve, job.done, result)
+        elif was == "running" and err is not None:
+            self._post(job, job.outputs.fail, err)
+        else:
+            self._post(job, _resolve, job.admitted, err)
 
-    def _post(self, job: Job, fn: Callable, *args: Any) -> None:
+    def _post(self, job: Job | ChunkJob, fn: Callable, *args: Any) -> None:
         self._posts.append((job.aloop, fn, args))
 
     def _flush(self) -> None:
@@ -465,34 +400,48 @@ class EngineLoop:
     def _shutdown(self) -> None:
         err = _shutting_down()
         while self._queue:
-            self._fail(self._queue.pop_head(), err)
+            self._end(self._queue.pop_head(), err)
         for job in list(self._jobs.values()):
-            self.engine.abort_request(job.request_id)
-            job.state = "done"
-            self._post(job, job.outputs.put_nowait, err)
+            self._guarded(lambda: self.engine.abort_request(job.request_id))
+            self._end(job, err)
         self._jobs.clear()
         with self._cv:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
-            if kind == "submit":
-                self._fail(payload, err)
-            elif kind == "call":
+            if kind in ("submit", "register"):
+                self._end(payload, err)
+            elif kind == "call" and not payload[1].done():
                 payload[1].set_exception(_shutting_down())
         self._flush()
+
+
+def _invalid(e: ValueError, prompt_param: str) -> ApiError:
+    """The engine's refusal as a 400 naming the field (its "prompt" is the request's `prompt_param`)."""
+    param = getattr(e, "param", None)
+    return ApiError(400, str(e), param=prompt_param if param == "prompt" else param, code=getattr(e, "code", None))
+
+
+def _internal(e: BaseException) -> ApiError:
+    return ApiError(500, f"internal server error ({type(e).__name__}: {e}); this is a kvforge bug",
+                    type="internal_server_error")
 
 
 def _shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", type="server_shutting_down")
 
 
-def _resolve(fut: asyncio.Future, err: ApiError | None) -> None:
+def _resolve(fut: asyncio.Future, result: Any) -> None:
+    """Set `fut` to `result`, or raise it there when it is an ApiError. No-op once done."""
     if not fut.done():
-        if err is None:
-            fut.set_result(None)
+        if isinstance(result, ApiError):
+            fut.set_exception(result)
         else:
-            fut.set_exception(err)
+            fut.set_result(result)
 
 
 def _run_all(calls: list[tuple[Callable, tuple]]) -> None:
     for fn, args in calls:
-        fn(*args)
+        try:
+            fn(*args)
+        except Exception:  # one handler's callback must not keep the others from theirs
+            log.exception("a result callback failed")

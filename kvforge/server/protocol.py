@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from kvforge.types import CHUNK_KINDS, Chunk, SamplingParams
+from kvforge.engine import KVEvent
+from kvforge.types import CHUNK_KINDS, Chunk, InvalidRequestError, OutputKind, SamplingParams
 
 
 class ApiError(Exception):
@@ -144,18 +145,17 @@ class BaseRequest(_Neutral):
         return DEFAULT_RECOMPUTE_RATIO if self.recompute_ratio is None else self.recompute_ratio
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """SamplingParams for this request; a None max_tokens becomes 1 here and is resolved by the
-        engine loop once the prompt is tokenized. Raises ApiError(400) naming the bad field."""
-        kw = dict(max_tokens=1 if max_tokens is None else max_tokens,
-                  temperature=1.0 if self.temperature is None else self.temperature,
-                  top_p=1.0 if self.top_p is None else self.top_p,
-                  top_k=self.top_k or 0, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                  ignore_eos=self.ignore_eos, seed=self.seed, cache_salt=self.cache_salt)
+        """SamplingParams for this request (max_tokens None: up to the model length, resolved by the
+        engine; outputs are DELTAs, so each step hands the server only what is new). Raises
+        ApiError(400) naming the bad field."""
         try:
-            return SamplingParams(**kw)
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            raise ApiError(400, str(e), param=field if field in kw else None) from None
+            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                                  top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                                  stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                                  seed=self.seed, cache_salt=self.cache_salt,
+                                  output_kind=OutputKind.DELTA)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
 
 
 class CompletionRequest(BaseRequest):
@@ -268,6 +268,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def kv_event(event: KVEvent) -> dict:
+    """A KV event as GET /v1/kv_events shows it: its type and fields, hashes as hex."""
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for name in getattr(event, "__slots__", ()):
+        value = getattr(event, name)
+        if name == "block_hashes":
+            value = [h.hex() for h in value]
+        elif name == "parent_hash":
+            value = value.hex() if value is not None else None
+        elif name == "token_ids":
+            value = list(value)
+        out[name] = value
+    return out
 
 
 def chunk_object(chunk: Chunk, created: int, model: str) -> dict:

@@ -6,6 +6,7 @@ serve from a background thread (tests, benchmarks), on a free port when `port` i
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ class Server:
         self.created = int(time.time())
         self.metrics = ServerMetrics(chunk_budget_blocks=engine.cache.chunk_budget)
         self.loop = EngineLoop(engine, self.config, self.metrics)
+        # Tokenizing and chat templating run here, off the event loop and the engine loop.
+        self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvforge-tokenize")
         self.app = build_app(self)
         self.port = self.config.port
         self._uvicorn: uvicorn.Server | None = None
@@ -59,6 +62,7 @@ class Server:
             pass
         finally:
             self.loop.stop()
+            self.workers.shutdown(wait=False, cancel_futures=True)
 
     def start(self, timeout: float = 30.0) -> Server:
         """Serve from a background thread; returns once the socket accepts connections."""
@@ -89,6 +93,7 @@ class Server:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     def call(self, fn, timeout: float = 30.0) -> Any:
         """Run `fn(engine)` on the engine loop between two steps and return its result (or raise)."""

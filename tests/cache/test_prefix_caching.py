@@ -97,6 +97,22 @@ def test_a_preempted_sequence_resumes_from_its_own_cached_blocks(manager):
     assert match.block_ids == (0, 1) and manager.block_table(0) == [0, 1, 3]
 
 
+def test_a_readmission_with_count_stats_false_reuses_the_prefix_but_leaves_hit_statistics_unchanged(manager):
+    prefill(manager, 0, A)
+    s = manager.stats()
+    assert (s.prefix_query_tokens, s.prefix_hit_tokens) == (10, 0)  # the first admission counts
+    manager.free(0)  # preempted
+    match = manager.match_prefix(A)
+    manager.add_sequence(0, 40, prefix=match, count_stats=False)  # re-admitted
+    manager.append(0, len(A) - match.num_tokens)
+    assert match.num_tokens == 8 and manager.block_table(0) == [0, 1, 3]  # the prefix is still reused
+    s = manager.stats()
+    assert (s.prefix_query_tokens, s.prefix_hit_tokens, s.prefix_hit_rate) == (10, 0, 0.0)
+    manager.add_sequence(1, 40, prefix=manager.match_prefix(A))  # a new request: counted by default
+    s = manager.stats()
+    assert (s.prefix_query_tokens, s.prefix_hit_tokens) == (20, 8)
+
+
 def test_the_same_block_computed_twice_is_kept_once_and_later_blocks_chain_below_it(manager):
     manager.add_sequence(0, capacity=40)
     manager.add_sequence(1, capacity=40)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvforge import SamplingParams
-from kvforge.model.runner import SequenceChunk
+from kvforge.model.runner import TokenRun
 from tests.conftest import PROMPTS, make_llm
 
 GREEDY_64 = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -32,10 +32,10 @@ def test_prefill_and_decode_logits_match_hf_in_float32(llm, hf_model):
     engine.cache.add_sequence(seq_id, capacity=len(ids) + 1)
     try:
         slots = engine.cache.append(seq_id, len(ids))
-        prefill = engine.runner.run([SequenceChunk(ids, 0, slots, engine.cache.block_table(seq_id), True)])
+        prefill = engine.runner.run([TokenRun(ids, 0, slots, engine.cache.block_table(seq_id), True)])
         nxt = int(prefill.argmax())
         slot = engine.cache.append(seq_id, 1)
-        decode = engine.runner.run([SequenceChunk([nxt], len(ids), slot, engine.cache.block_table(seq_id), True)])
+        decode = engine.runner.run([TokenRun([nxt], len(ids), slot, engine.cache.block_table(seq_id), True)])
     finally:
         engine.cache.free(seq_id)
     with torch.inference_mode():

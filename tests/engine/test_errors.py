@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 
 from kvforge import LLM, SamplingParams
+from kvforge.engine import StepError
+from tests.conftest import assert_engine_idle
 
 OK = SamplingParams(temperature=0, max_tokens=4)
 
 
 def _still_serves(llm) -> None:
+    assert_engine_idle(llm.engine)
     assert llm.generate("Hello", OK)[0].outputs[0].finish_reason in ("length", "stop")
-    llm.engine.check_integrity()
-    stats = llm.stats()
-    assert stats.num_running == stats.num_waiting == 0
-    assert stats.cache.num_used_blocks == 0
+    assert_engine_idle(llm.engine)
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -24,6 +24,8 @@ def _still_serves(llm) -> None:
     ({"prompt_token_ids": [-1]}, "not a token id"),
     ({"prompt_token_ids": ["a"]}, "not a token id"),
     (42, "a prompt is a string or a dict"),
+    ("ab\ud800cd", r"prompt holds a lone surrogate \('\\ud800' at index 2\)"),
+    ({"prompt_token_ids": [1, 2], "prompt": 5}, "prompt must be a str"),
 ])
 def test_bad_prompts_are_refused_and_nothing_leaks(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -41,7 +43,7 @@ def test_one_bad_prompt_in_a_batch_refuses_the_whole_batch_and_keeps_nothing(llm
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": -1}, "max_tokens must be an integer >= 1"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.5}, "temperature must be a number >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
     ({"top_k": -2}, "top_k must be an integer >= -1"),
     ({"stop": [""]}, "stop must be a non-empty string"),
@@ -60,7 +62,7 @@ def test_prompt_over_max_model_len_is_refused_up_front(llm):
 
 def test_request_larger_than_the_whole_cache_is_refused_up_front():
     small = LLM("smollm2-135m", num_blocks=4, block_size=16)
-    with pytest.raises(ValueError, match="needs 5 KV blocks, and one request can hold at most 4 of the cache.s 4"):
+    with pytest.raises(ValueError, match="needs 5 KV blocks, more than one request can hold: at most 4 of the cache.s 4"):
         small.generate({"prompt_token_ids": [5] * 60}, SamplingParams(max_tokens=10))
     _still_serves(small)
 
@@ -94,3 +96,70 @@ def test_abort_frees_blocks_at_once(llm):
     engine.abort_request("a")
     engine.abort_request("a")  # a second abort is a no-op
     _still_serves(llm)
+
+
+def test_a_chat_message_with_a_lone_surrogate_is_refused(llm):
+    with pytest.raises(ValueError, match=r"messages\[0\].content holds a lone surrogate"):
+        llm.chat([{"role": "user", "content": "hi \udfff"}], OK)
+    _still_serves(llm)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": 2 ** 64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\]"),
+    ({"seed": -(2 ** 63) - 1}, "seed must be an integer in"),
+    ({"stop": ["x"] * 65}, "stop takes at most 64 strings"),
+    ({"stop": "y" * 1025}, "of at most 1024 characters"),
+    ({"stop": 5}, "stop must be a non-empty string or a list"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids takes at most 1024 ids"),
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+])
+def test_out_of_range_sampling_values_are_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == next(iter(kwargs))
+
+
+def test_the_extreme_seeds_torch_accepts_are_accepted(llm):
+    for seed in (2 ** 64 - 1, -(2 ** 63)):
+        assert llm.generate("Hi", SamplingParams(max_tokens=2, seed=seed))[0].outputs[0].token_ids
+    _still_serves(llm)
+
+
+def test_a_failing_step_ends_only_its_requests_and_the_engine_keeps_serving(llm, monkeypatch):
+    engine = llm.engine
+    engine.add_request("in-step-a", "Hello there", OK)
+    engine.add_request("in-step-b", "General Kenobi", OK)
+    calls = []
+
+    def broken(runs):
+        calls.append(len(runs))
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    with pytest.raises(StepError) as e:
+        engine.step()
+    assert sorted(e.value.request_ids) == ["in-step-a", "in-step-b"] and calls == [2]
+    assert isinstance(e.value.cause, RuntimeError)
+    monkeypatch.undo()
+    _still_serves(llm)
+
+
+def test_a_request_outside_a_failing_step_is_untouched(monkeypatch):
+    small = LLM("smollm2-135m", kv_cache_memory=64 << 20, max_num_seqs=1)
+    engine = small.engine
+    engine.add_request("first", "Hello there", OK)
+    engine.add_request("second", "General Kenobi", OK)  # waits: one sequence at a time
+    real = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda runs: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(StepError) as e:
+        engine.step()
+    assert e.value.request_ids == ["first"]
+    monkeypatch.setattr(engine.runner, "run", real)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(outs) == ["second"]
+    alone = small.generate("General Kenobi", OK)[0]
+    assert outs["second"].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert_engine_idle(engine)

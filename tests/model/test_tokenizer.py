@@ -146,6 +146,25 @@ def test_sentencepiece_gguf_equals_hf(tmp_path, text):
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("prompt_tail", [[], [2] * 6], ids=["text-last", "control-tokens-last"])
+def test_sentencepiece_first_generated_piece_keeps_its_leading_space_only_with_prompt_context(tmp_path,
+                                                                                               prompt_tail):
+    tok = Tokenizer.from_gguf(write_gguf(tmp_path / "spm.gguf", "llama", None, None, _spm_fields()))
+    prompt = tok.encode("hello that") + prompt_tail  # [<s>, ▁hello, ▁th, at, (</s> x 6)]
+    generated = tok.encode("world a hello", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in generated] == ["▁world", "▁a", "▁hello"]
+    expected = tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+    assert expected == " world a hello"
+    # Without context the decoder strips the leading space of the text's first token, as decode() does.
+    bare = IncrementalDetokenizer(tok)
+    assert [bare.add(i) for i in generated] == ["world", " a", " hello"]
+    assert bare.text == tok.decode(generated) == "world a hello"
+    # With the prompt as context the space is kept (even when the prompt ends in skipped control tokens).
+    detok = IncrementalDetokenizer(tok, prompt_token_ids=prompt)
+    assert [detok.add(i) for i in generated] == [" world", " a", " hello"]
+    assert detok.text == expected
+
+
 def test_hf_directory_tokenizer_and_its_add_bos_flag(tmp_path, hf_tokenizer, smollm_tokenizer):
     hf_tokenizer.save_pretrained(tmp_path)
     tok = Tokenizer.from_hf_dir(tmp_path)

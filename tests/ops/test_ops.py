@@ -63,7 +63,7 @@ def test_decode_attention_equals_naive_attention_per_sequence(lengths):
     bs, kvh, heads, d = 4, 2, 6, 8
     kc, vc = torch.randn(20, bs, kvh, d), torch.randn(20, bs, kvh, d)
     perm = torch.randperm(20).tolist()
-    tables, seqs = [], []
+    tables = []
     for n in lengths:
         nb = -(-n // bs)
         tables.append([perm.pop() for _ in range(nb)])

@@ -1,5 +1,6 @@
 """Admission when the KV cache is full (--on-full reject | wait | shrink, --max-queue) and priority
-order, on the tiny engine: 8 blocks of 8 tokens, one running sequence at a time.
+order, on the tiny engine: 8 blocks of 8 tokens, one running sequence at a time, with
+`--admission reserve` (each request's worst case is reserved; admission by need: test_preemption.py).
 
 A request of 8 prompt tokens and max_tokens=32 may hold ceil(39 / 8) = 5 blocks, so while one runs
 the headroom is 3 blocks and a second such request does not fit.
@@ -56,7 +57,7 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def test_reject_answers_503_with_retry_after_and_serves_once_there_is_room(tiny_engine):
-    with serving(tiny_engine, on_full="reject", retry_after=2) as server:
+    with serving(tiny_engine, admission="reserve", on_full="reject", retry_after=2) as server:
         blocker = Blocker(server.url, BIG)
         r = _post(server.url, BIG)
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
@@ -67,7 +68,7 @@ def test_reject_answers_503_with_retry_after_and_serves_once_there_is_room(tiny_
 
 
 def test_reject_through_the_client_is_a_503(tiny_engine):
-    with serving(tiny_engine, on_full="reject") as server:
+    with serving(tiny_engine, admission="reserve", on_full="reject") as server:
         blocker = Blocker(server.url, BIG)
         with pytest.raises(openai.APIStatusError) as e:
             client_for(server).completions.create(**{k: v for k, v in BIG.items() if k != "ignore_eos"})
@@ -76,7 +77,7 @@ def test_reject_through_the_client_is_a_503(tiny_engine):
 
 
 def test_wait_queues_the_request_until_there_is_room(tiny_engine):
-    with serving(tiny_engine, on_full="wait") as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait") as server:
         blocker = Blocker(server.url, BIG)
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(_post, server.url, BIG)
@@ -87,7 +88,7 @@ def test_wait_queues_the_request_until_there_is_room(tiny_engine):
 
 
 def test_wait_gives_up_after_the_queue_timeout_with_a_503(tiny_engine):
-    with serving(tiny_engine, on_full="wait", queue_timeout=0.3) as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait", queue_timeout=0.3) as server:
         blocker = Blocker(server.url, BIG)
         start = time.monotonic()
         r = _post(server.url, BIG)
@@ -99,7 +100,7 @@ def test_wait_gives_up_after_the_queue_timeout_with_a_503(tiny_engine):
 
 
 def test_over_max_queue_is_a_429(tiny_engine):
-    with serving(tiny_engine, on_full="wait", max_queue=1) as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait", max_queue=1) as server:
         blocker = Blocker(server.url, BIG)
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(_post, server.url, BIG)
@@ -112,7 +113,7 @@ def test_over_max_queue_is_a_429(tiny_engine):
 
 
 def test_a_client_that_gives_up_while_queued_leaves_the_queue(tiny_engine):
-    with serving(tiny_engine, on_full="wait") as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait") as server:
         blocker = Blocker(server.url, BIG)
         with pytest.raises(httpx.ReadTimeout):
             _post(server.url, BIG, timeout=0.3)
@@ -121,7 +122,7 @@ def test_a_client_that_gives_up_while_queued_leaves_the_queue(tiny_engine):
 
 
 def test_shrink_lowers_max_tokens_to_what_fits_and_finishes_with_length(tiny_engine):
-    with serving(tiny_engine, on_full="shrink") as server:
+    with serving(tiny_engine, admission="reserve", on_full="shrink") as server:
         blocker = Blocker(server.url, BIG)
         r = _post(server.url, {**BIG, "prompt": list(range(1000, 1030))})  # 30 prompt tokens cannot fit
         assert r.status_code == 503 and "retry-after" in r.headers
@@ -152,7 +153,7 @@ def _finish_order(server, bodies: dict[str, dict], in_flight) -> list[str]:
 
 
 def test_priority_orders_the_admission_queue_lower_first_then_first_come(tiny_engine):
-    with serving(tiny_engine, on_full="wait") as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait") as server:
         blocker = Blocker(server.url, {**BIG, "max_tokens": 33})
         short = {**BIG, "prompt": list(range(3000, 3032)), "max_tokens": 2}  # 32 + 2 - 1 tokens: 5 blocks
         bodies = {"b5": {**short, "priority": 5}, "c0": {**short, "priority": 0},
@@ -165,7 +166,7 @@ def test_priority_orders_the_admission_queue_lower_first_then_first_come(tiny_en
 def test_priority_orders_the_engines_waiting_queue(tiny_engine):
     # Each small request needs 1 block, so all are admitted at once and wait for the one running slot.
     small = {**BIG, "prompt": list(range(2000, 2004)), "max_tokens": 4}
-    with serving(tiny_engine, on_full="reject") as server:
+    with serving(tiny_engine, admission="reserve", on_full="reject") as server:
         blocker = Blocker(server.url, {**BIG, "max_tokens": 25})
         bodies = {"b5": {**small, "priority": 5}, "c0": {**small, "priority": 0}, "d5": {**small, "priority": 5},
                   "e-1": {**small, "priority": -1}}

@@ -120,7 +120,7 @@ def test_a_chunk_id_taken_by_other_content_is_a_400(http, register):
     ({"text": "a", "id": 7}, "id", "valid string"),
     ({"text": "a", "model": "gpt-4"}, "model", "is not served here"),
     ({"text": "a", "name": "doc"}, "name", "Extra inputs are not permitted"),
-    ({"token_ids": [5] * 8200}, "token_ids", "over the model's length"),
+    ({"token_ids": [5] * 8200}, "token_ids", "over max_model_len"),
 ])
 def test_bad_chunk_bodies_are_400_naming_the_field(server, http, body, param, message):
     err = _error(http.post("/v1/chunks", json=body))
@@ -239,7 +239,7 @@ OK = {"model": MODEL, "prompt": QUERY, "max_tokens": 2}
     ({**OK, "chunks": ["DOC", "SYS"]}, "chunks", "a system chunk must come first"),
     ({**OK, "chunks": ["SYS", "SYS"]}, "chunks", "a system chunk must come first"),
     ({**OK, "chunks": ["DOC"], "prompt": ""}, "prompt", "prompt is empty"),
-    ({**OK, "chunks": ["DOC"], "max_tokens": 8192}, "max_tokens", "over the model's length"),
+    ({**OK, "chunks": ["DOC"], "max_tokens": 8192}, "max_tokens", "over max_model_len"),
 ])
 def test_bad_chunk_fields_are_400_naming_the_field(server, http, register, body, param, message):
     names = {"DOC": register(text=DOC1)["id"], "SYS": register(text=SYSTEM, kind="system")["id"]}
@@ -309,20 +309,20 @@ def _delete_all(server) -> None:
 
 
 def test_a_chunk_over_the_chunk_budget_is_a_400(tiny_engine):
-    with serving(tiny_engine) as server:
+    with serving(tiny_engine, admission="reserve") as server:
         assert server.engine.cache.chunk_budget == 2
         err = _error(_register(server.url, token_ids=list(range(2000, 2017))))
         assert err["code"] == "chunk_budget_exceeded" and err["param"] == "token_ids"
-        assert "needs 3 KV blocks but the chunk budget is 2" in err["message"]
+        assert "needs 3 blocks but the chunk budget is 2" in err["message"]
         ok = _register(server.url, token_ids=CHUNK16)
         assert ok.status_code == 200 and ok.json()["num_pages"] == 2
         err = _error(_register(server.url, text="one more"))
-        assert err["code"] == "chunk_budget_exceeded" and "registered chunks hold 2" in err["message"]
+        assert err["code"] == "chunk_budget_exceeded" and "and 2 are taken" in err["message"]
         _delete_all(server)
 
 
 def test_a_chunk_the_cache_has_no_room_for_now_is_a_503_with_retry_after(tiny_engine):
-    with serving(tiny_engine, retry_after=3) as server:
+    with serving(tiny_engine, admission="reserve", retry_after=3) as server:
         blocker = Blocker(server.url, {**BIG, "max_tokens": 48})  # may hold ceil(55 / 8) = 7 of 8 blocks
         r = _register(server.url, token_ids=CHUNK16)
         err = _error(r, 503)
@@ -336,7 +336,7 @@ def test_a_chunk_the_cache_has_no_room_for_now_is_a_503_with_retry_after(tiny_en
 def test_a_chunk_request_is_admitted_on_its_private_tokens(tiny_engine):
     """With the chunk's 2 blocks held, 6 are free. 16 chunk tokens + 8 query tokens + max_tokens 32
     would need ceil(55 / 8) = 7 blocks; the request's own tokens need only ceil(39 / 8) = 5."""
-    with serving(tiny_engine, on_full="reject") as server:
+    with serving(tiny_engine, admission="reserve", on_full="reject") as server:
         chunk = _register(server.url, token_ids=CHUNK16).json()["id"]
         body = {**BIG, "chunks": [chunk]}
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
@@ -348,7 +348,7 @@ def test_a_chunk_request_is_admitted_on_its_private_tokens(tiny_engine):
 
 
 def test_shrink_fits_a_chunk_request_on_its_private_tokens(tiny_engine):
-    with serving(tiny_engine, on_full="shrink") as server:
+    with serving(tiny_engine, admission="reserve", on_full="shrink") as server:
         chunk = _register(server.url, token_ids=CHUNK16).json()["id"]
         blocker = Blocker(server.url, BIG)  # 5 blocks: 1 left
         r = httpx.post(server.url + "/v1/completions", json={**BIG, "chunks": [chunk]}, timeout=60)
@@ -360,7 +360,7 @@ def test_shrink_fits_a_chunk_request_on_its_private_tokens(tiny_engine):
 
 
 def test_a_chunk_named_by_a_queued_request_is_in_use(tiny_engine):
-    with serving(tiny_engine, on_full="wait") as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait") as server:
         chunk = _register(server.url, token_ids=CHUNK16).json()["id"]
         blocker = Blocker(server.url, BIG)  # 5 blocks + the chunk's 2: 1 left, the next request waits
         with ThreadPoolExecutor(1) as pool:
@@ -380,7 +380,7 @@ def test_a_chat_without_max_tokens_fits_beside_registered_chunks(tiny_engine, wi
     """The default max_tokens (as many as fit) counts only the blocks that chunks do not hold: else
     the request would need every block of the cache and could never be admitted while a chunk is
     registered."""
-    with serving(tiny_engine, on_full="wait", queue_timeout=5) as server:
+    with serving(tiny_engine, admission="reserve", on_full="wait", queue_timeout=5) as server:
         chunk = _register(server.url, token_ids=CHUNK16).json()["id"]
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0,
                 "ignore_eos": True, **({"chunks": [chunk]} if with_chunks else {})}

@@ -21,7 +21,9 @@ def test_serve_help_lists_server_and_engine_options(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--on-full", "drop"], "on_full must be one of reject, wait, shrink"),
     (["--port", "70000"], "port must be an integer in [0, 65535]"),
-    (["--queue-timeout", "0"], "queue_timeout must be a number of seconds > 0"),
+    (["--queue-timeout", "0"], "queue_timeout must be a finite number of seconds > 0"),
+    (["--queue-timeout", "inf"], "queue_timeout must be a finite number of seconds > 0"),
+    (["--admission", "greedy"], "admission must be one of need, reserve"),
     (["--max-queue", "-1"], "max_queue must be an integer >= 0"),
 ])
 def test_bad_server_options_are_reported_without_loading_the_model(argv, message, capsys):

@@ -8,7 +8,8 @@ import pytest
 from kvforge.cache import KVCacheManager
 from kvforge.config import SchedulerConfig
 from kvforge.engine.scheduler import Scheduler
-from kvforge.server.admission import AdmissionQueue, blocks_needed, shrunk_max_tokens
+from kvforge.engine import blocks_for
+from kvforge.server.admission import AdmissionQueue, shrunk_max_tokens
 from kvforge.types import SamplingParams, Sequence
 
 
@@ -40,7 +41,7 @@ def test_preempted_sequences_go_back_to_the_front_ahead_of_every_priority():
     a, b = _seq(0), _seq(1)
     sched.add(a, priority=3)
     sched.add(b, priority=3)
-    for c in sched.schedule().chunks:  # both prompts fill both blocks
+    for c in sched.schedule().runs:  # both prompts fill both blocks
         c.seq.num_computed += c.num_tokens
         c.seq.token_ids.append(7)
     out = sched.schedule()  # a needs a third block: b is preempted
@@ -82,8 +83,8 @@ def test_the_admission_queue_orders_by_priority_then_arrival_and_expires_by_dead
 
 
 def test_blocks_needed_never_counts_the_last_sampled_token():
-    assert blocks_needed(8, 33, 8) == 5  # 40 positions stored
-    assert blocks_needed(8, 34, 8) == 6
-    assert blocks_needed(1, 1, 16) == 1
-    assert shrunk_max_tokens(8, 3, 8) == 17 and blocks_needed(8, 17, 8) == 3
+    assert blocks_for(8, 33, 8) == 5  # 40 positions stored
+    assert blocks_for(8, 34, 8) == 6
+    assert blocks_for(1, 1, 16) == 1
+    assert shrunk_max_tokens(8, 3, 8) == 17 and blocks_for(8, 17, 8) == 3
     assert shrunk_max_tokens(30, 3, 8) < 1
