@@ -8,6 +8,7 @@ server stops with every block of its engine free again.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +19,7 @@ from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
 from kvforge.server import ServerConfig
 from kvforge.server.serve import Server
-from tests.conftest import MODEL
+from tests.conftest import MODEL, assert_engine_idle
 
 # The tiny engine: 8 blocks of 8 tokens; one sequence at a time, so the waiting order is visible.
 TINY = dict(num_blocks=8, block_size=8, max_num_seqs=1)
@@ -47,16 +48,16 @@ def serving(engine: LLMEngine, **config) -> Iterator[Server]:
 
 
 def assert_idle_and_intact(server: Server, timeout: float = 10.0) -> None:
-    """Wait until the engine has nothing left, then check every block is free and accounted for."""
-    import time
-
+    """Wait until the engine has nothing left, then check it is idle and intact
+    (`tests.conftest.assert_engine_idle`: integrity, per-request maps, chunk user counts, blocks)."""
     deadline = time.monotonic() + timeout
     while True:
         stats = server.call(lambda e: (e.check_integrity(), e.stats())[1])
-        if stats.num_running == stats.num_waiting == 0 and stats.cache.num_used_blocks == 0:
-            return
+        if stats.num_running == stats.num_waiting == 0 and not server.loop._queue:
+            break
         assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
         time.sleep(0.05)
+    server.call(assert_engine_idle)
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,11 @@ def test_malformed_json_is_a_400(http, content):
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools", "tools are not supported"),
     ("/v1/chat/completions", {**CHAT, "model": "other"}, "model", "is not served here"),
 ])
-def test_bad_requests_are_400_naming_the_field(http, path, body, param, message):
+def test_bad_requests_are_400_naming_the_field(server, http, path, body, param, message):
     err = _error(http.post(path, json=body))
     assert err["param"] == param and message in err["message"], err
     assert err["type"] == "invalid_request_error"
+    assert_idle_and_intact(server)
 
 
 def test_an_unknown_model_is_a_bad_request_through_the_client(client):
