@@ -7,7 +7,6 @@ import asyncio
 import threading
 
 import openai
-import pytest
 
 from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
