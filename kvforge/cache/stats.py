@@ -24,7 +24,8 @@ class CacheStats:
     is allocated. `num_tokens` sums sequence lengths, so shared prefixes count once per sequence.
     Byte fields are 0 when the manager was built without `bytes_per_block`.
     Prefix counters are cumulative (reset_prefix_cache keeps them): `prefix_query_tokens` sums the
-    `num_query_tokens` of the matches given to add_sequence, `prefix_hit_tokens` their `num_tokens`.
+    `num_query_tokens` of the matches given to add_sequence (with count_stats: a re-admission after
+    preemption is not counted again), `prefix_hit_tokens` their `num_tokens`.
     """
 
     num_sequences: int

@@ -105,7 +105,7 @@ def test_the_default_body_limit_is_4_mib(server, http):
 def test_a_failing_step_is_a_500_for_its_requests_only_and_the_server_keeps_serving(engine, monkeypatch):
     with serving(engine) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         real = engine.runner.run
-        monkeypatch.setattr(engine.runner, "run", _fail_once(real))
+        monkeypatch.setattr(engine.runner, "run", _fail_call(real, 1, "injected kernel failure"))
         err = _error(http.post("/v1/completions", json=OK), 500)
         assert err["type"] == "internal_server_error" and "injected" in err["message"]
         assert http.get("/health").status_code == 200  # intact, and one failure is not a pattern
@@ -133,15 +133,7 @@ def test_health_is_503_while_steps_keep_failing_and_recovers_when_they_succeed(e
 def test_a_stream_whose_step_fails_ends_with_an_error_event(engine, monkeypatch):
     with serving(engine) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         real = engine.runner.run
-        calls = []
-
-        def third_fails(runs):
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("injected mid-stream")
-            return real(runs)
-
-        monkeypatch.setattr(engine.runner, "run", third_fails)
+        monkeypatch.setattr(engine.runner, "run", _fail_call(real, 3, "injected mid-stream"))
         with http.stream("POST", "/v1/completions", json={**OK, "max_tokens": 8, "stream": True}) as r:
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert '"internal_server_error"' in lines[-2] and lines[-1] == "data: [DONE]"
@@ -232,13 +224,14 @@ def test_kv_events_are_drained_by_an_endpoint(server, http):
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def _fail_once(real):
+def _fail_call(real, n: int, message: str):
+    """`real` (the runner's run), except that its `n`-th call raises RuntimeError(message)."""
     calls = []
 
     def run(runs):
         calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected kernel failure")
+        if len(calls) == n:
+            raise RuntimeError(message)
         return real(runs)
 
     return run
