@@ -78,7 +78,8 @@ class KVRoom:
     """The cache as admission control sees it (`LLMEngine.kv_room`), in blocks.
 
     available: free plus evictable blocks: what allocations may take now.
-    watermark: blocks the scheduler keeps available for running requests to grow into.
+    watermark: blocks the scheduler keeps available for running requests to grow into (0 while
+        none runs).
     waiting_prompts: blocks the prompts of requests waiting in the engine take when admitted
         (without credit for cached prefixes).
     owed_worst_case: over every request in the engine, the blocks it may still take at most
@@ -232,7 +233,9 @@ class LLMEngine(ChunkRequests):
             if s.fills_chunk is None:
                 owed += max(0, blocks_for(s.num_prompt_tokens, s.params.max_tokens, bs)
                             - len(cache.block_table(s.seq_id)))
-        return KVRoom(cache.num_available_blocks, self.scheduler.watermark_blocks, waiting, owed)
+        # The scheduler keeps the watermark only while something runs (else nothing could grow into it).
+        watermark = self.scheduler.watermark_blocks if self.scheduler.running else 0
+        return KVRoom(cache.num_available_blocks, watermark, waiting, owed)
 
     def prompt_blocks(self, prepared: PreparedRequest) -> int:
         """Blocks the request's prompt takes when admitted now: its private tokens less the full

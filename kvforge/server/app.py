@@ -52,7 +52,8 @@ _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/chun
 def build_app(server: Server) -> FastAPI:
     """The app for `server` (which holds the engine loop, the metrics, the tokenizing workers and
     the served model name)."""
-    app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects for a trailing slash: an unknown path is a 404 in OpenAI's shape.
+    app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.add_middleware(_CountRequests, metrics=server.metrics)
     loop, engine, names = server.loop, server.engine, {server.model_name, server.engine.model_name}
     config = server.config
