@@ -62,8 +62,7 @@ class LLM:
         """Yield the completion's text piece by piece as tokens are produced. Text that may be the
         start of a stop string is held back until the next tokens show it is not (the engine cuts a
         matched stop string out), so the pieces always add up to the final text."""
-        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind=OutputKind.DELTA)
-        [request_id] = self._add([(prompt, params)], kind=None)
+        [request_id] = self._add([(prompt, sampling_params or SamplingParams())], OutputKind.DELTA)
         try:
             while True:
                 for out in self.engine.step():
@@ -135,8 +134,8 @@ class LLM:
         `recompute_ratio` 0 is pure reuse, 1 recomputes every chunk after the first (a full
         prefill). Returns a RequestOutput like `generate`."""
         request_id = str(next(self._ids))
-        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind=OutputKind.FINAL_ONLY)
-        self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query), params,
+        self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query),
+                                      _with_kind(sampling_params or SamplingParams(), OutputKind.FINAL_ONLY),
                                       recompute_ratio, recompute_rule)
         return self._wait([request_id])[0]
 
@@ -148,15 +147,13 @@ class LLM:
     def dump_stats(self) -> str:
         return self.engine.cache.dump_stats()
 
-    def _add(self, requests, kind: OutputKind | None = OutputKind.FINAL_ONLY) -> list[str]:
-        """Add every request (all or none); `kind` replaces their output kind unless None."""
+    def _add(self, requests, kind: OutputKind = OutputKind.FINAL_ONLY) -> list[str]:
+        """Add every request (all or none), with outputs of `kind`."""
         ids: list[str] = []
         try:
             for prompt, params in requests:
                 request_id = str(next(self._ids))
-                if kind is not None and isinstance(params, SamplingParams):
-                    params = dataclasses.replace(params, output_kind=kind)
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, _with_kind(params, kind))
                 ids.append(request_id)
         except Exception:
             for request_id in ids:
@@ -181,6 +178,11 @@ class LLM:
                 if request_id not in final:
                     self.engine.abort_request(request_id)
         return [final[i] for i in ids]
+
+
+def _with_kind(params: SamplingParams | None, kind: OutputKind) -> SamplingParams | None:
+    """`params` with outputs of `kind` (anything else is passed on for the engine to refuse)."""
+    return dataclasses.replace(params, output_kind=kind) if isinstance(params, SamplingParams) else params
 
 
 def _as_prompt(text_or_token_ids: str | Seq[int]) -> PromptType:
