@@ -223,7 +223,8 @@ class EngineLoop:
         old = next((c for c in engine.list_chunks() if c.chunk_id == key), None)
         blocks = ceil_div(len(ids), engine.cache.block_size)
         free = admission.room(engine, self.config.admission)
-        if old is None and blocks > free and blocks + engine.cache.stats().num_chunk_blocks <= engine.cache.chunk_budget:
+        within_budget = blocks + engine.cache.stats().num_chunk_blocks <= engine.cache.chunk_budget
+        if old is None and blocks > free and within_budget:  # over the budget: the engine's 400 below
             return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: it needs {blocks} "
                                                   f"blocks, {max(free, 0)} are free; retry later"))
         try:

@@ -149,11 +149,11 @@ class BaseRequest(_Neutral):
         engine; outputs are DELTAs, so each step hands the server only what is new). Raises
         ApiError(400) naming the bad field."""
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                                  top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                                  stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                                  seed=self.seed, cache_salt=self.cache_salt,
-                                  output_kind=OutputKind.DELTA)
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=self.stop,
+                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, seed=self.seed,
+                cache_salt=self.cache_salt, output_kind=OutputKind.DELTA)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param=e.param) from None
 
