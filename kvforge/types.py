@@ -23,6 +23,16 @@ class InvalidRequestError(ValueError):
         self.param, self.code = param, code
 
 
+def check_unicode(text: str, field: str) -> None:
+    """Raise InvalidRequestError naming `field` when `text` is not valid Unicode: a lone surrogate
+    such as "\\ud800", which JSON and Python strings can carry but UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{field} holds a lone surrogate ({text[e.start]!r} at index {e.start}), which "
+                                  f"is not valid Unicode text; send valid UTF-8", field) from None
+
+
 class OutputKind(enum.Enum):
     """What each RequestOutput of a request carries (vLLM's RequestOutputKind).
 
@@ -87,6 +97,8 @@ class SamplingParams:
                              f"got {self.logprobs!r}")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
+        if self.cache_salt is not None:
+            check_unicode(self.cache_salt, "cache_salt")
         if not isinstance(self.output_kind, OutputKind):
             raise ValueError(f"output_kind must be an OutputKind, got {self.output_kind!r}")
         if not isinstance(self.stop, (str, list, tuple, type(None))):
@@ -95,10 +107,7 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         for s in stop:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"stop holds a lone surrogate ({s!r}), which is not valid Unicode text") from None
+            check_unicode(s, "stop")
         if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} "
                              f"characters each, got {len(stop)} of up to {max(map(len, stop))} characters")

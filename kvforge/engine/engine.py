@@ -27,6 +27,7 @@ from kvforge.types import (
     RequestOutput,
     SamplingParams,
     Sequence,
+    check_unicode,
 )
 
 PromptType = str | Mapping[str, object]
@@ -300,6 +301,7 @@ class LLMEngine(ChunkRequests):
             salt = prompt["cache_salt"]
             if not isinstance(salt, str) or not salt:
                 raise InvalidRequestError(f"cache_salt must be a non-empty string or None, got {salt!r}", "cache_salt")
+            check_unicode(salt, "cache_salt")
             return salt
         return params.cache_salt
 

@@ -23,6 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from kvforge.types import check_unicode
+
 # llama.cpp token types (tokenizer.ggml.token_type).
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
@@ -53,16 +55,6 @@ def _byte_alphabet() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
-
-
-def check_text(text: str, what: str) -> None:
-    """Raise ValueError naming `what` when `text` is not valid Unicode (a lone surrogate such as
-    "\\ud800", which JSON can carry but UTF-8 cannot): no tokenizer can take it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone surrogate ({text[e.start]!r} at index {e.start}), which is not "
-                         f"valid Unicode text; send valid UTF-8 or token ids") from None
 
 
 class Tokenizer:
@@ -134,7 +126,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}")
-        check_text(text, "text")
+        check_unicode(text, "text")
         ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self._add_bos:
@@ -188,8 +180,8 @@ class Tokenizer:
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
                     m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with str 'role' and str 'content', got {m!r}")
-            check_text(m["role"], f"messages[{i}].role")
-            check_text(m["content"], f"messages[{i}].content")
+            check_unicode(m["role"], f"messages[{i}].role")
+            check_unicode(m["content"], f"messages[{i}].content")
         context = {"messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt}
         for name, tid in (("bos_token", self._bos), ("eos_token", self.eos_token_id)):
             if tid is not None:

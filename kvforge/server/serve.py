@@ -67,7 +67,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         """Serve from a background thread; returns once the socket accepts connections."""
         family = socket.getaddrinfo(self.config.host, self.port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio then sets TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.port))
         self.port = sock.getsockname()[1]

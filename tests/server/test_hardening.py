@@ -258,3 +258,10 @@ def _wait_for(predicate, timeout: float = 15.0) -> None:
 def test_step_error_names_the_requests_it_ended():
     e = StepError(["a", "b"], ValueError("x"))
     assert e.request_ids == ["a", "b"] and "2 request(s)" in str(e)
+
+
+def test_a_cache_salt_with_a_lone_surrogate_is_a_400_naming_it(server, http):
+    raw = b'{"prompt": "Hi", "max_tokens": 1, "cache_salt": "tenant-\\ud800"}'
+    err = _error(http.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
+    assert err["param"] == "cache_salt" and "lone surrogate" in err["message"]
+    assert_idle_and_intact(server)
