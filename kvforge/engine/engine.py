@@ -359,8 +359,9 @@ class LLMEngine(ChunkRequests):
         by its `output_kind`), and a finished output with no completions for every chunk
         registration that completed. Raises StepError when the batch fails: the requests of that
         step are ended and their blocks freed, everything else is left intact."""
-        outputs, self._unreturned = self._unreturned, []
-        return outputs + self._step()
+        new = self._step()  # if it raises, outputs held back so far stay for the next step
+        outputs, self._unreturned = self._unreturned + new, []
+        return outputs
 
     def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()

@@ -265,3 +265,30 @@ def test_a_cache_salt_with_a_lone_surrogate_is_a_400_naming_it(server, http):
     err = _error(http.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
     assert err["param"] == "cache_salt" and "lone surrogate" in err["message"]
     assert_idle_and_intact(server)
+
+
+def test_a_handler_does_not_wait_forever_on_an_engine_loop_that_died():
+    """Should the loop thread ever die (here: something no `except Exception` catches), a waiting
+    handler answers 503 within a second and /health says so; nothing hangs."""
+    from kvforge.config import EngineConfig
+    from kvforge.engine import LLMEngine
+    from kvforge.server import ServerConfig
+    from kvforge.server.serve import Server
+    from tests.conftest import MODEL
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model=MODEL, kv_cache_memory=16 << 20, max_model_len=64))
+
+    def die():
+        raise SystemExit("injected: the loop thread ends")
+
+    engine.step = die
+    server = Server(engine, ServerConfig(port=0, log_level="critical")).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            start = time.monotonic()
+            err = _error(http.post("/v1/completions", json=OK), 503)
+            assert "engine loop has stopped" in err["message"] and time.monotonic() - start < 5
+            assert http.get("/health").status_code == 503
+            assert _error(http.get("/metrics"), 503)["type"] == "server_unhealthy"
+    finally:
+        server.stop()
