@@ -267,6 +267,7 @@ def test_a_cache_salt_with_a_lone_surrogate_is_a_400_naming_it(server, http):
     assert_idle_and_intact(server)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected death
 def test_a_handler_does_not_wait_forever_on_an_engine_loop_that_died():
     """Should the loop thread ever die (here: something no `except Exception` catches), a waiting
     handler answers 503 within a second and /health says so; nothing hangs."""
