@@ -5,6 +5,7 @@ Usable with no model and no server; imports only torch, the stdlib and `kvforge.
 """
 
 from kvforge.cache.blocks import Block, BlockPool, FreeBlockQueue, NoFreeBlocksError
+from kvforge.cache.chunks import ChunkBudgetError
 from kvforge.cache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvforge.cache.hashing import extra_keys, hash_block
 from kvforge.cache.kv_cache import KVCache
@@ -22,6 +23,7 @@ __all__ = [
     "BlockStored",
     "CacheOverflowError",
     "CacheStats",
+    "ChunkBudgetError",
     "FreeBlockQueue",
     "KVCache",
     "KVCacheManager",

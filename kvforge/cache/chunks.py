@@ -13,10 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvforge.cache.blocks import NoFreeBlocksError
 from kvforge.config import ceil_div
 
 if TYPE_CHECKING:
     from kvforge.cache.allocator import BlockAllocator
+
+
+class ChunkBudgetError(ValueError):
+    """A chunk would take registered chunks' pages over their budget (`max_chunk_fraction`)."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,11 @@ class ChunkTable:
         self.users: dict[str, int] = {}
         self.num_blocks = 0
 
-    def allocate(self, chunk_id: str, num_tokens: int) -> ChunkPages:
+    def allocate(self, chunk_id: str, num_tokens: int, max_blocks: int | None = None) -> ChunkPages:
         """Take the blocks for a new chunk of `num_tokens` (evicting cached prefix blocks if the free
-        queue runs short). Raises ValueError, changing nothing: a bad or registered id, no tokens,
-        or over the chunk budget; NoFreeBlocksError when the pool has too few available blocks."""
+        queue runs short). Raises, changing nothing: ValueError for a bad or registered id or no
+        tokens, ChunkBudgetError over the chunk budget, NoFreeBlocksError when the pool has too few
+        available blocks or the chunk needs more than `max_blocks` (a caller's admission room)."""
         if not isinstance(chunk_id, str) or not chunk_id:
             raise ValueError(f"a chunk id is a non-empty string, got {chunk_id!r}")
         if chunk_id in self.pages:
@@ -54,9 +60,11 @@ class ChunkTable:
             raise ValueError(f"chunk {chunk_id!r} is empty: a chunk needs at least one token")
         need = ceil_div(num_tokens, self.block_size)
         if self.num_blocks + need > self.max_blocks:
-            raise ValueError(f"chunk {chunk_id!r} needs {need} blocks but the chunk budget is {self.max_blocks} "
-                             f"blocks (max_chunk_fraction {self.max_fraction} of {self.blocks.pool.num_blocks}) "
-                             f"and {self.num_blocks} are taken: unregister a chunk or raise max_chunk_fraction")
+            raise ChunkBudgetError(f"chunk {chunk_id!r} needs {need} blocks but the chunk budget is {self.max_blocks} "
+                                   f"blocks (max_chunk_fraction {self.max_fraction} of {self.blocks.pool.num_blocks}) "
+                                   f"and {self.num_blocks} are taken: unregister a chunk or raise max_chunk_fraction")
+        if max_blocks is not None and need > max_blocks:
+            raise NoFreeBlocksError(f"chunk {chunk_id!r} needs {need} blocks, {max(max_blocks, 0)} are free")
         pages = ChunkPages(chunk_id, tuple(b.block_id for b in self.blocks.allocate(need)), num_tokens)
         self.pages[chunk_id] = pages
         self.users[chunk_id] = 0

@@ -329,12 +329,12 @@ class KVCacheManager(PrefixCaching):
 
     # ---- chunk pages --------------------------------------------------------------------------
 
-    def allocate_chunk(self, chunk_id: str, num_tokens: int) -> ChunkPages:
+    def allocate_chunk(self, chunk_id: str, num_tokens: int, max_blocks: int | None = None) -> ChunkPages:
         """Reserve the pages of a new chunk of `num_tokens` (see `chunks.py`); the caller writes
         positions 0..num_tokens-1 into `chunk_slot_mapping(chunk_id, 0, num_tokens)`. Raises
-        ValueError (bad or taken id, empty, over the chunk budget) or NoFreeBlocksError, changing
-        nothing."""
-        return self._chunks.allocate(chunk_id, num_tokens)
+        ValueError (bad or taken id, empty), ChunkBudgetError (over the chunk budget) or
+        NoFreeBlocksError (too few available blocks, or more than `max_blocks`), changing nothing."""
+        return self._chunks.allocate(chunk_id, num_tokens, max_blocks)
 
     def chunk_pages(self, chunk_id: str) -> ChunkPages:
         """The pages of a registered chunk; ValueError naming the registered ids if unknown."""

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvforge.cache import KVCacheManager, NoFreeBlocksError
+from kvforge.cache import ChunkBudgetError, KVCacheManager, NoFreeBlocksError
 from kvforge.types import (
     CHUNK_KINDS,
     Chunk,
@@ -79,7 +79,8 @@ class ChunkRequests:
         return self._chunks[registration.chunk_id]
 
     def add_chunk_registration(self, request_id: str, prompt: PromptType, kind: str = "context",
-                               chunk_id: str | None = None, priority: int = 0) -> ChunkRegistration:
+                               chunk_id: str | None = None, priority: int = 0,
+                               max_blocks: int | None = None) -> ChunkRegistration:
         """Queue the prefill of a document chunk (keys at positions 0..n-1) into chunk pages taken
         now; it is scheduled like any prefill, and the chunk is registered when it is done: `step()`
         then returns a finished RequestOutput for `request_id` with no completions. When the same
@@ -87,7 +88,7 @@ class ChunkRequests:
         The default id names the content. Raises, changing nothing: InvalidRequestError for a
         bad kind, an empty or invalid prompt, a chunk over max_model_len, an id taken by other
         content or being registered, or over the chunk budget; NoFreeBlocksError when the cache has
-        no room for it now."""
+        no room for it now, or it needs more than `max_blocks` (the caller's admission room)."""
         self._check_request(request_id, None, priority)
         if kind not in CHUNK_KINDS:
             raise InvalidRequestError(f"chunk kind must be one of {', '.join(CHUNK_KINDS)}, got {kind!r}", "kind")
@@ -107,11 +108,11 @@ class ChunkRequests:
             raise InvalidRequestError(f"chunk id {chunk_id!r} is being registered by another request; "
                                       f"retry once it is registered", "id")
         try:
-            self.cache.allocate_chunk(chunk_id, len(ids))
-        except ValueError as e:  # over the chunk budget or a bad id
-            budget = "budget" in str(e)
-            raise InvalidRequestError(str(e), "prompt" if budget else "id",
-                                      "chunk_budget_exceeded" if budget else None) from None
+            self.cache.allocate_chunk(chunk_id, len(ids), max_blocks)
+        except ChunkBudgetError as e:
+            raise InvalidRequestError(str(e), "prompt", "chunk_budget_exceeded") from None
+        except ValueError as e:  # a bad id
+            raise InvalidRequestError(str(e), "id") from None
         seq = Sequence(next(self._seq_ids), request_id, text, ids, SamplingParams(max_tokens=1), time.monotonic(),
                        fills_chunk=chunk_id, chunk_kind=kind)
         self._filling[chunk_id] = seq

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvforge.config import ceil_div
 from kvforge.engine import LLMEngine, NoFreeBlocksError, StepError
 from kvforge.metrics import ServerMetrics
 from kvforge.server import admission
@@ -217,23 +216,14 @@ class EngineLoop:
     def _on_register(self, job: ChunkJob) -> None:
         """Queue a chunk's prefill. What no retry can fix is a 400, checked (by the engine) before
         what the cache lacks now (503); a chunk takes blocks only within the admission room."""
-        engine = self.engine
-        ids = job.engine_prompt["prompt_token_ids"]
-        key = job.chunk_id if job.chunk_id is not None else engine.default_chunk_id(ids, job.kind)
-        old = next((c for c in engine.list_chunks() if c.chunk_id == key), None)
-        blocks = ceil_div(len(ids), engine.cache.block_size)
-        free = admission.room(engine, self.config.admission)
-        within_budget = blocks + engine.cache.stats().num_chunk_blocks <= engine.cache.chunk_budget
-        if old is None and blocks > free and within_budget:  # over the budget: the engine's 400 below
-            return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: it needs {blocks} "
-                                                  f"blocks, {max(free, 0)} are free; retry later"))
+        free = admission.room(self.engine, self.config.admission)
         try:
-            registration = engine.add_chunk_registration(job.request_id, job.engine_prompt, job.kind, job.chunk_id)
+            registration = self.engine.add_chunk_registration(job.request_id, job.engine_prompt, job.kind,
+                                                              job.chunk_id, max_blocks=free)
         except ValueError as e:
             return self._end(job, _invalid(e, job.param))
-        except NoFreeBlocksError:
-            return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: it needs {blocks} "
-                                                  f"blocks; retry later"))
+        except NoFreeBlocksError as e:
+            return self._end(job, self._busy(503, f"the KV cache has no room for the chunk now: {e}; retry later"))
         if registration.chunk is not None:
             return self._end(job, None, registration.chunk)
         job.state, job.chunk_id = "running", registration.chunk_id
