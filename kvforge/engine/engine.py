@@ -463,7 +463,7 @@ class LLMEngine(ChunkRequests):
         cached = sum(1 for s in self.scheduler.running if s.fills_chunk is None)
         if self.cache.num_sequences != cached:
             raise RuntimeError(f"the cache holds {self.cache.num_sequences} sequences, {cached} are running")
-        if {s.request_id: s for s in queued} != self._requests or len(queued) != len(self._requests):
+        if len(queued) != len(self._requests) or any(self._requests.get(s.request_id) is not s for s in queued):
             raise RuntimeError(f"the engine tracks {len(self._requests)} requests, the scheduler holds "
                                f"{len(queued)}: {sorted(self._requests)[:5]} vs {[s.request_id for s in queued][:5]}")
         generating = {s.seq_id for s in queued if s.fills_chunk is None}
@@ -471,7 +471,8 @@ class LLMEngine(ChunkRequests):
                 or not all(i in self.outputs for i in generating):
             raise RuntimeError(f"generators or detokenizers are left for {len(self._generators)} / "
                                f"{len(self.outputs)} sequences, {len(generating)} are unfinished")
-        if {s.fills_chunk: s for s in queued if s.fills_chunk is not None} != self._filling:
+        filling = [s for s in queued if s.fills_chunk is not None]
+        if len(filling) != len(self._filling) or any(self._filling.get(s.fills_chunk) is not s for s in filling):
             raise RuntimeError(f"chunk registrations in flight {sorted(self._filling)} disagree with the queues")
         users = dict.fromkeys(self._chunks, 0)
         for s in queued:

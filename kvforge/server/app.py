@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from kvforge.server import protocol as P
 from kvforge.server.engine_loop import EngineLoop
-from kvforge.server.jobs import ChunkJob, Job, create_future
+from kvforge.server.jobs import ChunkJob, Job, OutputStream, create_future
 from kvforge.server.protocol import ApiError
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ def build_app(server: Server) -> FastAPI:
 
     def _job(request_id: str, engine_prompt: dict, req: P.BaseRequest, params, chat: bool) -> Job:
         aloop, admitted = create_future()
-        return Job(request_id, engine_prompt, chat, params, req.priority, bool(req.stream), aloop, admitted,
-                   req.chunk_ids, req.ratio)
+        stream = bool(req.stream)
+        return Job(request_id, engine_prompt, chat, params, req.priority, stream, aloop, admitted, req.chunk_ids,
+                   req.ratio, outputs=OutputStream(wake_each_step=stream))
 
     async def _respond(request: Request, job: Job, req: P.BaseRequest, chat: bool) -> Response:
         loop.submit(job)
@@ -137,18 +138,13 @@ def build_app(server: Server) -> FastAPI:
                 events = _events(job, loop, chat, server.model_name, include_usage)
                 return _AbortingStream(events, lambda: loop.abort(job), media_type="text/event-stream",
                                        headers={"Cache-Control": "no-cache"})
-            text = []
-            while True:
-                out = await _from_loop(loop, job.outputs.get(), request)
-                text.append(out.text)
-                if out.finished:
-                    break
+            out = await _from_loop(loop, job.outputs.get(), request)  # woken once, by the final output
         except BaseException:
             loop.abort(job)
             raise
         use = P.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
         build = P.chat_completion if chat else P.completion
-        return JSONResponse(build(job.request_id, server.model_name, "".join(text), out.finish_reason, use))
+        return JSONResponse(build(job.request_id, server.model_name, out.text, out.finish_reason, use))
 
     @app.get("/v1/models")
     async def models() -> dict:

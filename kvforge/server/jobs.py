@@ -25,10 +25,11 @@ from kvforge.types import RequestOutput, SamplingParams
 
 @dataclass
 class Delta:
-    """What a job produced since the handler last read: `text` and `num_tokens` new tokens; at the
-    end `finished` with its `finish_reason` and the usage counts."""
+    """What a job produced since the handler last read: `text` (kept as pieces, joined once when
+    read) and `num_tokens` new tokens; at the end `finished` with its `finish_reason` and the usage
+    counts."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     num_tokens: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -36,11 +37,18 @@ class Delta:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
 
 class OutputStream:
-    """A job's results, coalesced (see the module docstring). `put`/`fail` on the asyncio loop."""
+    """A job's results, coalesced (see the module docstring). `put`/`fail` on the asyncio loop.
+    With `wake_each_step` False (a single JSON body), the reader is woken only by the final output
+    or an error, once, instead of on every step."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake_each_step: bool = True) -> None:
+        self._wake_each_step = wake_each_step
         self._pending: Delta | None = None
         self._error: ApiError | None = None
         self._ready = asyncio.Event()
@@ -51,14 +59,15 @@ class OutputStream:
         o = out.outputs[0]
         self.num_output_tokens += len(o.token_ids)
         d = self._pending or Delta()
-        d.text += o.text
+        d.pieces.append(o.text)
         d.num_tokens += len(o.token_ids)
         if out.finished:
             d.finished, d.finish_reason = True, o.finish_reason
             d.num_prompt_tokens, d.num_cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
             d.num_output_tokens = self.num_output_tokens
         self._pending = d
-        self._ready.set()
+        if self._wake_each_step or out.finished:
+            self._ready.set()
 
     def fail(self, err: ApiError) -> None:
         self._error = err
