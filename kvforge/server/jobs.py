@@ -5,10 +5,11 @@ A handler (on uvicorn's asyncio loop) tokenizes the request in a worker thread, 
 back with `call_soon_threadsafe`, so everything that touches the asyncio objects below runs on the
 asyncio loop.
 
-`OutputStream` is a job's mailbox. The engine hands it only what is new (OutputKind.DELTA for
-streams, one final output otherwise), and it coalesces what the handler has not read yet into one
-pending delta: however slowly a client reads, the server holds at most one pending piece of text
-per request, never a backlog of outputs.
+`OutputStream` is a job's mailbox. The engine hands it only what is new each step
+(OutputKind.DELTA), and it coalesces what the handler has not read yet into one pending delta:
+however slowly a client reads, the server holds one pending delta (at most the request's output
+text) per request, never a backlog of outputs. A single-body request's handler is woken once, by
+the final output.
 """
 
 from __future__ import annotations
