@@ -1,6 +1,6 @@
 """Pure tensor functions with no state: the torch reference of every op (CPU path and test oracle)."""
 
-from kvforge.ops.attention import decode_attention, kv_bias_from_lengths, prefill_attention
+from kvforge.ops.attention import decode_attention, kv_bias_from_lengths, paged_attention, prefill_attention
 from kvforge.ops.cascade import (
     attention_with_lse,
     attention_with_lse_reference,
@@ -19,6 +19,7 @@ __all__ = [
     "gather_seq_kv",
     "kv_bias_from_lengths",
     "merge_attention_states",
+    "paged_attention",
     "prefill_attention",
     "rerotate_keys",
     "rope_cos_sin",

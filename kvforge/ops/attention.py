@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvforge.ops.kv import gather_kv
+from kvforge.ops.cascade import attention_with_lse
+from kvforge.ops.kv import gather_kv, gather_seq_kv
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -57,3 +58,47 @@ def kv_bias_from_lengths(lengths: torch.Tensor, width: int, dtype: torch.dtype) 
     """`[B, width]` additive mask: 0 for positions < lengths[b], -inf beyond (see decode_attention)."""
     invalid = torch.arange(width)[None, :] >= lengths[:, None]
     return torch.zeros(invalid.shape, dtype=dtype).masked_fill_(invalid, float("-inf"))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+                    lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1) -> None:
+    """Causal attention of a packed varlen batch (prefills with or without cached context, and
+    decodes) over the paged arena, written into `out` (and `lse`). Torch reference of the Triton
+    kernel `kvforge.ops.triton.attention.paged_attention`, with the same contract:
+
+    - q `[T, H, D]`; k_cache, v_cache `[num_blocks, block_size, kv_heads, D]`; H % kv_heads == 0.
+    - cu_query_lens `[B + 1]`: sequence b's new query rows are q[cu[b]:cu[b+1]]. Rows at or past
+      cu[B] are padding: left untouched.
+    - seq_lens `[B]`: each sequence's whole K/V length, its new tokens included (already stored).
+      Row i of sequence b sits at position seq_len - q_len + i and sees keys 0 .. that position.
+    - block_tables `[B, nb]`: sequence b's blocks; entries past its length may be any valid id.
+    - out `[T, H, D]` gets the attention output in its own dtype; lse, if given, `[T, H]` float32
+      gets the natural-log log-sum-exp of each row's scaled scores. A row that sees no key (its
+      sequence has seq_len 0, say) gets out 0 and lse -inf.
+    - max_query_len and num_splits only tune the kernel's launch: ignored here.
+
+    Computed in float32, one sequence at a time. Reads the lengths on the host.
+    """
+    cu, lens = cu_query_lens.tolist(), seq_lens.tolist()
+    for b, total in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        n = end - start
+        if n <= 0:
+            continue
+        if total <= 0:  # a padding sequence: no key at all
+            out[start:end].zero_()
+            if lse is not None:
+                lse[start:end].fill_(float("-inf"))
+            continue
+        context = total - n  # may be < 0 only for inconsistent lengths: rows before 0 see nothing
+        k = gather_seq_kv(k_cache, block_tables[b], total)  # [total, kv_heads, D]
+        v = gather_seq_kv(v_cache, block_tables[b], total)
+        bias = None
+        if n > 1 or context < 0:
+            rows = torch.arange(context, total)[:, None]  # each row's position
+            bias = torch.zeros(n, total).masked_fill_(torch.arange(total)[None, :] > rows, float("-inf"))
+        o, row_lse = attention_with_lse(q[start:end], k, v, bias, scale)
+        out[start:end] = o.to(out.dtype)
+        if lse is not None:
+            lse[start:end] = row_lse

@@ -11,8 +11,16 @@ import torch
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (in place)."""
+    """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (in place),
+    cast to the cache's dtype. A negative slot (a padding row, e.g. in a CUDA graph) is skipped.
+
+    CPU reference: the check for negative slots reads the mapping on the host.
+    """
     num_blocks, block_size, heads, dim = k_cache.shape
+    if (slot_mapping < 0).any():
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    slot_mapping = slot_mapping.long()  # index_copy_ takes int64 indices only; a no-op for int64
     k_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 

@@ -85,3 +85,31 @@ def test_prefill_attention_is_causal_with_an_offset_for_cached_context(context):
     k, v = torch.randn(context + n, kvh, d), torch.randn(context + n, kvh, d)
     out = ops.prefill_attention(q, k, v, context, d ** -0.5)
     torch.testing.assert_close(out, _naive_attention(q, k, v, causal_offset=context), atol=1e-5, rtol=1e-4)
+
+
+def test_paged_attention_reference_equals_naive_causal_attention_and_lse_per_sequence():
+    bs, kvh, heads, d = 4, 2, 6, 8
+    # cached-context prefill, decode, no new token, prefill from scratch, a padding sequence (no K/V)
+    q_lens, seq_lens = [3, 1, 0, 2, 1], [7, 9, 4, 2, 0]
+    kc, vc = torch.randn(20, bs, kvh, d), torch.randn(20, bs, kvh, d)
+    perm = torch.randperm(20).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // bs))] for n in seq_lens]
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 4, 4, 6, 7], dtype=torch.int32)
+    q = torch.randn(8, heads, d)  # row 7 is past cu[-1]: padding, left untouched
+    out, lse = torch.full_like(q, float("nan")), torch.full((8, heads), float("nan"))
+    ops.paged_attention(q, kc, vc, cu, torch.tensor(seq_lens, dtype=torch.int32), padded, d ** -0.5, out, lse)
+    for b, (n, total) in enumerate(zip(q_lens, seq_lens)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        if n == 0 or total == 0:
+            assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isneginf(lse[rows]).all()
+            continue
+        k = kc[tables[b]].reshape(-1, kvh, d)[:total]
+        v = vc[tables[b]].reshape(-1, kvh, d)[:total]
+        torch.testing.assert_close(out[rows], _naive_attention(q[rows], k, v, causal_offset=total - n),
+                                   atol=1e-5, rtol=1e-4)
+        scores = torch.einsum("nhd,lhd->nhl", q[rows], k.repeat_interleave(heads // kvh, 1)) * d ** -0.5
+        hidden = torch.arange(total)[None, :] > torch.arange(total - n, total)[:, None]  # [n, total]
+        naive_lse = scores.masked_fill(hidden[:, None, :], float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(lse[rows], naive_lse, atol=1e-5, rtol=1e-5)
+    assert out[7].isnan().all() and lse[7].isnan().all()
