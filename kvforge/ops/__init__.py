@@ -4,16 +4,20 @@ from kvforge.ops.attention import decode_attention, kv_bias_from_lengths, paged_
 from kvforge.ops.cascade import (
     attention_with_lse,
     attention_with_lse_reference,
+    chunk_attention,
     merge_attention_states,
     rerotate_keys,
 )
 from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
+from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "add_rms_norm",
     "apply_rope",
     "attention_with_lse",
     "attention_with_lse_reference",
+    "chunk_attention",
     "decode_attention",
     "gather_kv",
     "gather_seq_kv",
@@ -22,7 +26,9 @@ __all__ = [
     "paged_attention",
     "prefill_attention",
     "rerotate_keys",
+    "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
+    "silu_and_mul",
     "store_kv",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvforge.ops.kv import gather_seq_kv
 from kvforge.ops.rope import apply_rope, rope_cos_sin
 
 
@@ -99,3 +100,20 @@ def rerotate_keys(k: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch
     k's dtype (rotated in float32)."""
     cos, sin = rope_cos_sin(torch.tensor([offset]), inv_freq, torch.float32)  # [1, D/2]
     return apply_rope(k.float(), cos, sin).to(k.dtype)
+
+
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `q` `[n, heads, D]` (rows of any number of requests) over one chunk's K/V: its
+    first `num_tokens` positions through `block_table` `[nb]` in the arena `[num_blocks, block_size,
+    kv_heads, D]`, the keys (stored with RoPE at 0..num_tokens-1) re-rotated by `offset` (`inv_freq`
+    `[D/2]` float32, unused when offset is 0). `bias` `[n, num_tokens]` float32 additive or None.
+
+    Returns (out `[n, heads, D]` float32, lse `[n, heads]` float32), as `attention_with_lse`: a row
+    that sees no key gets out 0 and lse -inf. Cascade levels 0 and 1; does not modify the arena.
+    """
+    k = gather_seq_kv(k_cache, block_table, num_tokens)
+    if offset:
+        k = rerotate_keys(k, offset, inv_freq)
+    return attention_with_lse(q, k, gather_seq_kv(v_cache, block_table, num_tokens), bias, scale)

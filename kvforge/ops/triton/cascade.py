@@ -1,0 +1,261 @@
+"""Cascade attention in Triton: one chunk's attention with log-sum-exp for many query rows at once
+(`chunk_attention`), and the log-sum-exp merge of partial results (`merge_attention_states`). Same
+signatures and results as `kvforge.ops.cascade` (the torch reference and test oracle).
+
+chunk_attention, flash-decoding style, in two launches:
+
+    grid (row tiles, kv heads, key splits)         partial out [S, n, H, D] f32, lse [S, n, H] f32
+        each program: BLOCK_M packed rows (query token x query head of one kv head's GQA group,
+        the M side of tl.dot) over one key range of the chunk, read page by page through the block
+        table, keys re-rotated by `offset` in registers as they are loaded
+    merge over the S splits (skipped when S == 1: the split writes the result directly)
+
+The chunk's K/V are read once per row tile, and the row tiles of one key range are neighbours in
+the grid, so they share it in L2: 64 requests x 4 query heads are 256 rows, two 128-row tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MIN_KEYS_PER_SPLIT = 256  # below this a split's partial results cost more than its keys
+
+
+@triton.jit
+def _chunk_attention_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, rot_ptr, bias_ptr, out_ptr, lse_ptr,
+    num_rows, num_tokens, keys_per_split, qk_scale,
+    stride_qn, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bias,
+    stride_os, stride_on, stride_oh,
+    stride_ls, stride_ln,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Packed row r of kv head `kvh` is query token r // GROUP, query head kvh * GROUP + r % GROUP.
+    # Head dims are handled as two halves (d, d + HALF): the RoPE pairs, so re-rotation is elementwise.
+    tile, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    tok = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    dh = tl.arange(0, BLOCK_HALF)
+    d_ok = dh < HALF
+    cache_dtype = k_ptr.dtype.element_ty
+    # The products run in the cache dtype (tensor cores); UPCAST (the CPU interpreter, whose bf16
+    # tl.dot is wrong) runs them in float32 on the same rounded operands.
+    dot_dtype = tl.float32 if UPCAST else cache_dtype
+
+    q_at = q_ptr + tok[:, None] * stride_qn + head[:, None] * stride_qh + dh[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q1 = tl.load(q_at, mask=q_mask, other=0.0).to(cache_dtype).to(dot_dtype)  # [BLOCK_M, BLOCK_HALF]
+    q2 = tl.load(q_at + HALF, mask=q_mask, other=0.0).to(cache_dtype).to(dot_dtype)
+    if ROTATE:
+        cos = tl.load(rot_ptr + dh, mask=d_ok, other=1.0)[:, None]  # [BLOCK_HALF, 1]
+        sin = tl.load(rot_ptr + HALF + dh, mask=d_ok, other=0.0)[:, None]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base-2 scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, num_tokens)
+    for first in range(start, end, BLOCK_N):
+        keys = first + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        page = tl.load(table_ptr + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
+        within = keys % PAGE
+        k_at = k_ptr + (page * stride_kb + within * stride_ks + kvh * stride_kh)[None, :] + dh[:, None]
+        kv_mask = d_ok[:, None] & key_ok[None, :]
+        k1 = tl.load(k_at, mask=kv_mask, other=0.0)  # [BLOCK_HALF, BLOCK_N], keys as columns
+        k2 = tl.load(k_at + HALF, mask=kv_mask, other=0.0)
+        if ROTATE:  # in float32, rounded back to the cache dtype like rerotate_keys
+            k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+            k1 = (k1f * cos - k2f * sin).to(cache_dtype)
+            k2 = (k2f * cos + k1f * sin).to(cache_dtype)
+        k1, k2 = k1.to(dot_dtype), k2.to(dot_dtype)
+        s = tl.dot(q1, k1, input_precision=PRECISION)
+        s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            b_at = bias_ptr + tok[:, None] * stride_bias + keys[None, :]
+            s += tl.load(b_at, mask=row_ok[:, None] & key_ok[None, :], other=0.0) * 1.4426950408889634
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_at = v_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None] + dh[None, :]
+        v_mask = key_ok[:, None] & d_ok[None, :]
+        v1 = tl.load(v_at, mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_HALF]
+        v2 = tl.load(v_at + HALF, mask=v_mask, other=0.0)
+        p = p.to(cache_dtype).to(dot_dtype)
+        v1, v2 = v1.to(dot_dtype), v2.to(dot_dtype)
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    inv = 1.0 / tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out_at = out_ptr + split * stride_os + tok[:, None] * stride_on + head[:, None] * stride_oh + dh[None, :]
+    tl.store(out_at, acc1 * inv[:, None], mask=q_mask)
+    tl.store(out_at + HALF, acc2 * inv[:, None], mask=q_mask)
+    tl.store(lse_ptr + split * stride_ls + tok * stride_ln + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(parts_out_ptr, parts_lse_ptr, out_ptr, lse_ptr, num_parts, num_rows, head_dim,
+                  stride_po, stride_pl, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows are the flattened (token, head) pairs; parts_out [P, rows, D] and parts_lse [P, rows],
+    # each part contiguous. Two passes over the small lse, one over the outputs.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < head_dim)[None, :]
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for part in range(num_parts):
+        top = tl.maximum(top, tl.load(parts_lse_ptr + part * stride_pl + rows, mask=row_ok, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for part in range(num_parts):
+        lse = tl.load(parts_lse_ptr + part * stride_pl + rows, mask=row_ok, other=float("-inf"))
+        w = tl.exp(lse - top)
+        # A part a row does not see is not read at all (its output may be anything).
+        o = tl.load(parts_out_ptr + part * stride_po + rows[:, None] * head_dim + d[None, :],
+                    mask=mask & (lse > float("-inf"))[:, None], other=0.0)
+        acc += o * w[:, None]
+        total += w
+    tl.store(out_ptr + rows[:, None] * head_dim + d[None, :], acc / tl.where(total > 0.0, total, 1.0)[:, None],
+             mask=mask)
+    seen = total > 0.0
+    tl.store(lse_ptr + rows, tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf")), mask=row_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: splitting only adds work
+
+
+def _chunk_config(rows: int, kv_heads: int, num_tokens: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, splits) for `rows` packed rows per kv head: at most one wave of
+    programs (row tiles x kv heads x splits <= the SM count), a split covering >= 256 keys. E.g. on
+    an H200 (132 SMs), 8 kv heads, 4096 keys: 64 requests x 4 heads -> 2 tiles of 128 x 8 splits;
+    one request -> 1 tile of 16 x 16 splits; 256 requests -> 8 tiles x 2 splits. Not yet tuned on
+    the GPU (bench/cascade_kernels.py --sweep)."""
+    block_m = min(128, max(16, triton.next_power_of_2(rows)))
+    block_n = 64
+    tiles = triton.cdiv(rows, block_m)
+    splits = max(1, min(_num_sms(device) // (tiles * kv_heads), triton.cdiv(num_tokens, _MIN_KEYS_PER_SPLIT)))
+    return block_m, block_n, 8 if block_m >= 128 else 4, splits
+
+
+def _rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """cos then sin of offset * inv_freq `[D]` float32, the angles taken in float64 as rope_cos_sin does."""
+    angles = inv_freq.to(device=device, dtype=torch.float64) * offset
+    return torch.cat((angles.cos(), angles.sin())).to(torch.float32)
+
+
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kvforge.ops.cascade.chunk_attention` in Triton: (out `[n, H, D]` float32, lse `[n, H]` float32)
+    of `q` `[n, H, D]` over the chunk's first `num_tokens` positions through `block_table` `[nb]`,
+    keys re-rotated by `offset`. q is rounded to the cache dtype for the tensor-core products."""
+    return _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale)
+
+
+def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale,
+                     num_splits: int | None = None, block_m: int | None = None):
+    """chunk_attention with the split count and row tile forced (tests, tuning)."""
+    n, heads, dim = q.shape
+    _, page, kv_heads, cache_dim = k_cache.shape
+    if cache_dim != dim or heads % kv_heads or dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: head_dim must "
+                         f"match and be even, heads a multiple of kv_heads")
+    if num_tokens > block_table.shape[0] * page:
+        raise ValueError(f"num_tokens {num_tokens} exceeds the {block_table.shape[0]} pages of the block table")
+    if bias is not None and tuple(bias.shape) != (n, num_tokens):
+        raise ValueError(f"bias must be [n, num_tokens] = [{n}, {num_tokens}], got {tuple(bias.shape)}")
+    if offset and inv_freq is None:
+        raise ValueError("a non-zero offset needs inv_freq")
+    for cache in (k_cache, v_cache):
+        if cache.stride(-1) != 1:
+            raise ValueError("the arena's head_dim must be contiguous")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32)
+        bias = bias if bias.stride(-1) == 1 else bias.contiguous()
+    group = heads // kv_heads
+    rows = n * group
+    if rows == 0:
+        return q.new_zeros(0, heads, dim, dtype=torch.float32), q.new_zeros(0, heads, dtype=torch.float32)
+    bm, bn, warps, splits = _chunk_config(rows, kv_heads, num_tokens, q.device)
+    bm = block_m or bm
+    splits = num_splits or splits
+    keys_per_split = triton.cdiv(triton.cdiv(max(num_tokens, 1), splits), bn) * bn
+    splits = max(1, triton.cdiv(num_tokens, keys_per_split))
+    parts_out = torch.empty(splits, n, heads, dim, device=q.device, dtype=torch.float32)
+    parts_lse = torch.empty(splits, n, heads, device=q.device, dtype=torch.float32)
+    rot = _rotation(offset, inv_freq, q.device) if offset else parts_lse  # a placeholder pointer when unused
+    half = dim // 2
+    grid = (triton.cdiv(rows, bm), kv_heads, splits)
+    _chunk_attention_kernel[grid](
+        q, k_cache, v_cache, block_table, rot, bias if bias is not None else parts_lse, parts_out, parts_lse,
+        rows, num_tokens, keys_per_split, scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bias.stride(0) if bias is not None else 0,
+        parts_out.stride(0), parts_out.stride(1), parts_out.stride(2),
+        parts_lse.stride(0), parts_lse.stride(1),
+        GROUP=group, PAGE=page, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        BLOCK_M=bm, BLOCK_N=bn, ROTATE=bool(offset), HAS_BIAS=bias is not None,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", UPCAST=q.device.type == "cpu",
+        num_warps=warps, num_stages=2,
+    )
+    if splits == 1:
+        return parts_out[0], parts_lse[0]
+    return merge_stacked(parts_out, parts_lse)
+
+
+def merge_stacked(parts_out: torch.Tensor, parts_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge P partial results stacked as `parts_out` `[P, n, H, D]`, `parts_lse` `[P, n, H]` (float32,
+    contiguous) in one launch: (out `[n, H, D]`, lse `[n, H]`) float32. Parts with lse -inf are not read."""
+    num_parts, n, heads, dim = parts_out.shape
+    if parts_lse.shape != parts_out.shape[:3]:
+        raise ValueError(f"parts_lse {tuple(parts_lse.shape)} does not match parts_out {tuple(parts_out.shape)}")
+    parts_out = parts_out.to(torch.float32).contiguous()
+    parts_lse = parts_lse.to(torch.float32).contiguous()
+    out = torch.empty(n, heads, dim, device=parts_out.device, dtype=torch.float32)
+    lse = torch.empty(n, heads, device=parts_out.device, dtype=torch.float32)
+    rows = n * heads
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, min(64, 1024 // block_d))
+    if rows:
+        _merge_kernel[(triton.cdiv(rows, block_r),)](
+            parts_out, parts_lse, out, lse, num_parts, rows, dim, parts_out.stride(0), parts_lse.stride(0),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return out, lse
+
+
+def merge_attention_states(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kvforge.ops.cascade.merge_attention_states` in Triton: the parts are stacked, then merged in
+    one launch. Returns (out `[n, H, D]`, lse `[n, H]`) float32; a row no part sees gets 0 and -inf."""
+    if not parts:
+        raise ValueError("merge_attention_states needs at least one partial result")
+    return merge_stacked(torch.stack([o.to(torch.float32) for o, _ in parts]),
+                         torch.stack([lse.to(torch.float32) for _, lse in parts]))
