@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-_DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
+LOAD_FORMATS = ("auto", "dummy")
+CPU_KV_CACHE_MEMORY = 1 << 30  # the arena's size on CPU when neither num_blocks nor kv_cache_memory is given
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,20 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache sizing and reuse.
 
-    The arena is sized from `num_blocks` when given, else from `kv_cache_memory` (bytes).
+    The arena is sized from `num_blocks` when given, else from `kv_cache_memory` (bytes) when given,
+    else by device: on CPU `CPU_KV_CACHE_MEMORY` (1 GiB); on a GPU what is left of
+    `gpu_memory_utilization` of the device's memory once the weights, the activations of the largest
+    step (measured by one profiling forward) and the memory torch does not manage are taken out (see
+    `kvforge.model.memory`).
     With `enable_prefix_caching`, full blocks are shared between requests with the same prefix and
     kept after a request ends until memory is needed; pinned prefixes may hold at most
     `max_pinned_fraction` of the blocks, registered document chunks `max_chunk_fraction`.
     """
 
     block_size: int = 16
-    kv_cache_memory: int = 1 << 30
+    kv_cache_memory: int | None = None
     num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     max_pinned_fraction: float = 0.5
     max_chunk_fraction: float = 0.25
@@ -89,23 +97,33 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if isinstance(self.gpu_memory_utilization, bool) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {self.gpu_memory_utilization!r}")
         if not 0 <= self.max_pinned_fraction <= 1:
             raise ValueError(f"max_pinned_fraction must be in [0, 1], got {self.max_pinned_fraction}")
         if not 0 <= self.max_chunk_fraction <= 1:
             raise ValueError(f"max_chunk_fraction must be in [0, 1], got {self.max_chunk_fraction}")
 
+    @property
+    def sized_explicitly(self) -> bool:
+        """Whether `num_blocks` or `kv_cache_memory` fixes the arena (no profiling on a GPU)."""
+        return self.num_blocks is not None or self.kv_cache_memory is not None
+
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
-        """The number of blocks the arena holds for a model whose block takes `bytes_per_block`."""
+        """The number of blocks the arena holds for a model whose block takes `bytes_per_block`, from
+        `num_blocks`, else `kv_cache_memory`, else `CPU_KV_CACHE_MEMORY` (a GPU's profiled budget is
+        `kvforge.model.memory`'s business)."""
         if self.num_blocks is not None:
             return self.num_blocks
-        n = self.kv_cache_memory // bytes_per_block
+        memory = self.kv_cache_memory if self.kv_cache_memory is not None else CPU_KV_CACHE_MEMORY
+        n = memory // bytes_per_block
         if n < 1:
             raise ValueError(
-                f"kv_cache_memory={self.kv_cache_memory} bytes holds no block of {bytes_per_block} bytes; "
+                f"kv_cache_memory={memory} bytes holds no block of {bytes_per_block} bytes; "
                 f"raise it to at least {bytes_per_block}"
             )
         return n
@@ -134,17 +152,32 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an LLMEngine needs; composes the room configs."""
+    """Everything an LLMEngine needs; composes the room configs.
+
+    `device`: "auto" (a GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    `dtype` of the weights and the KV cache: None picks bfloat16 on a GPU, float32 on the CPU.
+    `load_format`: "auto" reads the checkpoint `model` names; "dummy" builds random weights (seeded by
+    `seed`) from a HF config.json (`model` is a directory holding one, or the .json file), for
+    benchmarks of shapes whose weights are not at hand.
+    The engine resolves device and dtype (`LLMEngine.device`, `LLMEngine.dtype`).
+    """
 
     model: str = "smollm2-135m"
-    dtype: str = "float32"
+    device: str = "auto"
+    dtype: str | None = None
+    load_format: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None (bfloat16 on a GPU, float32 "
+                             f"on the CPU), got {self.dtype!r}")
+        if not isinstance(self.device, str) or not (self.device in DEVICES or _is_cuda_index(self.device)):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not self.model:
             raise ValueError("model must name a model: 'smollm2-135m', a .gguf path or a HF directory")
 
@@ -170,6 +203,11 @@ class EngineConfig:
                 allowed = sorted(top | {f.name for k in groups.values() for f in fields(k)})
                 raise ValueError(f"unknown engine option {key!r}; allowed: {', '.join(allowed)}")
         return cls(**own, **{g: groups[g](**p) for g, p in parts.items()})
+
+
+def _is_cuda_index(device: str) -> bool:
+    kind, _, index = device.partition(":")
+    return kind == "cuda" and index.isdigit()
 
 
 def kv_bytes_per_token(model: ModelConfig, dtype_bytes: int) -> int:

@@ -15,8 +15,8 @@ from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler
-from kvforge.model.llama import LlamaForCausalLM
-from kvforge.model.loader import load_model
+from kvforge.model.loader import build_model, load_model
+from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
 from kvforge.model.sampler import sample, top_logprobs
 from kvforge.model.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ from kvforge.types import (
 )
 
 PromptType = str | Mapping[str, object]
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def blocks_for(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
@@ -51,26 +51,68 @@ class EngineStats:
     cache: CacheStats
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device `EngineConfig.device` names: "auto" is the GPU when torch sees one, else the CPU.
+    ValueError for "cuda" when torch sees no GPU (or not that one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but torch sees no GPU (torch.cuda.is_available() is False; torch "
+                             f"{torch.__version__}); use device='auto' or device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype `EngineConfig.dtype` names; None: bfloat16 on a GPU, float32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16", "float16": the name configs, cache keys and `info` use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def model_info(config: EngineConfig) -> dict:
-    """What `kvforge info` shows: the model's config, KV bytes per token and the cache's capacity.
-    Loads the model's metadata and weights but allocates no cache."""
-    loaded = load_model(config.model)
+    """What `kvforge info` shows: the model's config, device and dtype, KV bytes per token and the
+    cache's capacity. On the CPU (or when num_blocks / kv_cache_memory fix the arena) it loads the
+    model's metadata and weights but builds no model and allocates no cache. On a GPU with the arena
+    left to profiling it builds the model on the device and runs the profiling forward (see
+    `kvforge.model.memory`), then reports the measured `memory_profile`; still no arena."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded = load_model(config.model, config.load_format, seed=config.seed, device=device)
     cfg = loaded.config
-    dtype = _TORCH_DTYPES[config.dtype]
     per_block = KVCache.block_bytes(cfg.num_layers, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
-    blocks = config.cache.resolve_num_blocks(per_block)
+    profile = None
+    if device.type == "cuda" and not config.cache.sized_explicitly:
+        model = build_model(loaded, device, dtype, config.seed)
+        blocks, profile = plan_kv_cache(model, config.cache, config.scheduler, per_block)
+        del model
+        torch.cuda.empty_cache()
+    else:
+        blocks = config.cache.resolve_num_blocks(per_block)
     return {
         "model": loaded.name,
         "path": str(loaded.path),
+        "load_format": config.load_format,
         "fingerprint": loaded.fingerprint,
         "config": dataclasses.asdict(cfg),
-        "kv_dtype": config.dtype,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
         "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype.itemsize),
         "block_size": config.cache.block_size,
         "kv_bytes_per_block": per_block,
         "num_blocks": blocks,
         "kv_cache_bytes": blocks * per_block,
         "capacity_tokens": blocks * config.cache.block_size,
+        "gpu_memory_utilization": config.cache.gpu_memory_utilization,
+        "memory_profile": None if profile is None else dataclasses.asdict(profile),
     }
 
 
@@ -110,28 +152,36 @@ class LLMEngine(ChunkRequests):
     also enqueues): a request that can never run is refused with an InvalidRequestError (a
     ValueError naming the field) and leaves no trace. `step()` runs one batch and returns the
     outputs it moved.
+
+    The weights, the KV arena, the logits and the seeded requests' generators live on `device`
+    (`EngineConfig.device` resolved), in `dtype` (`EngineConfig.dtype` resolved; `dtype_name` is what
+    cache keys use). `memory_profile` says what sizing the arena on a GPU measured (None when nothing
+    was profiled: on the CPU, or with num_blocks / kv_cache_memory given).
     """
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, config.load_format, seed=config.seed, device=self.device)
         self.model_config = cfg = loaded.config
         self.model_name, self.fingerprint = loaded.name, loaded.fingerprint
         self.tokenizer: Tokenizer = loaded.tokenizer
-        dtype = _TORCH_DTYPES[config.dtype]
-        model = LlamaForCausalLM(cfg)
-        model.load_weights(loaded.weights)
-        self.model = model.to(dtype).eval()
         limit = config.scheduler.max_model_len
         if limit is not None and limit > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={limit} exceeds the model's context length "
                              f"{cfg.max_position_embeddings}")
         self.max_model_len = limit or cfg.max_position_embeddings
+        dtype = self.dtype
+        self.model = build_model(loaded, self.device, dtype, config.seed)
+        del loaded  # the checkpoint's CPU tensors: the model holds its own copies
         block_size = config.cache.block_size
         bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
-        num_blocks = config.cache.resolve_num_blocks(bytes_per_block)
-        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        num_blocks, profile = plan_kv_cache(self.model, config.cache, config.scheduler, bytes_per_block)
+        self.memory_profile: MemoryProfile | None = profile
+        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                self.device)
         self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
                                     enable_prefix_caching=config.cache.enable_prefix_caching,
                                     max_pinned_fraction=config.cache.max_pinned_fraction,
@@ -184,7 +234,8 @@ class LLMEngine(ChunkRequests):
             self._resolve_chunk(chunk_id)
         lookup = None if seq.composition else (lambda: self.cache.match_prefix([*seq.token_ids, 0], seq.cache_extra))
         self._check_fits(seq.total_len, seq.params, len(seq.token_ids), lookup)
-        generator = torch.Generator().manual_seed(seq.params.seed) if seq.params.seed is not None else None
+        generator = None if seq.params.seed is None else \
+            torch.Generator(device=self.device).manual_seed(seq.params.seed)
         # Nothing below can fail.
         self.cache.acquire_chunks(prepared.chunk_ids)
         self._requests[seq.request_id] = seq
@@ -204,10 +255,15 @@ class LLMEngine(ChunkRequests):
             raise InvalidRequestError(f"priority must be an integer (lower runs first), got {priority!r}", "priority")
         return params
 
+    @property
+    def dtype_name(self) -> str:
+        """The resolved dtype's name ("float32", "bfloat16", ...), as cache keys and `info` use it."""
+        return dtype_name(self.dtype)
+
     def cache_extra(self, cache_salt: str | None) -> bytes:
         """The extra keys of this engine's cached blocks: what besides the tokens determines their KV
         (the model's weights, the KV dtype, the tenant's salt)."""
-        return extra_keys(self.fingerprint, self.config.dtype, cache_salt)
+        return extra_keys(self.fingerprint, self.dtype_name, cache_salt)
 
     def pin_cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> PinHandle:
         """Pin the cached full blocks that prefix `token_ids` under `cache_salt` (see

