@@ -159,6 +159,8 @@ class EngineConfig:
     `load_format`: "auto" reads the checkpoint `model` names; "dummy" builds random weights (seeded by
     `seed`) from a HF config.json (`model` is a directory holding one, or the .json file), for
     benchmarks of shapes whose weights are not at hand.
+    `enforce_eager`: on a GPU, run decode steps eagerly instead of replaying CUDA graphs captured at
+    start-up (one per batch-size bucket up to `max_num_seqs`).
     The engine resolves device and dtype (`LLMEngine.device`, `LLMEngine.dtype`).
     """
 
@@ -166,6 +168,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str | None = None
     load_format: str = "auto"
+    enforce_eager: bool = False
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,9 @@ from kvforge import LLM
 from kvforge.model.loader import resolve_model_path
 
 MODEL = "smollm2-135m"
+# The device the engine tests run on: the CPU by default; KVFORGE_TEST_DEVICE=cuda runs the same
+# engine and server tests on a GPU, in float32 unless a test asks for another dtype.
+DEVICE = os.environ.get("KVFORGE_TEST_DEVICE", "cpu")
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -30,9 +35,16 @@ def assert_engine_idle(engine) -> None:
     assert stats.cache.num_used_blocks == held, stats.cache
 
 
-def make_llm(**kwargs) -> LLM:
+def engine_kwargs(**kwargs) -> dict:
+    """Engine options for a test: a 64 MiB arena on the test device (float32 unless given)."""
     kwargs.setdefault("kv_cache_memory", 64 << 20)
-    return LLM(MODEL, **kwargs)
+    kwargs.setdefault("device", DEVICE)
+    kwargs.setdefault("dtype", "float32")
+    return kwargs
+
+
+def make_llm(**kwargs) -> LLM:
+    return LLM(MODEL, **engine_kwargs(**kwargs))
 
 
 @pytest.fixture(scope="session")

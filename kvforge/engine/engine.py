@@ -186,7 +186,9 @@ class LLMEngine(ChunkRequests):
                                     enable_prefix_caching=config.cache.enable_prefix_caching,
                                     max_pinned_fraction=config.cache.max_pinned_fraction,
                                     max_chunk_fraction=config.cache.max_chunk_fraction)
-        self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size,
+                                  cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
+                                  max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self._requests: dict[str, Sequence] = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge import ops
+from kvforge.ops import library as ops_library  # registers the kvforge:: custom ops
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,49 @@ class ComposedSpan:
 
 
 @dataclass(frozen=True)
+class VarlenBatch:
+    """Sequences whose rows attend through the unified paged-attention kernel (the GPU path): the
+    rows of sequence b are `cu_query_lens[b]:cu_query_lens[b + 1]` (relative to the batch's first
+    row), its newest tokens among `seq_lens[b]` positions, causal; its K/V are read through
+    `block_tables[b]` inside the kernel. Rows past `cu_query_lens[-1]` are padding (CUDA graphs)."""
+
+    cu_query_lens: torch.Tensor  # [B + 1] int32, on the device
+    seq_lens: torch.Tensor  # [B] int32: K/V positions of each sequence, this step's included
+    block_tables: torch.Tensor  # [B, nb] int32
+    max_query_len: int
+    num_splits: int  # key splits per sequence (split-K decode); 1 for none
+
+
+@dataclass(frozen=True)
+class CascadeCall:
+    """One chunk attention of a step: the rows `rows` (absolute rows of the packed batch) of the
+    composed spans that see `segment` attend to it once, with `bias` `[len(rows), segment.num_tokens]`
+    (None when every key is visible). `members` are the (span, segment) index pairs it serves, in
+    row order."""
+
+    segment: ChunkSegment
+    members: tuple[tuple[int, int], ...]
+    rows: torch.Tensor  # [n] long, on the device
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where this step's K/V go and what each query attends to.
 
-    Packed rows: the decode groups first (one token per sequence), then the prefill spans, then the
-    composed spans.
+    Packed rows: the plain rows first (on CPU: the decode groups, then the prefill spans; on GPU: one
+    `varlen` batch of both), then the composed spans. On GPU, `cascade` lists the step's chunk
+    attentions and `private` is the composed spans' own K/V as a varlen batch over their rows.
     """
 
-    slot_mapping: torch.Tensor  # [T] flat arena slot of each new token
-    decodes: tuple[DecodeGroup, ...]
-    prefills: tuple[PrefillSpan, ...]
+    slot_mapping: torch.Tensor  # [T] flat arena slot of each new token (-1: padding, not stored)
+    decodes: tuple[DecodeGroup, ...] = ()
+    prefills: tuple[PrefillSpan, ...] = ()
     composed: tuple[ComposedSpan, ...] = ()
+    varlen: VarlenBatch | None = None
+    num_varlen_rows: int = 0  # rows of `varlen` (padding rows included)
+    cascade: tuple[CascadeCall, ...] = ()
+    private: VarlenBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +147,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise RuntimeError("paged_attention called outside forward_context")
     meta = ctx.metadata
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+    if meta.varlen is not None or meta.private is not None:
+        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale)
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     parts = []
     for group in meta.decodes:
@@ -130,36 +165,55 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             seq_v = ops.gather_seq_kv(v_cache, span.block_table, total)
         parts.append(ops.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
     if meta.composed:
-        parts.append(_cascade_attention(meta.composed, q, k_cache, v_cache, ctx.inv_freq, scale))
+        parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of every composed span's rows, level by level (see ComposedSpan): chunk pages are
-    gathered and re-rotated once per (chunk, offset); level 0 is one call over the rows of all spans
-    that share the same system chunk; level 1 is one call per span and context segment, over the
-    rows that see it; level 2 one call per span. Returns the rows in span order."""
-    segment_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """The GPU path through the custom ops: one store, one unified kernel over the plain rows, and
+    the composed rows level by level (their private K/V through the same kernel with log-sum-exp,
+    each chunk once for every row that sees it, merged in float32)."""
+    torch.ops.kvforge.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    n = meta.num_varlen_rows
+    if meta.varlen is not None:
+        b = meta.varlen
+        lse = q.new_empty(q.shape[:2], dtype=torch.float32)[:n]
+        torch.ops.kvforge.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
+                                          scale, out[:n], lse, b.max_query_len, b.num_splits)
+    if meta.private is not None:
+        kernels = ops_library.backend("triton")
+        b, qc = meta.private, q[n:]
+        private_out = torch.empty_like(qc)
+        acc_lse = qc.new_empty(qc.shape[:2], dtype=torch.float32)
+        torch.ops.kvforge.paged_attention(qc, k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
+                                          scale, private_out, acc_lse, b.max_query_len, b.num_splits)
+        acc = private_out.float()
+        for call in meta.cascade:
+            seg = call.segment
+            o, lse = kernels.chunk_attention(qc.index_select(0, call.rows), k_cache, v_cache, seg.block_table,
+                                             seg.num_tokens, seg.offset, inv_freq, call.bias, scale)
+            o, lse = kernels.merge_attention_states(
+                [(acc.index_select(0, call.rows), acc_lse.index_select(0, call.rows)), (o, lse)])
+            acc.index_copy_(0, call.rows, o)
+            acc_lse.index_copy_(0, call.rows, lse)
+        out[n:] = acc
+    return out
+
+
+def plan_cascade(spans: tuple[ComposedSpan, ...], device: torch.device) -> tuple[CascadeCall, ...]:
+    """The step's chunk attentions (see CascadeCall): one per system chunk (level 0) over the rows
+    of every span that shares it, one per span and context segment (level 1) over the rows that see
+    it. Rows are counted from the first composed row. Built once per step, used by every layer."""
+    firsts = []
+    at = 0
     for span in spans:
-        for seg, row in zip(span.segments, span.segment_rows):
-            if row < span.num_tokens and seg.key not in segment_kv:
-                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens)
-                k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
-                segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens))
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in spans]
-
-    def add_part(i: int, row: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """A partial result for rows [row:] of span i; the rows before see none of its keys."""
-        if row:
-            out = torch.cat([out.new_zeros(row, *out.shape[1:]), out])
-            lse = torch.cat([lse.new_full((row, lse.shape[1]), float("-inf")), lse])
-        parts[i].append((out, lse))
-
-    # Level 0 (one call per system chunk over the rows of every span that shares it), then each
-    # span's context segments, each over only the rows that see it.
+        firsts.append(at)
+        at += span.num_tokens
     groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    calls: list[tuple[tuple[str, int], list[tuple[int, int]]]] = []
+    calls: list[list[tuple[int, int]]] = []
     for i, span in enumerate(spans):
         for j, seg in enumerate(span.segments):
             if span.segment_rows[j] == span.num_tokens:
@@ -167,20 +221,49 @@ def _cascade_attention(spans: tuple[ComposedSpan, ...], q: torch.Tensor, k_cache
             if seg.level == 0:
                 groups.setdefault(seg.key, []).append((i, j))
             else:
-                calls.append((seg.key, [(i, j)]))
-    for key, members in [*groups.items(), *calls]:
-        k, v = segment_kv[key]
-        rows = [q[spans[i].start + spans[i].segment_rows[j]:spans[i].start + spans[i].num_tokens]
-                for i, j in members]
-        biases = [spans[i].segment_bias[j] for i, j in members]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else r.new_zeros(r.shape[0], k.shape[0], dtype=torch.float32)
-             for r, b in zip(rows, biases)])
-        out, lse = ops.attention_with_lse(rows[0] if len(rows) == 1 else torch.cat(rows), k, v, bias, scale)
+                calls.append([(i, j)])
+    plan = []
+    for members in [*groups.values(), *calls]:
+        rows: list[int] = []
+        biases = []
+        for i, j in members:
+            span, first = spans[i], spans[i].segment_rows[j]
+            rows.extend(range(firsts[i] + first, firsts[i] + span.num_tokens))
+            biases.append((span.num_tokens - first, span.segment_bias[j]))
+        seg = spans[members[0][0]].segments[members[0][1]]
+        bias = None if all(b is None for _, b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(count, seg.num_tokens) for count, b in biases]).to(device)
+        plan.append(CascadeCall(seg, tuple(members), torch.tensor(rows, dtype=torch.long, device=device), bias))
+    return tuple(plan)
+
+
+def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    """The torch path of the composed spans' rows, level by level (see ComposedSpan and
+    `plan_cascade`): chunk pages are gathered and re-rotated once per (chunk, offset) per layer;
+    level 2 is one call per span. Returns the rows in span order."""
+    spans = meta.composed
+    qc = q[spans[0].start:]
+    segment_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in spans]
+    for call in meta.cascade:
+        seg = call.segment
+        if seg.key not in segment_kv:
+            k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens)
+            k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
+            segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens))
+        k, v = segment_kv[seg.key]
+        out, lse = ops.attention_with_lse(qc.index_select(0, call.rows), k, v, call.bias, scale)
         at = 0
-        for (i, j), r in zip(members, rows):
-            add_part(i, spans[i].segment_rows[j], out[at:at + r.shape[0]], lse[at:at + r.shape[0]])
-            at += r.shape[0]
+        for i, j in call.members:
+            row = spans[i].segment_rows[j]
+            count = spans[i].num_tokens - row
+            o, s = out[at:at + count], lse[at:at + count]
+            if row:  # the rows before `row` see none of this segment's keys
+                o = torch.cat([o.new_zeros(row, *o.shape[1:]), o])
+                s = torch.cat([s.new_full((row, s.shape[1]), float("-inf")), s])
+            parts[i].append((o, s))
+            at += count
     for i, span in enumerate(spans):
         rows = q[span.start:span.start + span.num_tokens]
         k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len)

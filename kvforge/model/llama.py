@@ -5,24 +5,27 @@ the paged cache. Shapes: T = tokens in the packed step batch, H = heads, K = kv 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvforge import ops
 from kvforge.config import ModelConfig
 from kvforge.model.attention import paged_attention
+from kvforge.ops.library import backend_for
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with a `residual`, the residual is added first (fused on GPU) and the sum returned too."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        kernels = backend_for(x.device)
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)  # (normed, x + residual)
 
 
 class LlamaAttention(nn.Module):
@@ -36,8 +39,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = ops.apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
-        k = ops.apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, K, D]
+        kernels = backend_for(x.device)
+        q = kernels.apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
+        k = kernels.apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, K, D]
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
         out = paged_attention(self.layer, q, k, v, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(t, cfg.q_size))
@@ -51,8 +55,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each, views
-        return self.down_proj(F.silu(gate).mul_(up))
+        gate_up = self.gate_up_proj(x)  # [T, 2I]: gate, then up
+        return self.down_proj(backend_for(x.device).silu_and_mul(gate_up))  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -63,9 +67,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is `x + residual` (just `x` before the first layer): each add is fused
+        into the norm that follows it. Returns the new (x, residual)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,9 +116,12 @@ class LlamaForCausalLM(nn.Module):
         first `num_layers` layers (their K/V written as usual), for probes."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, D/2]
+        residual = None
         for layer in self.layers[:num_layers]:
-            x = layer(x, cos, sin)
-        return x if num_layers is not None else self.norm(x)
+            x, residual = layer(x, residual, cos, sin)
+        if num_layers is not None:
+            return x + residual
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -17,8 +17,11 @@ from kvforge.model.attention import (
     ForwardContext,
     PrefillSpan,
     forward_context,
+    plan_cascade,
 )
+from kvforge.model.cuda_graphs import DecodeGraphs
 from kvforge.model.llama import LlamaForCausalLM
+from kvforge.model.staging import HostStaging
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -47,23 +50,50 @@ class TokenRun:
 
 
 class ModelRunner:
-    """Runs the model over a packed batch. Owns no cache state: the arena tensors are lent to it."""
+    """Runs the model over a packed batch. Owns no cache state: the arena tensors are lent to it.
+
+    The arena's device picks the path. On CPU, attention goes through the torch references (decode
+    rows in length groups, prefills one by one). On CUDA, the step's metadata is built once on the
+    host, copied with one non-blocking copy from pinned memory, and every layer runs the Triton
+    kernels through the `kvforge::` custom ops; with `cuda_graphs`, decode-only steps of up to
+    `max_graph_batch` sequences replay a CUDA graph captured at construction (batch-size buckets,
+    largest first, one memory pool), and nothing in a step waits for the device except reading the
+    logits.
+    """
 
     def __init__(self, model: LlamaForCausalLM, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 block_size: int):
+                 block_size: int, cuda_graphs: bool = False, max_graph_batch: int = 256,
+                 max_model_len: int | None = None):
         self.model, self.k_caches, self.v_caches, self.block_size = model, k_caches, v_caches, block_size
+        self.device = k_caches[0].device
+        self.on_gpu = self.device.type == "cuda"
+        if cuda_graphs and not self.on_gpu:
+            raise ValueError("cuda_graphs needs the arena on a CUDA device")
+        self.staging = HostStaging(self.device, model.cfg.num_kv_heads) if self.on_gpu else None
+        self.graphs = None
+        if cuda_graphs:
+            max_len = max_model_len or model.cfg.max_position_embeddings
+            self.graphs = DecodeGraphs(self, max_graph_batch, ceil_div(max_len, block_size))
 
     @torch.inference_mode()
     def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
-        """Compute every run; return float32 logits `[n, vocab]` for the runs with `needs_logits`,
-        in the order they were given. Writes the runs' K/V into their slots."""
+        """Compute every run; return float32 logits `[n, vocab]` (on the arena's device) for the runs
+        with `needs_logits`, in the order they were given. Writes the runs' K/V into their slots."""
         if not runs:
             raise ValueError("run() needs at least one token run")
         for i, c in enumerate(runs):
             if not c.token_ids or len(c.slots) != len(c.token_ids):
                 raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
-        # Packed order: decodes (one new token each), longest K/V first, in groups; then prefills;
-        # then the sequences composed from document chunks.
+        if self.graphs is not None and self.graphs.serves(runs):
+            return self.graphs.run(runs)
+        return self._forward(runs, self.k_caches, self.v_caches)
+
+    def _forward(self, runs: Sequence[TokenRun], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 num_layers: int | None = None) -> torch.Tensor:
+        """One eager forward of `runs` over the given arena tensors; logits of the runs that need
+        them (or, with `num_layers`, nothing: the probe's K/V are what it is for)."""
+        # Packed order: decodes (one new token each), longest K/V first; then prefills; then the
+        # sequences composed from document chunks.
         plain = [i for i, c in enumerate(runs) if c.composition is None]
         decodes = sorted((i for i in plain if len(runs[i].token_ids) == 1), key=lambda i: -runs[i].start_pos)
         prefills = [i for i in plain if len(runs[i].token_ids) > 1]
@@ -73,6 +103,7 @@ class ModelRunner:
         slots: list[int] = []
         row_of: dict[int, int] = {}
         spans, composed_spans = [], []
+        private: list[tuple[int, int, Sequence[int]]] = []  # composed runs: (new tokens, K/V length, table)
         for i in decodes + prefills + composed:
             c = runs[i]
             n = len(c.token_ids)
@@ -80,28 +111,48 @@ class ModelRunner:
             ids.extend(c.token_ids)
             if c.composition is None:
                 positions.extend(range(c.start_pos, c.start_pos + n))
-                if n > 1:
+                if n > 1 and not self.on_gpu:
                     spans.append(PrefillSpan(start, n, c.start_pos, torch.tensor(list(c.block_table), dtype=torch.long)))
             else:
                 own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
                 positions.extend(own[c.start_pos:])
-                composed_spans.append(self._composed_span(start, c, own))
+                composed_spans.append(self._composed_span(start, c, own, self.device))
+                private.append((n, c.start_pos + n, c.block_table))
             slots.extend(c.slots)
             row_of[i] = start + n - 1
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            decodes=self._decode_groups([runs[i] for i in decodes]),
-            prefills=tuple(spans),
-            composed=tuple(composed_spans),
-        )
-        ctx = ForwardContext(meta, self.k_caches, self.v_caches, self.model.inv_freq)
-        with forward_context(ctx):
-            hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
         rows = [row_of[i] for i, c in enumerate(runs) if c.needs_logits]
-        return self.model.compute_logits(hidden[rows])
+        if self.on_gpu:
+            num_plain = len(decodes) + len(prefills)
+            plain_rows = sum(len(runs[i].token_ids) for i in decodes + prefills)
+            varlen = [(len(runs[i].token_ids), runs[i].start_pos + len(runs[i].token_ids), runs[i].block_table)
+                      for i in decodes + prefills]
+            dev = self.staging.upload(ids=ids, positions=positions, slots=slots, rows=rows,
+                                      varlen=varlen, private=private)
+            composed_spans = tuple(composed_spans)
+            meta = AttentionMetadata(
+                slot_mapping=dev["slots"], composed=composed_spans,
+                varlen=dev["varlen"] if num_plain else None, num_varlen_rows=plain_rows,
+                cascade=plan_cascade(composed_spans, self.device) if composed_spans else (),
+                private=dev["private"] if private else None)
+            ids_t, positions_t, rows_t = dev["ids"], dev["positions"], dev["rows"]
+        else:
+            composed_spans = tuple(composed_spans)
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, dtype=torch.long),
+                decodes=self._decode_groups([runs[i] for i in decodes]),
+                prefills=tuple(spans), composed=composed_spans,
+                cascade=plan_cascade(composed_spans, self.device) if composed_spans else ())
+            ids_t, positions_t = torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+            rows_t = torch.tensor(rows, dtype=torch.long)
+        ctx = ForwardContext(meta, k_caches, v_caches, self.model.inv_freq)
+        with forward_context(ctx):
+            hidden = self.model(ids_t, positions_t, num_layers=num_layers)
+        if num_layers is not None:
+            return hidden
+        return self.model.compute_logits(hidden.index_select(0, rows_t))
 
     @staticmethod
-    def _composed_span(start: int, c: TokenRun, own_positions: list[int]) -> ComposedSpan:
+    def _composed_span(start: int, c: TokenRun, own_positions: list[int], device: torch.device) -> ComposedSpan:
         """The cascade metadata of a composed sequence's rows: what each row may see at each level.
         `own_positions` are the absolute positions of its private tokens up to the last new one."""
         comp, n = c.composition, len(c.token_ids)
@@ -109,8 +160,8 @@ class ModelRunner:
         q_pos = own_pos[0, c.start_pos:, None]  # [n, 1]
         segments, rows, biases = [], [], []
         for p in comp.placements:
-            segments.append(ChunkSegment((p.chunk_id, p.offset), p.level, torch.tensor(p.page_indices),
-                                         p.num_tokens, p.offset))
+            table = torch.tensor(p.page_indices, dtype=torch.int32 if device.type == "cuda" else torch.long)
+            segments.append(ChunkSegment((p.chunk_id, p.offset), p.level, table.to(device), p.num_tokens, p.offset))
             hidden = (p.offset + torch.arange(p.num_tokens))[None, :] > q_pos  # [n, chunk]
             if p.recomputed:
                 hidden[:, list(p.recomputed)] = True
@@ -140,16 +191,15 @@ class ModelRunner:
         nb = ceil_div(t, bs)
         shape = (nb, bs) + tuple(self.k_caches[0].shape[2:])
         dtype = self.k_caches[0].dtype
-        scratch_k = [torch.empty(shape, dtype=dtype) for _ in range(layer + 1)]
-        scratch_v = [torch.empty(shape, dtype=dtype) for _ in range(layer + 1)]
-        meta = AttentionMetadata(torch.arange(t), (), (PrefillSpan(0, t, 0, torch.arange(nb)),))
-        with forward_context(ForwardContext(meta, scratch_k, scratch_v, self.model.inv_freq)):
-            self.model(torch.tensor(list(token_ids)), torch.arange(t), num_layers=layer + 1)
+        scratch_k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layer + 1)]
+        scratch_v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layer + 1)]
+        probe = TokenRun(list(token_ids), 0, range(t), range(nb), needs_logits=False)
+        self._forward([probe], scratch_k, scratch_v, num_layers=layer + 1)
         k_full = scratch_k[layer].view(nb * bs, *shape[2:])[:t].float()
         v_full = scratch_v[layer].view(nb * bs, *shape[2:])[:t].float()
         out = []
         for pages, offset, n in segments:
-            table = torch.tensor(list(pages))
+            table = torch.tensor(list(pages), device=self.device)
             k = ops.gather_seq_kv(self.k_caches[layer], table, n).float()
             v = ops.gather_seq_kv(self.v_caches[layer], table, n).float()
             k = ops.rerotate_keys(k, offset, self.model.inv_freq)

@@ -98,7 +98,7 @@ def rerotate_keys(k: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch
     RoPE rotations compose (rotating by p, then by q, is rotating by p + q), so one rotation by
     `offset` moves every key; values carry no position and need nothing. Returns a new tensor in
     k's dtype (rotated in float32)."""
-    cos, sin = rope_cos_sin(torch.tensor([offset]), inv_freq, torch.float32)  # [1, D/2]
+    cos, sin = rope_cos_sin(torch.tensor([offset], device=inv_freq.device), inv_freq, torch.float32)  # [1, D/2]
     return apply_rope(k.float(), cos, sin).to(k.dtype)
 
 

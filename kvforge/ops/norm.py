@@ -30,4 +30,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """`x` `[T, 2I]` (gate, up side by side, as the fused gate_up projection writes them) ->
     silu(gate) * up `[T, I]`, in x's dtype."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)

@@ -19,7 +19,7 @@ from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
 from kvforge.server import ServerConfig
 from kvforge.server.serve import Server
-from tests.conftest import MODEL, assert_engine_idle
+from tests.conftest import MODEL, assert_engine_idle, engine_kwargs
 
 # The tiny engine: 8 blocks of 8 tokens; one sequence at a time, so the waiting order is visible.
 TINY = dict(num_blocks=8, block_size=8, max_num_seqs=1)
@@ -27,12 +27,12 @@ TINY = dict(num_blocks=8, block_size=8, max_num_seqs=1)
 
 @pytest.fixture(scope="session")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig.from_kwargs(model=MODEL, kv_cache_memory=64 << 20))
+    return LLMEngine(EngineConfig.from_kwargs(model=MODEL, **engine_kwargs()))
 
 
 @pytest.fixture(scope="session")
 def tiny_engine() -> LLMEngine:
-    return LLMEngine(EngineConfig.from_kwargs(model=MODEL, **TINY))
+    return LLMEngine(EngineConfig.from_kwargs(model=MODEL, **engine_kwargs(**TINY)))
 
 
 @contextlib.contextmanager

@@ -6,5 +6,9 @@ package is first imported), which the tests use.
 """
 
 from kvforge.ops.triton.attention import choose_num_splits, paged_attention, store_kv
+from kvforge.ops.triton.cascade import chunk_attention, merge_attention_states
+from kvforge.ops.triton.norm import add_rms_norm, rms_norm, silu_and_mul
+from kvforge.ops.triton.rope import apply_rope
 
-__all__ = ["choose_num_splits", "paged_attention", "store_kv"]
+__all__ = ["add_rms_norm", "apply_rope", "choose_num_splits", "chunk_attention", "merge_attention_states",
+           "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]

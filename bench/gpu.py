@@ -1,0 +1,281 @@
+"""kvforge on a GPU vs HF transformers, same run, same shapes (run it on the H200; prints one JSON line).
+
+Parts (`--parts`, default all of the first five):
+  decode    512-token prompts + 128 new tokens at batch 1, 32, 128 on a Llama-3.2-1B-shaped model
+            with random bf16 weights (`load_format="dummy"`, bench/data/llama-3.2-1b/config.json):
+            output tok/s of the whole generate (prefill included) for kvforge and HF `generate` with
+            its static cache (compiled by generate), warmed up at the same sizes; the decode step time
+            (generate of 128 tokens minus generate of 1, over 127 steps) and its share of the memory
+            roofline: (weight bytes + KV bytes read per step) / the device-copy bandwidth measured in
+            this run, over the measured step time.
+  prefix    TTFT of a 32-token suffix after a cached 32k-token prefix vs kvforge's full prefill of
+            the same 32k + 32 tokens, and HF's: a deep copy of the prefix's DynamicCache + a forward
+            of the suffix, and its full prefill.
+  cascade   64 requests composed from one shared 4k-token system chunk + a 32-token query each:
+            decode step time with cascade attention (the chunk read once per layer for all 64) vs the
+            same tokens as plain prompts (prefix-cached blocks, each request reads its 4k keys), both
+            eager (the composed path runs eagerly), and the plain path in CUDA graphs.
+  rag       4 x 1k-token context chunks + a 32-token question: TTFT with chunk reuse (r = 0 and 0.15)
+            vs a full prefill of the same tokens (prefix cache emptied first).
+  smollm    the embedded SmolLM2-135M GGUF in bf16, decode throughput at batch 1, 32, 128 vs HF
+            static on the same weights (`--smollm PATH` to the .gguf when the package is absent).
+
+    python bench/gpu.py [--parts decode,prefix,cascade,rag,smollm] [--smollm PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kvforge import LLM, SamplingParams
+
+CONFIG_1B = Path(__file__).parent / "data" / "llama-3.2-1b"
+BATCHES = (1, 32, 128)
+PROMPT, NEW = 512, 128
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    seconds = sync_time(lambda: [dst.copy_(src) for _ in range(20)])
+    return 2 * 20 * (1 << 30) / seconds
+
+
+def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def kv_run(llm: LLM, prompts: list[list[int]], new: int) -> float:
+    """All prompts in one continuous batch; seconds until every request is done."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+    def go():
+        for i, p in enumerate(prompts):
+            engine.add_request(f"b{time.monotonic_ns()}-{i}", {"prompt_token_ids": p}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    seconds = sync_time(go)
+    engine.check_integrity()
+    return seconds
+
+
+def hf_model_from_config(config: dict, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def hf_run(hf, prompts: list[list[int]], new: int) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    mask = torch.ones_like(ids)
+
+    def go():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              cache_implementation="static", pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + new
+
+    return sync_time(go)
+
+
+def decode_rows(llm: LLM, hf, vocab: int, rng: random.Random, bandwidth: float) -> dict:
+    """Throughput at each batch for kvforge and HF, and kvforge's decode step against the roofline."""
+    cfg = llm.engine.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * 2  # bf16 K and V
+    out = {}
+    for batch in BATCHES:
+        for _ in range(2):  # warm-up at the same sizes (graphs, kernels, HF's compile)
+            kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), NEW)
+            hf_run(hf, random_prompts(rng, batch, PROMPT, vocab), NEW)
+        kv_full = kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), NEW)
+        kv_first = kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), 1)
+        hf_full = hf_run(hf, random_prompts(rng, batch, PROMPT, vocab), NEW)
+        step = (kv_full - kv_first) / (NEW - 1)
+        kv_bytes = batch * (PROMPT + NEW / 2) * kv_per_token
+        roofline_step = (weight_bytes + kv_bytes) / bandwidth
+        out[f"b{batch}"] = {
+            "kvforge_tok_s": round(batch * NEW / kv_full, 1),
+            "hf_static_tok_s": round(batch * NEW / hf_full, 1),
+            "ratio": round(hf_full / kv_full, 2),
+            "kvforge_step_ms": round(step * 1e3, 3),
+            "roofline_step_ms": round(roofline_step * 1e3, 3),
+            "roofline_share": round(roofline_step / step, 3),
+        }
+    return out
+
+
+def prefix_rows(llm: LLM, hf, vocab: int, rng: random.Random) -> dict:
+    prefix = random_prompts(rng, 1, 32768, vocab)[0]
+    one = SamplingParams(temperature=0, max_tokens=1)
+
+    def ttft(tokens):
+        return sync_time(lambda: llm.generate({"prompt_token_ids": tokens}, one))
+
+    llm.reset_prefix_cache()
+    ttft(prefix + random_prompts(rng, 1, 32, vocab)[0])  # warm-up at this size
+    llm.reset_prefix_cache()
+    full = ttft(prefix + random_prompts(rng, 1, 32, vocab)[0])
+    cached = statistics.median(ttft(prefix + random_prompts(rng, 1, 32, vocab)[0]) for _ in range(5))
+    hit = llm.engine.cache.stats()
+    with torch.inference_mode():
+        ids = torch.tensor([prefix], device="cuda")
+        cache = hf(ids, use_cache=True, logits_to_keep=1).past_key_values
+
+        def hf_reuse():
+            suffix = torch.tensor(random_prompts(rng, 1, 32, vocab), device="cuda")
+            hf(suffix, past_key_values=copy.deepcopy(cache), use_cache=True, logits_to_keep=1)
+
+        hf_reuse()
+        hf_cached = statistics.median(sync_time(hf_reuse) for _ in range(5))
+        whole = torch.tensor([prefix + random_prompts(rng, 1, 32, vocab)[0]], device="cuda")
+        hf(whole, logits_to_keep=1)
+        hf_full = sync_time(lambda: hf(whole, logits_to_keep=1))
+    torch.cuda.empty_cache()
+    return {"kvforge_cached_ms": round(cached * 1e3, 2), "kvforge_full_ms": round(full * 1e3, 1),
+            "hf_deepcopy_ms": round(hf_cached * 1e3, 2), "hf_full_ms": round(hf_full * 1e3, 1),
+            "speedup_vs_full": round(full / cached, 1), "ratio_vs_hf_reuse": round(hf_cached / cached, 2),
+            "prefix_hit_rate": round(hit.hit_rate, 3) if hasattr(hit, "hit_rate") else None}
+
+
+def cascade_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
+    engine = llm.engine
+    system = random_prompts(rng, 1, 4096, vocab)[0]
+    chunk = llm.register_chunk(system, kind="system")
+
+    def composed(new):
+        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+        def go():
+            for i, q in enumerate(random_prompts(rng, 64, 32, vocab)):
+                engine.add_chunk_request(f"c{time.monotonic_ns()}-{i}", [chunk], {"prompt_token_ids": q}, params,
+                                         recompute_ratio=0.0)
+            while engine.has_unfinished_requests():
+                engine.step()
+
+        return sync_time(go)
+
+    def plain(new):
+        return kv_run(llm, [system + q for q in random_prompts(rng, 64, 32, vocab)], new)
+
+    def step_ms(fn):
+        fn(2)
+        return round((fn(65) - fn(1)) / 64 * 1e3, 3)
+
+    cascade = step_ms(composed)
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        eager = step_ms(plain)
+    finally:
+        engine.runner.graphs = graphs
+    graphed = step_ms(plain)
+    llm.unregister_chunk(chunk.chunk_id)
+    return {"cascade_step_ms": cascade, "plain_eager_step_ms": eager, "plain_graphs_step_ms": graphed,
+            "speedup_eager": round(eager / cascade, 2), "speedup_vs_graphs": round(graphed / cascade, 2)}
+
+
+def rag_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
+    one = SamplingParams(temperature=0, max_tokens=1)
+    docs = random_prompts(rng, 4, 1024, vocab)
+    chunks = [llm.register_chunk(d) for d in docs]
+    rows: dict[str, list[float]] = {"full": [], "r0": [], "r15": []}
+    for trial in range(6):
+        question = random_prompts(rng, 1, 32, vocab)[0]
+        llm.reset_prefix_cache()
+        rows["full"].append(sync_time(lambda: llm.generate({"prompt_token_ids": sum(docs, []) + question}, one)))
+        rows["r0"].append(sync_time(lambda: llm.generate_from_chunks(chunks, question, one, recompute_ratio=0.0)))
+        rows["r15"].append(sync_time(lambda: llm.generate_from_chunks(chunks, question, one, recompute_ratio=0.15)))
+    for c in chunks:
+        llm.unregister_chunk(c.chunk_id)
+    med = {k: statistics.median(v[1:]) * 1e3 for k, v in rows.items()}  # the first is a warm-up
+    return {"full_ms": round(med["full"], 2), "reuse_r0_ms": round(med["r0"], 2), "reuse_r15_ms": round(med["r15"], 2),
+            "speedup_r0": round(med["full"] / med["r0"], 2), "speedup_r15": round(med["full"] / med["r15"], 2)}
+
+
+def smollm_rows(path: str | None, rng: random.Random, bandwidth: float) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvforge.model.loader import load_model
+
+    model = path or "smollm2-135m"
+    loaded = load_model(model)
+    c = loaded.config
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                         rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(loaded.weights, strict=False)
+    hf = hf.to("cuda", torch.bfloat16).eval()
+    del loaded
+    llm = LLM(model, device="cuda", dtype="bfloat16", kv_cache_memory=8 << 30, max_num_seqs=128,
+              max_num_batched_tokens=8192, enable_prefix_caching=False)
+    rows = decode_rows(llm, hf, c.vocab_size, rng, bandwidth)
+    del llm, hf
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="decode,prefix,cascade,rag,smollm")
+    ap.add_argument("--smollm", default=None, help="path to the SmolLM2 .gguf (default: the packaged alias)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA GPU")
+    parts = set(args.parts.split(","))
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    bandwidth = copy_bandwidth()
+    result: dict = {"bench": "gpu", "device": torch.cuda.get_device_name(), "copy_tb_s": round(bandwidth / 1e12, 2)}
+    config = json.loads((CONFIG_1B / "config.json").read_text())
+    vocab = config["vocab_size"]
+    if parts & {"decode", "prefix", "cascade", "rag"}:
+        llm = LLM(str(CONFIG_1B), load_format="dummy", device="cuda", dtype="bfloat16", kv_cache_memory=40 << 30,
+                  max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256)
+        hf = hf_model_from_config(config, torch.bfloat16)
+        if "decode" in parts:
+            result["llama_1b_decode"] = decode_rows(llm, hf, vocab, rng, bandwidth)
+        if "prefix" in parts:
+            result["prefix_32k"] = prefix_rows(llm, hf, vocab, rng)
+        del hf
+        torch.cuda.empty_cache()
+        if "cascade" in parts:
+            result["cascade_64x4k"] = cascade_rows(llm, vocab, rng)
+        if "rag" in parts:
+            result["rag_4x1k"] = rag_rows(llm, vocab, rng)
+        del llm
+        torch.cuda.empty_cache()
+    if "smollm" in parts:
+        result["smollm2_bf16_decode"] = smollm_rows(args.smollm, rng, bandwidth)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The engine on a CUDA GPU against the CPU engine (SmolLM2 GGUF): same greedy tokens in float32,
+bf16 close to float32, CUDA-graph decode equal to eager decode, and preemption-, prefix- and
+chunk-heavy runs that leave every block accounted for. Skipped, visibly, without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvforge import SamplingParams
+from kvforge.model.runner import TokenRun
+from tests.conftest import PROMPTS, assert_engine_idle, make_llm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MORE = PROMPTS + [
+    "Water boils at a temperature of",
+    "import numpy as np\n\ndef softmax(x):",
+    "The quick brown fox",
+    "List of prime numbers: 2, 3, 5, 7,",
+    "In 1969, the first humans",
+    "A recipe for pancakes: first,",
+    "SELECT name, age FROM users WHERE",
+    "The mitochondria is",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def cpu_llm():
+    return make_llm(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_llm():
+    return make_llm(device="cuda", dtype="float32")
+
+
+def test_the_gpu_engine_keeps_weights_and_arena_on_the_gpu(gpu_llm):
+    engine = gpu_llm.engine
+    assert engine.kv_cache.k[0].is_cuda and next(engine.model.parameters()).is_cuda
+    assert engine.runner.graphs is not None  # decode steps replay CUDA graphs
+
+
+def test_float32_on_cuda_gives_the_cpu_engines_greedy_tokens(cpu_llm, gpu_llm):
+    expected = _tokens(cpu_llm.generate(MORE, GREEDY))
+    got = _tokens(gpu_llm.generate(MORE, GREEDY))
+    same = sum(a == b for a, b in zip(expected, got))
+    print(f"\nfloat32 cuda vs cpu: {same}/{len(MORE)} prompts with identical 32 greedy tokens")
+    assert same == len(MORE)
+    assert_engine_idle(gpu_llm.engine)
+
+
+def test_cuda_graph_decode_gives_the_eager_decodes_tokens(gpu_llm):
+    eager = make_llm(device="cuda", dtype="float32", enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    assert _tokens(eager.generate(MORE, GREEDY)) == _tokens(gpu_llm.generate(MORE, GREEDY))
+
+
+def _last_logits(llm, ids: list[int]) -> torch.Tensor:
+    engine = llm.engine
+    engine.cache.add_sequence(99_999, capacity=len(ids))
+    try:
+        slots = engine.cache.append(99_999, len(ids))
+        return engine.runner.run([TokenRun(ids, 0, slots, engine.cache.block_table(99_999), True)])[0].float()
+    finally:
+        engine.cache.free(99_999)
+
+
+def test_bfloat16_first_tokens_agree_with_float32_and_kl_is_small(gpu_llm):
+    bf16 = make_llm(device="cuda")
+    assert bf16.engine.kv_cache.k[0].dtype == torch.bfloat16  # the default dtype on GPU
+    tok = gpu_llm.get_tokenizer()
+    agree, kls = 0, []
+    for prompt in MORE:
+        ids = tok.encode(prompt)
+        ref, low = _last_logits(gpu_llm, ids), _last_logits(bf16, ids)
+        agree += int(ref.argmax() == low.argmax())
+        kls.append(float(torch.nn.functional.kl_div(low.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                    reduction="sum")))
+    mean_kl = sum(kls) / len(kls)
+    print(f"\nbf16 vs float32 on cuda: first-token agreement {agree}/{len(MORE)}, mean KL {mean_kl:.4f}")
+    assert agree >= len(MORE) - 2 and mean_kl < 0.1
+
+
+def test_a_preemption_heavy_run_on_cuda_keeps_greedy_outputs_and_every_block(gpu_llm):
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    expected = _tokens(gpu_llm.generate(MORE, params))
+    tiny = make_llm(device="cuda", dtype="float32", num_blocks=12, block_size=16)
+    outs = tiny.generate(MORE, params)
+    assert tiny.stats().num_preemptions > 0
+    assert _tokens(outs) == expected
+    assert_engine_idle(tiny.engine)
+
+
+def test_a_prefix_and_chunk_heavy_run_on_cuda_matches_the_cpu_engine_and_stays_intact(cpu_llm, gpu_llm):
+    system = "<|im_start|>system\nYou answer from the documents, briefly.<|im_end|>\n"
+    docs = [f"Document {i}: the {w} costs {i * 7 + 3} coins and is sold on weekdays only. "
+            for i, w in enumerate(["lamp", "chair", "kettle", "clock", "rug", "vase"])]
+    questions = [f"Question: how much does the {w} cost? Answer:" for w in ["lamp", "rug", "clock", "vase"]]
+    results = {}
+    for name, llm in (("cpu", cpu_llm), ("cuda", gpu_llm)):
+        sys_chunk = llm.register_chunk(system, kind="system")
+        chunks = [llm.register_chunk(d) for d in docs]
+        handle = llm.pin_prefix(system + docs[0])
+        engine, params, out = llm.engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), {}
+        for i, q in enumerate(questions * 3):
+            picked = [chunks[(i + j) % len(chunks)] for j in range(3)]
+            engine.add_chunk_request(f"{name}-c{i}", [sys_chunk, *picked], q, params,
+                                     recompute_ratio=(0.0, 0.15, 1.0)[i % 3])
+            engine.add_request(f"{name}-p{i}", system + docs[i % 2] + q, params)
+            engine.add_request(f"{name}-s{i}", {"prompt": system + docs[0] + q, "cache_salt": f"tenant{i % 2}"},
+                               params)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id.split("-", 1)[1]] = o.outputs[0].token_ids
+        results[name] = out
+        llm.unpin(handle)
+        for c in [sys_chunk, *chunks]:
+            llm.unregister_chunk(c.chunk_id)
+        assert_engine_idle(engine)
+        assert engine.cache.stats().num_used_blocks == 0
+    same = sum(results["cpu"][k] == results["cuda"][k] for k in results["cpu"])
+    print(f"\nprefix/chunk-heavy run: {same}/{len(results['cpu'])} requests with the CPU engine's tokens")
+    assert same >= len(results["cpu"]) - 2
+
+
+def test_the_openai_server_serves_completions_on_cuda(gpu_llm):
+    import openai
+
+    from tests.server.conftest import serving
+
+    with serving(gpu_llm.engine) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        out = client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert out.choices[0].text.strip().startswith("Paris")
