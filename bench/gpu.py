@@ -30,6 +30,7 @@ import copy
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -241,6 +242,12 @@ def smollm_rows(path: str | None, rng: random.Random, bandwidth: float) -> dict:
     return rows
 
 
+def progress(name: str, rows: dict) -> dict:
+    """Each part's rows on stderr as soon as they exist (the JSON line comes at the end)."""
+    print(json.dumps({name: rows}), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="decode,prefix,cascade,rag,smollm")
@@ -259,21 +266,20 @@ def main() -> None:
     if parts & {"decode", "prefix", "cascade", "rag"}:
         llm = LLM(str(CONFIG_1B), load_format="dummy", device="cuda", dtype="bfloat16", kv_cache_memory=40 << 30,
                   max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256)
-        hf = hf_model_from_config(config, torch.bfloat16)
-        if "decode" in parts:
-            result["llama_1b_decode"] = decode_rows(llm, hf, vocab, rng, bandwidth)
-        if "prefix" in parts:
-            result["prefix_32k"] = prefix_rows(llm, hf, vocab, rng)
-        del hf
-        torch.cuda.empty_cache()
         if "cascade" in parts:
-            result["cascade_64x4k"] = cascade_rows(llm, vocab, rng)
+            result["cascade_64x4k"] = progress("cascade_64x4k", cascade_rows(llm, vocab, rng))
         if "rag" in parts:
-            result["rag_4x1k"] = rag_rows(llm, vocab, rng)
+            result["rag_4x1k"] = progress("rag_4x1k", rag_rows(llm, vocab, rng))
+        hf = hf_model_from_config(config, torch.bfloat16)
+        if "prefix" in parts:
+            result["prefix_32k"] = progress("prefix_32k", prefix_rows(llm, hf, vocab, rng))
+        if "decode" in parts:
+            result["llama_1b_decode"] = progress("llama_1b_decode", decode_rows(llm, hf, vocab, rng, bandwidth))
+        del hf
         del llm
         torch.cuda.empty_cache()
     if "smollm" in parts:
-        result["smollm2_bf16_decode"] = smollm_rows(args.smollm, rng, bandwidth)
+        result["smollm2_bf16_decode"] = progress("smollm2_bf16_decode", smollm_rows(args.smollm, rng, bandwidth))
     print(json.dumps(result))
 
 
