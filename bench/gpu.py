@@ -199,6 +199,53 @@ def cascade_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
             "speedup_eager": round(eager / cascade, 2), "speedup_vs_graphs": round(graphed / cascade, 2)}
 
 
+def cascade_attention_rows(rng: random.Random) -> dict:
+    """The attention of one layer for the cascade workload, kernels only (each variant captured in a
+    CUDA graph, so launch overhead is out): 64 decoding requests over a shared 4096-token chunk plus
+    33 private tokens each, at the 1B shape (32 heads, 8 KV heads, D 64, bf16, pages of 16).
+    Without cascade: one paged-attention launch over each request's 4129 keys (the shared pages in
+    every block table). With cascade: chunk attention over the shared pages once for all 64 rows,
+    paged attention over the private pages with log-sum-exp, and the merge."""
+    from triton.testing import do_bench
+
+    from kvforge.ops import triton as kernels
+
+    n, heads, kv_heads, dim, page, shared, own = 64, 32, 8, 64, 16, 4096, 33
+    shared_pages, own_pages = shared // page, -(-own // page)
+    blocks = shared_pages + n * own_pages
+    k_cache = torch.randn(blocks, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(n, heads, dim, device="cuda", dtype=torch.bfloat16)
+    chunk_table = torch.arange(shared_pages, dtype=torch.int32, device="cuda")
+    own_tables = (shared_pages + torch.arange(n * own_pages, dtype=torch.int32, device="cuda")).view(n, own_pages)
+    full_tables = torch.cat([chunk_table.expand(n, -1), own_tables], dim=1).contiguous()
+    cu = torch.arange(n + 1, dtype=torch.int32, device="cuda")
+    inv_freq = torch.ones(dim // 2, device="cuda")
+    out, lse = torch.empty_like(q), torch.empty(n, heads, device="cuda")
+    scale = dim ** -0.5
+
+    def plain():
+        kernels.paged_attention(q, k_cache, v_cache, cu, torch.full((n,), shared + own, dtype=torch.int32,
+                                device="cuda"), full_tables, scale, out, lse, 1,
+                                kernels.choose_num_splits(n, kv_heads, shared + own))
+
+    def cascade():
+        o, s = kernels.chunk_attention(q, k_cache, v_cache, chunk_table, shared, 0, inv_freq, None, scale)
+        kernels.paged_attention(q, k_cache, v_cache, cu, torch.full((n,), own, dtype=torch.int32, device="cuda"),
+                                own_tables, scale, out, lse, 1, 1)
+        kernels.merge_attention_states([(o, s), (out.float(), lse)])
+
+    times = {}
+    for name, fn in (("plain", plain), ("cascade", cascade)):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times[name] = do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+    return {"plain_attention_us": round(times["plain"], 1), "cascade_attention_us": round(times["cascade"], 1),
+            "speedup": round(times["plain"] / times["cascade"], 2)}
+
+
 def rag_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
     one = SamplingParams(temperature=0, max_tokens=1)
     docs = random_prompts(rng, 4, 1024, vocab)
@@ -268,6 +315,7 @@ def main() -> None:
                   max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256)
         if "cascade" in parts:
             result["cascade_64x4k"] = progress("cascade_64x4k", cascade_rows(llm, vocab, rng))
+            result["cascade_64x4k_attention"] = progress("cascade_64x4k_attention", cascade_attention_rows(rng))
         if "rag" in parts:
             result["rag_4x1k"] = progress("rag_4x1k", rag_rows(llm, vocab, rng))
         hf = hf_model_from_config(config, torch.bfloat16)

@@ -14,14 +14,15 @@ from kvforge.model.attention import VarlenBatch
 VarlenRow = tuple[int, int, Sequence[int]]
 
 
-def num_splits_for(num_seqs: int, num_kv_heads: int, max_seq_len: int, max_query_len: int) -> int:
-    """Key splits of the paged-attention kernel: split-K only for decode batches too small to fill
-    the GPU on their own (see `kvforge.ops.triton.choose_num_splits`)."""
-    if max_query_len > 1:
-        return 1
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_seq_len: int, max_query_len: int,
+                   num_rows: int | None = None) -> int:
+    """Key splits of the paged-attention kernel (see `kvforge.ops.triton.choose_num_splits`): enough
+    for a batch whose programs (a sequence's query blocks x kv heads) cannot fill the GPU on their
+    own, such as a decode at small batch or a short suffix after a long cached prefix."""
     from kvforge.ops.triton import choose_num_splits
 
-    return choose_num_splits(num_seqs, num_kv_heads, max_seq_len)
+    programs = num_seqs if max_query_len == 1 else num_seqs + (num_rows or num_seqs * max_query_len) // 32
+    return choose_num_splits(programs, num_kv_heads, max_seq_len)
 
 
 class HostStaging:
@@ -76,6 +77,7 @@ class HostStaging:
             at += 3
             max_q = max(q for q, _, _ in batch)
             max_k = max(k for _, k, _ in batch)
+            rows = sum(q for q, _, _ in batch)
             out[name] = VarlenBatch(cu, seq_lens, tables, max_q,
-                                    num_splits_for(len(batch), self.num_kv_heads, max_k, max_q))
+                                    num_splits_for(len(batch), self.num_kv_heads, max_k, max_q, rows))
         return out

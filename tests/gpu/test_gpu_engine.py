@@ -4,6 +4,8 @@ chunk-heavy runs that leave every block accounted for. Skipped, visibly, without
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def _last_logits(llm, ids: list[int]) -> torch.Tensor:
 
 
 def test_bfloat16_first_tokens_agree_with_float32_and_kl_is_small(gpu_llm):
-    bf16 = make_llm(device="cuda")
+    bf16 = make_llm(device="cuda", dtype=None)
     assert bf16.engine.kv_cache.k[0].dtype == torch.bfloat16  # the default dtype on GPU
     tok = gpu_llm.get_tokenizer()
     agree, kls = 0, []
@@ -113,8 +115,8 @@ def test_a_prefix_and_chunk_heavy_run_on_cuda_matches_the_cpu_engine_and_stays_i
             engine.add_chunk_request(f"{name}-c{i}", [sys_chunk, *picked], q, params,
                                      recompute_ratio=(0.0, 0.15, 1.0)[i % 3])
             engine.add_request(f"{name}-p{i}", system + docs[i % 2] + q, params)
-            engine.add_request(f"{name}-s{i}", {"prompt": system + docs[0] + q, "cache_salt": f"tenant{i % 2}"},
-                               params)
+            engine.add_request(f"{name}-s{i}", system + docs[0] + q,
+                               dataclasses.replace(params, cache_salt=f"tenant{i % 2}"))
         while engine.has_unfinished_requests():
             for o in engine.step():
                 if o.finished:
@@ -131,11 +133,11 @@ def test_a_prefix_and_chunk_heavy_run_on_cuda_matches_the_cpu_engine_and_stays_i
 
 
 def test_the_openai_server_serves_completions_on_cuda(gpu_llm):
-    import openai
+    import httpx
 
     from tests.server.conftest import serving
 
     with serving(gpu_llm.engine) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
-        out = client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=8, temperature=0)
-        assert out.choices[0].text.strip().startswith("Paris")
+        body = {"model": "smollm2-135m", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert out["choices"][0]["text"].strip().startswith("Paris")
