@@ -96,8 +96,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = gather_seq_kv(v_cache, block_tables[b], total)
         bias = None
         if n > 1 or context < 0:
-            rows = torch.arange(context, total)[:, None]  # each row's position
-            bias = torch.zeros(n, total).masked_fill_(torch.arange(total)[None, :] > rows, float("-inf"))
+            rows = torch.arange(context, total, device=q.device)[:, None]  # each row's position
+            keys = torch.arange(total, device=q.device)[None, :]
+            bias = torch.zeros(n, total, device=q.device).masked_fill_(keys > rows, float("-inf"))
         o, row_lse = attention_with_lse(q[start:end], k, v, bias, scale)
         out[start:end] = o.to(out.dtype)
         if lse is not None:
