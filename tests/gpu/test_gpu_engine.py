@@ -5,6 +5,7 @@ chunk-heavy runs that leave every block accounted for. Skipped, visibly, without
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -132,12 +133,26 @@ def test_a_prefix_and_chunk_heavy_run_on_cuda_matches_the_cpu_engine_and_stays_i
     assert same >= len(results["cpu"]) - 2
 
 
-def test_the_openai_server_serves_completions_on_cuda(gpu_llm):
+def test_the_openai_server_serves_completions_on_cuda(tmp_path):
+    """The server over a GPU engine (a tiny dummy model: no checkpoint needed), through HTTP."""
     import httpx
 
-    from tests.server.conftest import serving
+    from kvforge.config import EngineConfig
+    from kvforge.engine import LLMEngine
+    from kvforge.server import ServerConfig
+    from kvforge.server.serve import Server
+    from tests.gpu.test_gpu_memory import TINY
 
-    with serving(gpu_llm.engine) as server:
-        body = {"model": "smollm2-135m", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    engine = LLMEngine(EngineConfig.from_kwargs(model=str(tmp_path), load_format="dummy", device="cuda",
+                                                kv_cache_memory=64 << 20))
+    server = Server(engine, ServerConfig(port=0, log_level="warning")).start()
+    try:
+        body = {"model": str(tmp_path), "prompt": "<t5> <t6> <t7>", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
-        assert out["choices"][0]["text"].strip().startswith("Paris")
+        assert out.get("usage", {}).get("completion_tokens") == 8, out
+        stream = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert stream.status_code == 200 and "[DONE]" in stream.text
+    finally:
+        server.stop()
+    assert_engine_idle(engine)
