@@ -54,7 +54,7 @@ class ModelRunner:
 
     The arena's device picks the path. On CPU, attention goes through the torch references (decode
     rows in length groups, prefills one by one). On CUDA, the step's metadata is built once on the
-    host, copied with one non-blocking copy from pinned memory, and every layer runs the Triton
+    host, copied in non-blocking copies from pinned memory, and every layer runs the Triton
     kernels through the `kvforge::` custom ops; with `cuda_graphs`, decode-only steps of up to
     `max_graph_batch` sequences replay a CUDA graph captured at construction (batch-size buckets,
     largest first, one memory pool), and nothing in a step waits for the device except reading the
@@ -121,6 +121,8 @@ class ModelRunner:
             slots.extend(c.slots)
             row_of[i] = start + n - 1
         rows = [row_of[i] for i, c in enumerate(runs) if c.needs_logits]
+        composed_spans = tuple(composed_spans)
+        cascade = plan_cascade(composed_spans, self.device) if composed_spans else ()
         if self.on_gpu:
             num_plain = len(decodes) + len(prefills)
             plain_rows = sum(len(runs[i].token_ids) for i in decodes + prefills)
@@ -128,20 +130,16 @@ class ModelRunner:
                       for i in decodes + prefills]
             dev = self.staging.upload(ids=ids, positions=positions, slots=slots, rows=rows,
                                       varlen=varlen, private=private)
-            composed_spans = tuple(composed_spans)
             meta = AttentionMetadata(
                 slot_mapping=dev["slots"], composed=composed_spans,
                 varlen=dev["varlen"] if num_plain else None, num_varlen_rows=plain_rows,
-                cascade=plan_cascade(composed_spans, self.device) if composed_spans else (),
-                private=dev["private"] if private else None)
+                cascade=cascade, private=dev["private"] if private else None)
             ids_t, positions_t, rows_t = dev["ids"], dev["positions"], dev["rows"]
         else:
-            composed_spans = tuple(composed_spans)
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor(slots, dtype=torch.long),
                 decodes=self._decode_groups([runs[i] for i in decodes]),
-                prefills=tuple(spans), composed=composed_spans,
-                cascade=plan_cascade(composed_spans, self.device) if composed_spans else ())
+                prefills=tuple(spans), composed=composed_spans, cascade=cascade)
             ids_t, positions_t = torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
             rows_t = torch.tensor(rows, dtype=torch.long)
         ctx = ForwardContext(meta, k_caches, v_caches, self.model.inv_freq)
