@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+# Bounds on the per-token work of the other logits processors and on the samples of one request.
+MAX_N = 128
+MAX_LOGIT_BIAS = 1024
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
 # torch.Generator.manual_seed takes exactly this range.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 
@@ -33,6 +38,14 @@ def check_unicode(text: str, field: str) -> None:
                                   f"is not valid Unicode text; send valid UTF-8", field) from None
 
 
+def _not_int(x: object) -> bool:
+    return isinstance(x, bool) or not isinstance(x, int)
+
+
+def _not_number(x: object) -> bool:
+    return isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf"))
+
+
 class OutputKind(enum.Enum):
     """What each RequestOutput of a request carries (vLLM's RequestOutputKind).
 
@@ -49,10 +62,24 @@ class OutputKind(enum.Enum):
 class SamplingParams:
     """How to pick tokens and when to stop (the same names and defaults as vLLM's SamplingParams).
 
-    temperature 0 is greedy; top_k 0 or -1 and top_p 1.0 disable those filters; `seed` makes one
-    request's sampling reproducible whatever else is in the batch. `max_tokens=None` generates up to
-    the model length (and what one sequence can hold in the cache); the engine resolves it when the
+    temperature 0 is greedy; top_k 0 or -1, top_p 1.0 and min_p 0 disable those filters; `seed` makes
+    one request's sampling reproducible whatever else is in the batch. `max_tokens=None` generates up
+    to the model length (and what one sequence can hold in the cache); the engine resolves it when the
     request is added. Invalid values raise InvalidRequestError naming the field.
+
+    `n` completions come back per request (`best_of` >= n are generated and the n with the highest
+    cumulative log-probability returned); they share the prompt's blocks: the prompt is computed once.
+    Before sampling (greedy included), logits go through, in order: `allowed_token_ids` (every other
+    token banned), `bad_words` (the last token of a word banned where the output so far ends with the
+    rest of it), `min_tokens` (EOS and `stop_token_ids` banned until that many tokens are out),
+    `logit_bias` (token id -> added to its logit, clamped to [-100, 100]), then the penalties:
+    `repetition_penalty` (> 1 discourages tokens of the prompt and the output: positive logits divided,
+    negative ones multiplied), `frequency_penalty` (minus the penalty times the token's count in the
+    output) and `presence_penalty` (minus the penalty once the token is in the output). Neutral values
+    (the defaults) leave the logits untouched. `prompt_logprobs` returns the top log-probabilities at
+    every prompt position (the prompt is then computed in full, not read from the prefix cache);
+    `truncate_prompt_tokens` keeps only the prompt's last k tokens; `skip_special_tokens` and
+    `spaces_between_special_tokens` shape the output text.
     """
 
     temperature: float = 1.0
@@ -67,6 +94,20 @@ class SamplingParams:
     cache_salt: str | None = None
     logprobs: int | None = None  # top log-probabilities to return per output token; -1 = the whole vocabulary
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None  # top log-probabilities per prompt token; -1 = the whole vocabulary
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -121,6 +162,79 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
+        self._validate_extras()
+
+    def _validate_extras(self) -> None:
+        """n / best_of, the logits processors, prompt logprobs and the detokenizing switches."""
+        if _not_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (_not_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
+            raise ValueError(f"best_of must be None or an integer in [n, {MAX_N}] (n={self.n}), got {self.best_of!r}")
+        if self.best_of is not None and self.best_of > self.n and self.output_kind is OutputKind.DELTA:
+            raise ValueError(f"best_of={self.best_of} > n={self.n} cannot be streamed: the best completions are "
+                             f"known only when all are done")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if _not_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if _not_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 1e4:
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if _not_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if _not_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} token ids to numbers, "
+                                 f"got {self.logit_bias!r:.200}")
+            bias = {}
+            for t, b in self.logit_bias.items():
+                if _not_int(t) or t < 0 or _not_number(b):
+                    raise ValueError(f"logit_bias maps token ids (integers >= 0) to numbers, got {t!r}: {b!r}")
+                bias[t] = max(-100.0, min(100.0, float(b)))
+            object.__setattr__(self, "logit_bias", bias or None)
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, (list, tuple)) or len(words) > MAX_BAD_WORDS or not all(
+                    isinstance(w, str) and 0 < len(w) <= MAX_BAD_WORD_CHARS for w in words):
+                raise ValueError(f"bad_words must be a list of at most {MAX_BAD_WORDS} non-empty strings of at "
+                                 f"most {MAX_BAD_WORD_CHARS} characters, got {self.bad_words!r:.200}")
+            for w in words:
+                check_unicode(w, "bad_words")
+            object.__setattr__(self, "bad_words", list(words) or None)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(not _not_int(t) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), "
+                                 f"got {ids!r:.200}")
+            object.__setattr__(self, "allowed_token_ids", list(ids))
+        if self.prompt_logprobs is not None and (_not_int(self.prompt_logprobs) or self.prompt_logprobs < -1):
+            raise ValueError(f"prompt_logprobs must be None, -1 (the whole vocabulary) or an integer >= 0, "
+                             f"got {self.prompt_logprobs!r}")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        if self.truncate_prompt_tokens is not None and (_not_int(self.truncate_prompt_tokens)
+                                                        or self.truncate_prompt_tokens < 1):
+            raise ValueError(f"truncate_prompt_tokens must be None or an integer >= 1 (keep the prompt's last k "
+                             f"tokens), got {self.truncate_prompt_tokens!r}")
+
+    @property
+    def num_samples(self) -> int:
+        """Completions generated for the request: best_of, else n."""
+        return self.best_of or self.n
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before sampling (see the class docstring)."""
+        return bool(self.has_penalties or self.min_tokens or self.logit_bias or self.bad_words
+                    or self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -228,6 +342,12 @@ class Sequence:
     chunk_kind: str = "context"  # with fills_chunk
     num_sent_tokens: int = 0  # output tokens already handed out (OutputKind.DELTA)
     num_sent_chars: int = 0  # characters of `text` already handed out
+    index: int = 0  # which of its request's completions this sequence is (SamplingParams.n)
+    # With params.num_samples > 1: the request's sequences in index order, one list shared by all of
+    # them; only the first exists until its prompt is computed, then the others are forked from it.
+    group: list[Sequence] | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)  # with params.prompt_logprobs
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -318,3 +438,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token (None for the first)

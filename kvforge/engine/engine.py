@@ -18,7 +18,7 @@ from kvforge.engine.scheduler import ScheduledRun, Scheduler
 from kvforge.model.loader import build_model, load_model
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
-from kvforge.model.sampler import sample, top_logprobs
+from kvforge.model.sampler import SamplingRow, sample, top_logprobs
 from kvforge.model.tokenizer import Tokenizer
 from kvforge.types import (
     Chunk,
@@ -448,7 +448,7 @@ class LLMEngine(ChunkRequests):
                                   seq.composition))
         logits = self.runner.run(items)
         sampling = [r.seq for r, item in zip(runs, items) if item.needs_logits]
-        tokens = sample(logits, [s.params for s in sampling], [self._generators[s.seq_id] for s in sampling])
+        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
         bs = self.cache.block_size
         outputs = []
         for r in runs:
@@ -478,6 +478,14 @@ class LLMEngine(ChunkRequests):
             if seq.finished:
                 self._forget(seq)
         return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        """What the sampler needs of `seq` this step (EOS and stop ids only while min_tokens holds them back)."""
+        p = seq.params
+        stop = frozenset(self.tokenizer.eos_token_ids) | frozenset(p.stop_token_ids) \
+            if seq.num_output_tokens < p.min_tokens else frozenset()
+        return SamplingRow(p, self._generators[seq.seq_id], seq.token_ids, seq.num_prompt_tokens, stop,
+                           seq.bad_words_ids)
 
     def _forget(self, seq: Sequence) -> None:
         """Drop what the engine keeps for a finished sequence: its chunk users, or the pages of a

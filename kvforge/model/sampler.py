@@ -1,23 +1,41 @@
-"""Token sampling: greedy, temperature, top-k, top-p; per-request seeded generators."""
+"""Token sampling: logits processors (allowed ids, bad words, min_tokens, logit bias, penalties),
+then greedy or temperature / min-p / top-k / top-p sampling; per-request seeded generators."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvforge.types import Logprob, SamplingParams
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs of one row of logits: the request's params and generator (None: the
+    global one), its tokens so far (`token_ids`, prompt then output, the first `num_prompt_tokens`
+    of them the prompt; read, never kept), `stop_token_ids` (EOS and params.stop_token_ids: banned
+    while fewer than params.min_tokens tokens are out) and `bad_words` (params.bad_words tokenized:
+    each word's token ids, possibly several spellings)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    token_ids: Sequence[int] = ()
+    num_prompt_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """Pick one token per row of `logits` `[N, vocab]` (float32). Does not modify `logits`.
 
     A row with a generator draws only from it, so a seeded request samples the same tokens whatever
     else shares its batch.
     """
     out = logits.argmax(dim=-1).tolist()
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    for row, r in enumerate(rows):
+        p, gen = r.params, r.generator
         if p.greedy:
             continue
         x = logits[row] / p.temperature
