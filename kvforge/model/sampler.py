@@ -52,14 +52,20 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     return out
 
 
-def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
-    """The `k` most likely tokens of one row of `logits` `[vocab]` (all of them for k = -1) and the
-    sampled `token`, with their log-probabilities under the model and 1-based ranks."""
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int) -> list[dict[int, Logprob]]:
+    """Per row r of `logits` `[R, vocab]`: the `k` most likely tokens (all of them for k = -1) and
+    `tokens[r]`, with their log-probabilities under the model (log-softmax of the raw logits, in
+    float32) and 1-based ranks. One batched pass over the rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(list(tokens), device=logprobs.device)[:, None])  # [R, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    chosen_values = chosen[:, 0].tolist()
     k = logprobs.shape[-1] if k < 0 else min(k, logprobs.shape[-1])
-    values, ids = torch.topk(logprobs, k)
-    out = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(ids.tolist(), values.tolist()), start=1)}
-    if token not in out:
-        chosen = logprobs[token]
-        out[token] = Logprob(float(chosen), int((logprobs > chosen).sum()) + 1)
+    values, ids = torch.topk(logprobs, k) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    out = []
+    for r, (vs, ts) in enumerate(zip(values.tolist(), ids.tolist())):
+        entry = {t: Logprob(v, rank) for rank, (t, v) in enumerate(zip(ts, vs), start=1)}
+        if tokens[r] not in entry:
+            entry[tokens[r]] = Logprob(chosen_values[r], ranks[r])
+        out.append(entry)
     return out
