@@ -26,6 +26,7 @@ Order, for each row of logits (vLLM's):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,9 +76,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
 def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from a row `[vocab]` of (processed) logits: temperature, min_p, top_k, top_p, then a draw."""
     x = x / p.temperature
-    if p.min_p > 0:
-        probs = x.softmax(-1)
-        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.min_p > 0:  # p < min_p * p_max, in logits: x < x_max + log(min_p)
+        x.masked_fill_(x < x.max() + math.log(p.min_p), float("-inf"))  # x: a new tensor
     if p.top_k > 0 and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -142,11 +142,8 @@ def process_logits(logits: torch.Tensor, index: Sequence[int], rows: Sequence[Sa
 
     # e. penalties
     penalized = [j for j, r in enumerate(rows) if r.params.has_penalties]
-    if len(penalized) == len(rows):
-        x = _penalize(x, rows)
-    elif penalized:
-        at = torch.tensor(penalized, dtype=torch.long, device=device)
-        x[at] = _penalize(x[at], [rows[j] for j in penalized])
+    if penalized:
+        _penalize(x, rows, penalized)
     return x
 
 
@@ -168,49 +165,44 @@ def _output_ends_with(r: SamplingRow, prefix: Sequence[int]) -> bool:
     return total - r.num_prompt_tokens >= n and list(r.token_ids[total - n:]) == list(prefix)
 
 
-def _penalize(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, frequency and presence penalties on `x` `[R, vocab]` (modified and returned),
-    `rows[j]` describing row j. Output counts are scattered into `[R, vocab]` in one call; the prompt's
-    tokens only for rows with a repetition penalty."""
-    num_rows, vocab = x.shape
-    device = x.device
-    flat_out, out_lens = [], []
-    for r in rows:
+def _penalize(x: torch.Tensor, rows: Sequence[SamplingRow], penalized: list[int]) -> None:
+    """Repetition, then frequency and presence penalties on the rows `penalized` of `x` `[R, vocab]`
+    (contiguous; modified in place), `rows[j]` describing row j. Only the (row, token) entries of the
+    rows' outputs, and of their prompts where a repetition penalty asks, are gathered, changed and
+    scattered back: work in the number of tokens, not rows x vocab."""
+    vocab, device = x.shape[-1], x.device
+    out_ids, out_lens, prompt_rows, prompt_ids, prompt_lens = [], [], [], [], []
+    for j in penalized:
+        r = rows[j]
         out = r.token_ids[r.num_prompt_tokens:]
-        flat_out.extend(out)
+        out_ids.extend(out)
         out_lens.append(len(out))
-    counts = torch.zeros(num_rows * vocab, dtype=x.dtype, device=device)
-    if flat_out:
-        where = _flat_index(flat_out, out_lens, vocab, device)
-        counts.scatter_add_(0, where, torch.ones(len(flat_out), dtype=x.dtype, device=device))
-    counts = counts.view(num_rows, vocab)
-    present = counts > 0
+        if r.params.repetition_penalty != 1:
+            prompt_ids.extend(r.token_ids[:r.num_prompt_tokens])
+            prompt_rows.append(j)
+            prompt_lens.append(r.num_prompt_tokens)
+    out_at = _flat_index(out_ids, penalized, out_lens, vocab, device)
+    prompt_at = _flat_index(prompt_ids, prompt_rows, prompt_lens, vocab, device)
+    # Every (row, token) entry seen once; counts are of the output only.
+    at, inverse = torch.unique(torch.cat([out_at, prompt_at]), return_inverse=True)
+    counts = torch.bincount(inverse[:len(out_ids)], minlength=len(at)).to(x.dtype)
+    row = at // vocab
 
-    rep = [r.params.repetition_penalty for r in rows]
-    if any(v != 1 for v in rep):
-        flat_prompt, prompt_lens = [], []
-        for r, v in zip(rows, rep):
-            prompt = r.token_ids[:r.num_prompt_tokens] if v != 1 else ()
-            flat_prompt.extend(prompt)
-            prompt_lens.append(len(prompt))
-        seen = present.clone()
-        if flat_prompt:
-            seen.view(-1)[_flat_index(flat_prompt, prompt_lens, vocab, device)] = True
-        penalty = torch.tensor(rep, dtype=x.dtype, device=device).unsqueeze(1)
-        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
-    freq = [r.params.frequency_penalty for r in rows]
-    if any(freq):
-        x -= torch.tensor(freq, dtype=x.dtype, device=device).unsqueeze(1) * counts
-    presence = [r.params.presence_penalty for r in rows]
-    if any(presence):
-        x -= torch.tensor(presence, dtype=x.dtype, device=device).unsqueeze(1) * present
-    return x
+    def per_row(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(r.params, name) for r in rows], dtype=x.dtype, device=device)[row]
+
+    flat = x.view(-1)
+    values = flat[at]
+    rep = per_row("repetition_penalty")
+    values = torch.where(values > 0, values / rep, values * rep)
+    values -= per_row("frequency_penalty") * counts + per_row("presence_penalty") * (counts > 0)
+    flat[at] = values
 
 
-def _flat_index(ids: list[int], lengths: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """Positions in a flattened `[len(lengths), vocab]` tensor of `ids`, the first lengths[0] of them in
-    row 0, the next lengths[1] in row 1, and so on."""
-    row = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+def _flat_index(ids: list[int], rows: list[int], lengths: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Positions of `ids` in a flattened `[R, vocab]` tensor: the first lengths[0] of them in row
+    rows[0], the next lengths[1] in row rows[1], and so on."""
+    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long, device=device),
                                   torch.tensor(lengths, dtype=torch.long, device=device))
     return row * vocab + torch.tensor(ids, dtype=torch.long, device=device)
 

@@ -120,8 +120,9 @@ def test_presence_penalty_applies_once_per_output_token():
 def test_penalties_combine_after_the_bias():
     p = SamplingParams(temperature=0, logit_bias={4: 2.0}, repetition_penalty=2.0, frequency_penalty=1.0,
                        presence_penalty=0.5)
-    x = process_logits(LOGITS, [0], [row(p, output=(4, 4))])
+    x = process_logits(LOGITS, [0], [row(p, prompt=(3,), output=(4, 4))])
     assert x[0, 4].item() == pytest.approx((2.0 + 2.0) / 2 - 2 * 1.0 - 0.5)
+    assert x[0, 3].item() == 0.5  # a prompt token: the repetition penalty only
 
 
 def test_a_penalty_moves_the_sampled_distribution_away_from_repeated_tokens():
