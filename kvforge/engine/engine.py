@@ -525,7 +525,7 @@ class LLMEngine(ChunkRequests):
                     sampling.append(child)
                     rows.append(row)
         if rows != list(range(logits.shape[0])):
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
         tokens = sample(logits, [self._sampling_row(s) for s in sampling])
         self._add_logprobs(logits, sampling, tokens)
         now = time.monotonic()

@@ -86,7 +86,7 @@ def test_samples_survive_preemption_and_a_full_running_queue():
     outputs stay those of a roomy engine."""
     params = SamplingParams(n=3, seed=9, temperature=0.9, max_tokens=24, ignore_eos=True)
     roomy = make_llm().generate(PROMPTS[:2], params)
-    tight = make_llm(num_blocks=12, max_num_seqs=2)
+    tight = make_llm(num_blocks=3, max_num_seqs=2)
     squeezed = tight.generate(PROMPTS[:2], params)
     assert [texts(o) for o in squeezed] == [texts(o) for o in roomy]
     assert tight.engine.stats().num_preemptions > 0
