@@ -3,8 +3,10 @@
 Each node below the root is one cached full block: its chained hash (`hashing.py`), the block,
 its token ids and extra keys (compared on every hit, so a hash collision is a miss, never wrong
 KV), its parent (the block before it) and its children (the blocks that followed it in some
-sequence). A path from the root is a cached prefix, so the longest cached prefix of a prompt is
-found by walking down one child per block: time proportional to the matched length.
+sequence), indexed by their hash and by their content (token ids and extra keys). A path from the
+root is a cached prefix, so the longest cached prefix of a prompt is found by walking down one child
+per block, by content: time proportional to the matched length, with no hashing (under one parent a
+content has one hash, and a colliding content is never inserted, so both indexes agree).
 
 Ref counts live on the blocks and are changed by the block allocator (`allocator.py`), which tells
 the tree when a cached block's count reaches 0 (`mark_evictable`) or leaves 0 (`mark_revived`). Holders always hold a
@@ -78,7 +80,7 @@ def stored_event(run: tuple[RadixNode, ...], block_size: int) -> BlockStored:
 class RadixNode:
     """One cached full block (or the root, which has no block). Owned by `RadixTree`."""
 
-    __slots__ = ("block_hash", "block", "token_ids", "extra", "parent", "children", "last_access")
+    __slots__ = ("block_hash", "block", "token_ids", "extra", "parent", "children", "by_content", "last_access")
 
     def __init__(self, block_hash: bytes | None, block: Block | None, token_ids: tuple[int, ...], extra: bytes,
                  parent: RadixNode | None):
@@ -88,6 +90,7 @@ class RadixNode:
         self.extra = extra
         self.parent = parent
         self.children: dict[bytes, RadixNode] = {}
+        self.by_content: dict[tuple[tuple[int, ...], bytes], RadixNode] = {}  # the children by (tokens, extra)
         self.last_access = 0
 
     def __repr__(self) -> str:
@@ -128,22 +131,18 @@ class RadixTree:
     def match_prefix(self, token_ids: Sequence[int], extra: bytes) -> PrefixMatch:
         """The longest cached run of full blocks prefixing `token_ids` under `extra`, never covering
         the last token: at most (len(token_ids) - 1) // block_size blocks. A node matches only if its
-        stored token ids and extra keys equal the query's (a hash collision ends the match), so the
-        walk costs one hash and one lookup per matched block. Pure: changes no access time, count
-        or ref."""
+        stored token ids and extra keys equal the query's, so the walk costs one dictionary lookup
+        per matched block (no hash is computed). Pure: changes no access time, count or ref."""
         ids: list[int] = []
         hashes: list[bytes] = []
-        node, parent, bs = self.root, None, self.block_size
-        hash_block = hashing.hash_block  # looked up per call so tests can force collisions
+        node, bs = self.root, self.block_size
         for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
-            chunk = tuple(token_ids[start:start + bs])
-            block_hash = hash_block(parent, chunk, extra)
-            child = node.children.get(block_hash)
-            if child is None or child.token_ids != chunk or child.extra != extra:
+            child = node.by_content.get((tuple(token_ids[start:start + bs]), extra))
+            if child is None:
                 break
             ids.append(child.block.block_id)
-            hashes.append(block_hash)
-            node, parent = child, block_hash
+            hashes.append(child.block_hash)
+            node = child
         return PrefixMatch(tuple(ids), tuple(hashes), len(ids) * bs, len(token_ids))
 
     def resolve(self, prefix: PrefixMatch, extra: bytes | None, who: str) -> list[RadixNode]:
@@ -203,6 +202,7 @@ class RadixTree:
                 assert block.block_hash is None and block.ref_cnt > 0, f"block {block.block_id} cannot be cached"
                 child = RadixNode(block_hash, block, chunks[placed], extra, node)
                 node.children[block_hash] = nodes[block_hash] = child
+                node.by_content[(child.token_ids, extra)] = child
                 block.block_hash = block_hash
                 clock += 1
                 child.last_access = clock
@@ -262,6 +262,7 @@ class RadixTree:
             del nodes[block_hash]
             parent = node.parent
             del parent.children[block_hash]
+            del parent.by_content[(node.token_ids, node.extra)]
             node.block.block_hash = None
             out.append(node)
             if parent is not root and not parent.children and parent.block.ref_cnt == 0:
@@ -278,6 +279,7 @@ class RadixTree:
             block.block_hash = None
         self._nodes.clear()
         self.root.children.clear()
+        self.root.by_content.clear()
         self._heap.clear()
         self.num_evictable = 0
         return blocks
@@ -303,6 +305,9 @@ class RadixTree:
         stack = [self.root]
         while stack:
             node = stack.pop()
+            if len(node.by_content) != len(node.children):
+                raise RuntimeError(f"a radix node indexes {len(node.children)} children by hash but "
+                                   f"{len(node.by_content)} by content")
             for key, child in node.children.items():
                 seen += 1
                 bid = child.block.block_id
@@ -310,6 +315,8 @@ class RadixTree:
                     raise RuntimeError(f"radix node of block {bid} is linked under a hash it is not indexed by")
                 if child.parent is not node:
                     raise RuntimeError(f"radix node of block {bid} does not point back to its parent")
+                if node.by_content.get((child.token_ids, child.extra)) is not child:
+                    raise RuntimeError(f"radix node of block {bid} is not indexed by its content under its parent")
                 if child.block.block_hash != key:
                     raise RuntimeError(f"block {bid} is in the radix tree but its block_hash disagrees")
                 if child.block.ref_cnt > 0 and node is not self.root and node.block.ref_cnt == 0:
