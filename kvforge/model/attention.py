@@ -169,33 +169,41 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _kernels():
+    """The `kvforge::` custom ops while torch.compile traces (so its graph sees them), else the Triton
+    kernels themselves: in eager mode (and so in CUDA graphs captured from it) the custom-op
+    dispatch would cost ~0.1 ms of host time a call, more than the kernels at a short prefill."""
+    return torch.ops.kvforge if torch.compiler.is_compiling() else ops_library.backend("triton")
+
+
 def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """The GPU path through the custom ops: one store, one unified kernel over the plain rows, and
     the composed rows level by level (their private K/V through the same kernel with log-sum-exp,
     each chunk once for every row that sees it, merged in float32)."""
-    torch.ops.kvforge.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    kernels = _kernels()
+    kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     n = meta.num_varlen_rows
     if meta.varlen is not None:
         b = meta.varlen
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)[:n]
-        torch.ops.kvforge.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                          scale, out[:n], lse, b.max_query_len, b.num_splits)
+        kernels.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
+                                scale, out[:n], lse, b.max_query_len, b.num_splits)
     if meta.private is not None:
-        kernels = ops_library.backend("triton")
+        triton = ops_library.backend("triton")
         b, qc = meta.private, q[n:]
         private_out = torch.empty_like(qc)
         acc_lse = qc.new_empty(qc.shape[:2], dtype=torch.float32)
-        torch.ops.kvforge.paged_attention(qc, k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                          scale, private_out, acc_lse, b.max_query_len, b.num_splits)
+        kernels.paged_attention(qc, k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
+                                scale, private_out, acc_lse, b.max_query_len, b.num_splits)
         acc = private_out.float()
         for call in meta.cascade:
             seg = call.segment
-            o, lse = kernels.chunk_attention(qc.index_select(0, call.rows), k_cache, v_cache, seg.block_table,
+            o, lse = triton.chunk_attention(qc.index_select(0, call.rows), k_cache, v_cache, seg.block_table,
                                              seg.num_tokens, seg.offset, inv_freq, call.bias, scale)
-            o, lse = kernels.merge_attention_states(
+            o, lse = triton.merge_attention_states(
                 [(acc.index_select(0, call.rows), acc_lse.index_select(0, call.rows)), (o, lse)])
             acc.index_copy_(0, call.rows, o)
             acc_lse.index_copy_(0, call.rows, lse)

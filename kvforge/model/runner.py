@@ -63,7 +63,7 @@ class ModelRunner:
     The arena's device picks the path. On CPU, attention goes through the torch references (decode
     rows in length groups, prefills one by one). On CUDA, the step's metadata is built once on the
     host, copied in non-blocking copies from pinned memory, and every layer runs the Triton
-    kernels through the `kvforge::` custom ops; with `cuda_graphs`, decode-only steps of up to
+    kernels (through the `kvforge::` custom ops when torch.compile traces it); with `cuda_graphs`, decode-only steps of up to
     `max_graph_batch` sequences replay a CUDA graph captured at construction (batch-size buckets,
     largest first, one memory pool), and nothing in a step waits for the device except reading the
     logits.
