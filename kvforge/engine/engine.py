@@ -346,11 +346,12 @@ class LLMEngine(ChunkRequests):
         raise InvalidRequestError(f"a prompt is a string or a dict with 'prompt_token_ids', got "
                                   f"{type(prompt).__name__}", "prompt")
 
-    def tokenize_chat(self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True) -> dict:
-        """A conversation rendered with the model's chat template, as a prompt
-        ({"prompt": text, "prompt_token_ids": ids}); ValueError for messages the template or the
-        tokenizer cannot take. Thread-safe: changes nothing."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def tokenize_chat(self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True,
+                      chat_template: str | None = None) -> dict:
+        """A conversation rendered with the model's chat template (or `chat_template`, a Jinja source),
+        as a prompt ({"prompt": text, "prompt_token_ids": ids}); ValueError for messages the template
+        or the tokenizer cannot take. Thread-safe: changes nothing."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     @staticmethod

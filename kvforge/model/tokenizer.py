@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,27 @@ def _byte_alphabet() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
+
+
+@lru_cache(maxsize=8)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled in Jinja's sandbox, with the globals HF templates use
+    (`raise_exception`, `strftime_now`, the `tojson` filter); ValueError if it does not compile.
+    Cached: the model's template and a server's override are compiled once."""
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile (line {e.lineno}): {e.message}") from e
 
 
 class Tokenizer:
@@ -147,32 +168,16 @@ class Tokenizer:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---------------------------------------------------------------- chat
-    @cached_property
-    def _template(self) -> jinja2.Template:
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            return env.from_string(self._chat_template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"the model's chat template does not compile (line {e.lineno}): {e.message}") from e
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` (`[{"role": str, "content": str}, ...]`) with the model's chat template.
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> str:
+        """Render `messages` (`[{"role": str, "content": str}, ...]`) with the model's chat template, or
+        with `chat_template` (a Jinja source) when given, as HF's argument of that name.
 
         Renders like HF's `apply_chat_template(..., tokenize=False)`; the result holds the template's
         special tokens as text, so encode it with `add_special_tokens=False`.
         """
-        if self._chat_template is None:
+        source = chat_template or self._chat_template
+        if source is None:
             raise ValueError("this model has no chat template; format the prompt yourself and call generate()")
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
@@ -187,7 +192,7 @@ class Tokenizer:
             if tid is not None:
                 context[name] = self._tk.id_to_token(tid)
         try:
-            return self._template.render(**context)
+            return compile_chat_template(source).render(**context)
         except jinja2.TemplateError as e:  # raise_exception() in the template: the conversation is refused
             raise ValueError(f"the chat template rejected these messages: {e}") from e
 
