@@ -109,7 +109,8 @@ def main() -> None:
         ttft["full"].append(t)
         answered["full"] += q["answer"] in tok.decode(reference)
         # Teacher-forced reference distributions (the prefix cache makes steps after the first cheap).
-        ref_dists = [distribution(llm.generate({"prompt_token_ids": full + reference[:i]}, one_step)[0], vocab)
+        ref_dists = [distribution(llm.generate({"prompt_token_ids": full + reference[:i]}, one_step,
+                                               use_tqdm=False)[0], vocab)
                      for i in range(KL_STEPS)]
         for mode, (ratio, rule) in MODES.items():
             before = engine.stats().prompt_tokens

@@ -135,7 +135,7 @@ def prefix_rows(llm: LLM, hf, vocab: int, rng: random.Random) -> dict:
     one = SamplingParams(temperature=0, max_tokens=1)
 
     def ttft(tokens):
-        return sync_time(lambda: llm.generate({"prompt_token_ids": tokens}, one))
+        return sync_time(lambda: llm.generate({"prompt_token_ids": tokens}, one, use_tqdm=False))
 
     llm.reset_prefix_cache()
     ttft(prefix + random_prompts(rng, 1, 32, vocab)[0])  # warm-up at this size
@@ -252,7 +252,8 @@ def rag_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
     for trial in range(6):
         question = random_prompts(rng, 1, 32, vocab)[0]
         llm.reset_prefix_cache()
-        rows["full"].append(sync_time(lambda: llm.generate({"prompt_token_ids": sum(docs, []) + question}, one)))
+        rows["full"].append(sync_time(lambda: llm.generate({"prompt_token_ids": sum(docs, []) + question}, one,
+                                                           use_tqdm=False)))
         rows["r0"].append(sync_time(lambda: llm.generate_from_chunks(chunks, question, one, recompute_ratio=0.0)))
         rows["r15"].append(sync_time(lambda: llm.generate_from_chunks(chunks, question, one, recompute_ratio=0.15)))
     for c in chunks:

@@ -111,7 +111,8 @@ def main() -> None:
 
     # Warm-up: one request that has seen the prefix (for the cached engine this caches it).
     for llm in (cached, plain):
-        llm.generate({"prompt_token_ids": prefix + warmup}, SamplingParams(temperature=0, max_tokens=2))
+        llm.generate({"prompt_token_ids": prefix + warmup}, SamplingParams(temperature=0, max_tokens=2),
+                     use_tqdm=False)
     with_cache = run_kvforge(cached, prompts, args.new_tokens)
     without = run_kvforge(plain, prompts, args.new_tokens)
     hf_recipe = run_hf(hf, prefix, suffixes, args.new_tokens)

@@ -171,8 +171,8 @@ class SamplingParams:
         if self.best_of is not None and (_not_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
             raise ValueError(f"best_of must be None or an integer in [n, {MAX_N}] (n={self.n}), got {self.best_of!r}")
         if self.best_of is not None and self.best_of > self.n and self.output_kind is OutputKind.DELTA:
-            raise ValueError(f"best_of > n cannot be streamed (best_of={self.best_of}, n={self.n}): the best "
-                             f"completions are known only when all are done")
+            raise ValueError(f"best_of must be None or n ({self.n}) for DELTA outputs (streaming): the best "
+                             f"completions are known only when all are done, got {self.best_of}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if _not_number(value) or not -2 <= value <= 2:

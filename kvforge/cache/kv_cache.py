@@ -77,6 +77,13 @@ class KVCache:
                              f"got slot_mapping {list(slots.shape)}, k {list(k.shape)}, v {list(v.shape)}")
         ops.store_kv(k.to(self.device), v.to(self.device), self.k[layer], self.v[layer], slots)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s K/V into block `dst`, every layer (a fork's partial last block)."""
+        if not (0 <= src < self.num_blocks and 0 <= dst < self.num_blocks):
+            raise ValueError(f"blocks {src} -> {dst}: ids must be in [0, {self.num_blocks})")
+        for cache in (*self.k, *self.v):
+            cache[dst].copy_(cache[src])
+
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}, block_size={self.block_size}, "
                 f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "

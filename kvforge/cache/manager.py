@@ -139,6 +139,38 @@ class KVCacheManager(PrefixCaching):
             self._query_tokens += prefix.num_query_tokens
             self._hit_tokens += prefix.num_tokens
 
+    def fork(self, parent_id: int, child_id: int) -> tuple[int, int] | None:
+        """Register `child_id` as a copy of `parent_id` (its length, capacity, extra keys and commit
+        state). The child takes a reference on each of the parent's full blocks (shared, like a prefix
+        hit, so its K/V is never computed twice) and gets a new block of its own for the parent's
+        partly filled last block, if there is one. Returns that block's (parent block id, child block
+        id): the caller copies the parent block's K/V into the child's (`KVCache.copy_block`) before
+        either sequence runs again; None when every block is shared. Raises, changing nothing:
+        UnknownSequenceError, ValueError (child id already registered), NoFreeBlocksError (no block
+        for the copy)."""
+        parent = self._get(parent_id)
+        if child_id in self._seqs:
+            raise ValueError(f"sequence {child_id} is already registered; fork into a new id")
+        bs = self._block_size
+        shared = parent.blocks if parent.length % bs == 0 else parent.blocks[:-1]
+        copy = None
+        if len(shared) < len(parent.blocks):
+            if self._blocks.num_available < 1:
+                raise NoFreeBlocksError(f"forking sequence {parent_id} needs a block for its partial last block "
+                                        f"but only {self._available_text()}")
+            [own] = self._blocks.allocate(1)
+            copy = (parent.blocks[-1].block_id, own.block_id)
+        self.pool.incref(shared)
+        child = SeqState(parent.capacity, parent.extra, self.tree.root, [], bs)
+        child.length, child.blocks = parent.length, list(shared) + ([own] if copy else [])
+        child.hashes, child.num_committed = list(parent.hashes), parent.num_committed
+        child.tip, child.caching = parent.tip, parent.caching
+        child.next_slot = own.block_id * bs + parent.length % bs if copy else parent.next_slot
+        self._seqs[child_id] = child
+        self._num_tokens += child.length
+        self._num_seq_blocks += len(child.blocks)
+        return copy
+
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 

@@ -166,6 +166,10 @@ class ChunkRequests:
         whole prompt now). Raises InvalidRequestError, creating nothing, for an unknown or foreign
         chunk, a bad order, ratio or rule, an empty query, or a prompt that can never fit."""
         params = self._check_request(request_id, params, priority)
+        for name in ("prompt_logprobs", "truncate_prompt_tokens"):
+            if getattr(params, name) is not None:
+                raise InvalidRequestError(f"{name} does not apply to a prompt composed from chunks (their reused "
+                                          f"tokens are not computed for it); leave it unset", name)
         if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)) \
                 or not 0 <= recompute_ratio <= 1:
             raise InvalidRequestError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}",
@@ -205,6 +209,7 @@ class ChunkRequests:
         private = [full[p] for p in private_positions]
         seq = Sequence(next(self._seq_ids), request_id, text, private, params, time.monotonic(),
                        num_cached_tokens=composition.num_reused, composition=composition)
+        self._prepare_sampling(seq)
         return PreparedRequest(seq, priority)
 
     def _resolve_chunk(self, chunk: str | Chunk) -> Chunk:

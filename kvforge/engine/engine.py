@@ -14,15 +14,17 @@ from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, Prefix
 from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.output import OutputProcessor
-from kvforge.engine.scheduler import ScheduledRun, Scheduler
+from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
 from kvforge.model.loader import build_model, load_model
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
-from kvforge.model.sampler import SamplingRow, sample, top_logprobs
+from kvforge.model.sampler import SamplingRow, sample, token_logprobs
 from kvforge.model.tokenizer import Tokenizer
 from kvforge.types import (
     Chunk,
+    CompletionOutput,
     InvalidRequestError,
+    OutputKind,
     PreparedRequest,
     RequestOutput,
     SamplingParams,
@@ -191,7 +193,8 @@ class LLMEngine(ChunkRequests):
                                   max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, Sequence] = {}  # request id -> its (first) sequence
+        self._finals: dict[str, dict[int, CompletionOutput]] = {}  # several samples: the finished ones' outputs
         self._generators: dict[int, torch.Generator | None] = {}
         self._seq_ids = itertools.count()
         self._chunks: dict[str, Chunk] = {}
@@ -217,13 +220,42 @@ class LLMEngine(ChunkRequests):
         or a request that can never fit the model length or the cache. Creates no state."""
         params = self._check_request(request_id, params, priority)
         text, ids = self.tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
         salt = self._salt(prompt, params)
         lookup = lambda: self.cached_prefix(ids, salt)  # noqa: E731 (looked up only when needed)
         params = self._resolve_max_tokens(params, len(ids), len(ids), lookup)
         self._check_fits(len(ids), params, len(ids), lookup)
         seq = Sequence(next(self._seq_ids), request_id, text, ids, params, time.monotonic(),
                        cache_extra=self.cache_extra(salt))
+        self._prepare_sampling(seq)
         return PreparedRequest(seq, priority)
+
+    def _prepare_sampling(self, seq: Sequence) -> None:
+        """Check the sampling fields that depend on the model (token ids within the vocabulary),
+        tokenize `bad_words` onto `seq`, and start its group when it asks for several samples.
+        InvalidRequestError naming the field."""
+        p, vocab = seq.params, self.model_config.vocab_size
+        for name, ids in (("logit_bias", p.logit_bias or ()), ("allowed_token_ids", p.allowed_token_ids or ())):
+            outside = next((t for t in ids if t >= vocab), None)
+            if outside is not None:
+                raise InvalidRequestError(f"{name} names token id {outside}, outside the vocabulary "
+                                          f"[0, {vocab - 1}]", name)
+        if p.bad_words:
+            seq.bad_words_ids = self._bad_words_ids(p.bad_words)
+        if p.num_samples > 1:
+            seq.group = [seq]
+
+    def _bad_words_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's token ids as it reads at the start of a text and after a space (vLLM's two
+        spellings), duplicates dropped."""
+        out: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    out[ids] = None
+        return tuple(out)
 
     def enqueue(self, prepared: PreparedRequest) -> None:
         """Add a prepared request to the waiting queue. Checks again what may have changed since it
@@ -236,14 +268,20 @@ class LLMEngine(ChunkRequests):
             self._resolve_chunk(chunk_id)
         lookup = None if seq.composition else (lambda: self.cache.match_prefix([*seq.token_ids, 0], seq.cache_extra))
         self._check_fits(seq.total_len, seq.params, len(seq.token_ids), lookup)
-        generator = None if seq.params.seed is None else \
-            torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        generator = self._generator(seq.params.seed, 0)
         # Nothing below can fail.
         self.cache.acquire_chunks(prepared.chunk_ids)
         self._requests[seq.request_id] = seq
         self._generators[seq.seq_id] = generator
         self.outputs.add(seq)
         self.scheduler.add(seq, prepared.priority)
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        """The generator of a seeded request's sample `index` (None without a seed): sample 0 draws
+        from `seed` itself, the others from seeds derived from it, all reproducible and distinct."""
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
 
     def _check_request(self, request_id: str, params: SamplingParams | None, priority: int) -> SamplingParams:
         params = params or SamplingParams()
@@ -287,7 +325,7 @@ class LLMEngine(ChunkRequests):
         for s in self.scheduler.waiting:
             if s.fills_chunk is None:
                 waiting += ceil_div(len(s.token_ids), bs)
-                owed += blocks_for(s.num_prompt_tokens, s.params.max_tokens, bs)
+                owed += self._owed_blocks(s)
         for s in self.scheduler.running:
             if s.fills_chunk is None:
                 owed += max(0, blocks_for(s.num_prompt_tokens, s.params.max_tokens, bs)
@@ -304,16 +342,26 @@ class LLMEngine(ChunkRequests):
         return ceil_div(len(seq.token_ids), bs) - cached
 
     def worst_case_blocks(self, prepared: PreparedRequest) -> int:
-        """The most blocks the request can ever hold (its private prompt tokens and max_tokens)."""
-        return blocks_for(len(prepared.seq.token_ids), prepared.seq.params.max_tokens, self.cache.block_size)
+        """The most blocks the request can ever hold: its private prompt tokens and max_tokens, and
+        each further sample's own blocks (they share the prompt's full blocks)."""
+        return self._owed_blocks(prepared.seq)
+
+    def _owed_blocks(self, seq: Sequence) -> int:
+        """The most blocks a sequence not yet admitted may take (see `worst_case_blocks`)."""
+        bs = self.cache.block_size
+        one = blocks_for(seq.num_prompt_tokens, seq.params.max_tokens, bs)
+        forks = seq.params.num_samples - 1 if seq.group is not None and len(seq.group) == 1 else 0
+        return one + forks * (one - seq.num_prompt_tokens // bs)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request (or a chunk registration) and free its blocks now. Unknown or finished ids
         are ignored."""
         seq = self._requests.get(request_id)
         if seq is not None:
-            self.scheduler.finish(seq, "abort")
-            self._forget(seq)
+            for member in list(seq.group or [seq]):
+                if not member.finished:
+                    self.scheduler.finish(member, "abort")
+                self._forget(member)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._unreturned)
@@ -334,10 +382,12 @@ class LLMEngine(ChunkRequests):
             if not isinstance(ids, (list, tuple)) or not ids:
                 raise InvalidRequestError("prompt_token_ids must be a non-empty list of token ids", "prompt")
             vocab = self.model_config.vocab_size
-            for i, t in enumerate(ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise InvalidRequestError(f"prompt_token_ids[{i}] = {t!r} is not a token id; "
-                                              f"allowed: integers in [0, {vocab - 1}]", "prompt")
+            # The common case in C-speed passes (a 32k-token prompt in ~3 ms); the loop names the culprit.
+            if set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= vocab:
+                for i, t in enumerate(ids):
+                    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                        raise InvalidRequestError(f"prompt_token_ids[{i}] = {t!r} is not a token id; "
+                                                  f"allowed: integers in [0, {vocab - 1}]", "prompt")
             text = prompt.get("prompt")
             if text is not None and not isinstance(text, str):
                 raise InvalidRequestError(f"prompt must be a str next to prompt_token_ids, got {type(text).__name__}",
@@ -347,11 +397,12 @@ class LLMEngine(ChunkRequests):
                                   f"{type(prompt).__name__}", "prompt")
 
     def tokenize_chat(self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True,
-                      chat_template: str | None = None) -> dict:
-        """A conversation rendered with the model's chat template (or `chat_template`, a Jinja source),
-        as a prompt ({"prompt": text, "prompt_token_ids": ids}); ValueError for messages the template
-        or the tokenizer cannot take. Thread-safe: changes nothing."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template)
+                      chat_template: str | None = None, continue_final_message: bool = False) -> dict:
+        """A conversation rendered with the model's chat template (or `chat_template`), as a prompt
+        ({"prompt": text, "prompt_token_ids": ids}); see `Tokenizer.apply_chat_template`. ValueError
+        for messages the template or the tokenizer cannot take. Thread-safe: changes nothing."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
+                                                  continue_final_message)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     @staticmethod
@@ -430,11 +481,9 @@ class LLMEngine(ChunkRequests):
         try:
             return self._run(sched.runs)
         except Exception as e:
-            failed = []
-            for r in sched.runs:
-                failed.append(r.seq.request_id)
-                if self._requests.get(r.seq.request_id) is r.seq:
-                    self.abort_request(r.seq.request_id)
+            failed = list(dict.fromkeys(r.seq.request_id for r in sched.runs))
+            for request_id in failed:
+                self.abort_request(request_id)
             raise StepError(failed, e) from e
 
     def _run(self, runs: list[ScheduledRun]) -> list[RequestOutput]:
@@ -446,14 +495,21 @@ class LLMEngine(ChunkRequests):
             else:
                 table, logits = self.cache.chunk_pages(seq.fills_chunk).block_ids, False
             items.append(TokenRun(seq.token_ids[start:start + r.num_tokens], start, r.slots, table, logits,
-                                  seq.composition))
+                                  seq.composition, all_logits=computes_whole_prompt(seq)))
         logits = self.runner.run(items)
-        sampling = [r.seq for r, item in zip(runs, items) if item.needs_logits]
-        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
         bs = self.cache.block_size
         outputs = []
-        for r in runs:
+        sampling: list[Sequence] = []
+        rows: list[int] = []  # the logits row each sampled sequence draws from
+        at = 0
+        for r, item in zip(runs, items):
             seq = r.seq
+            if item.all_logits:
+                self._add_prompt_logprobs(seq, item.start_pos, logits[at:at + item.num_logits])
+            at += item.num_logits
+            if item.needs_logits:
+                sampling.append(seq)
+                rows.append(at - 1)
             seq.num_computed += r.num_tokens
             if seq.num_computed <= seq.num_prompt_tokens:
                 self._prompt_tokens += r.num_tokens
@@ -463,22 +519,120 @@ class LLMEngine(ChunkRequests):
             elif seq.composition is None and seq.num_computed // bs > (seq.num_computed - r.num_tokens) // bs:
                 # a block was filled: cache it
                 self.cache.commit(seq.seq_id, seq.token_ids[:seq.num_computed])
+        for seq, row in list(zip(sampling, rows)):
+            if seq.group is not None and len(seq.group) == 1:  # its prompt is done: the other samples start
+                for child in self._fork(seq):
+                    sampling.append(child)
+                    rows.append(row)
+        if rows != list(range(logits.shape[0])):
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
+        self._add_logprobs(logits, sampling, tokens)
         now = time.monotonic()
-        for row, (seq, token) in enumerate(zip(sampling, tokens)):
-            if seq.params.logprobs is not None:
-                entries = top_logprobs(logits[row], token, seq.params.logprobs)
-                seq.logprobs.append(entries)
-                seq.cumulative_logprob += entries[token].logprob
+        groups: dict[str, list[Sequence]] = {}  # request -> its samples that got a token now
+        for seq, token in zip(sampling, tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
+            if seq.group is not None:
+                groups.setdefault(seq.request_id, []).append(seq)
+                continue
             out = self.outputs.output(seq)
             if out is not None:
                 outputs.append(out)
             if seq.finished:
                 self._forget(seq)
+        for members in groups.values():
+            out = self._group_output(members)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Start the other samples of `parent`'s request (its prompt is computed, its first token not
+        yet sampled): each a new sequence holding `parent`'s tokens, on `parent`'s blocks when the
+        scheduler can run it now (see `Scheduler.fork`), registered like `parent` (generator,
+        detokenizer, chunk users, group)."""
+        children = []
+        for index in range(1, parent.params.num_samples):
+            child = Sequence(next(self._seq_ids), parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             parent.params, parent.arrival, cache_extra=parent.cache_extra,
+                             token_ids=list(parent.token_ids), num_cached_tokens=parent.num_cached_tokens,
+                             composition=parent.composition, first_token_time=parent.first_token_time,
+                             index=index, group=parent.group, bad_words_ids=parent.bad_words_ids,
+                             prompt_logprobs=parent.prompt_logprobs)
+            copy = self.scheduler.fork(parent, child)
+            # Nothing below can fail but the copy, and by then the child is the request's like the parent.
+            self._generators[child.seq_id] = self._generator(parent.params.seed, index)
+            self.outputs.add(child)
+            if child.composition is not None:
+                self.cache.acquire_chunks([p.chunk_id for p in child.composition.placements])
+            parent.group.append(child)
+            if copy is not None:
+                self.kv_cache.copy_block(*copy)
+            children.append(child)
+        return children
+
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Extend `seq.prompt_logprobs` from the logits of its tokens at `start`.. (row j predicts
+        the token at start + j + 1), up to its last prompt token; the first prompt token has None."""
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        first = len(seq.prompt_logprobs)  # the next prompt position without an entry
+        end = min(seq.num_prompt_tokens, start + logits.shape[0] + 1)
+        if first < end:
+            seq.prompt_logprobs.extend(token_logprobs(logits[first - 1 - start:end - 1 - start],
+                                                      seq.token_ids[first:end], seq.params.prompt_logprobs))
+
+    def _add_logprobs(self, logits: torch.Tensor, sampling: list[Sequence], tokens: list[int]) -> None:
+        """Record the sampled tokens' log-probabilities for the sequences that report them, or rank
+        their samples by them (best_of), in one batched pass per `logprobs` count."""
+        by_k: dict[int, list[int]] = {}
+        for row, seq in enumerate(sampling):
+            p = seq.params
+            if p.logprobs is not None or p.num_samples > p.n:
+                by_k.setdefault(p.logprobs if p.logprobs is not None else 0, []).append(row)
+        for k, rows in by_k.items():
+            entries = token_logprobs(logits[rows], [tokens[r] for r in rows], k)
+            for row, entry in zip(rows, entries):
+                seq = sampling[row]
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry[tokens[row]].logprob
+
+    def _group_output(self, members: list[Sequence]) -> RequestOutput | None:
+        """The RequestOutput of a request with several samples after a step in which `members` got a
+        token: DELTA, what each of them added; CUMULATIVE, every sample so far; FINAL_ONLY (and any
+        request with best_of > n), all samples once all are done, the n with the highest cumulative
+        log-probability for best_of. Forgets the samples that finished (the request with the last)."""
+        group = members[0].group
+        parent, p = group[0], members[0].params
+        first = all(m.num_sent_tokens == 0 for m in group)
+        finals = self._finals.setdefault(parent.request_id, {})
+        new: list[CompletionOutput] = []
+        for m in members:
+            completion = self.outputs.completion(m)
+            if completion is not None:
+                new.append(completion)
+                if m.finished:
+                    finals[m.index] = completion
+            if m.finished:
+                self._forget(m)
+        done = all(m.finished for m in group)
+        if p.output_kind is OutputKind.DELTA:
+            completions = new
+        elif p.output_kind is OutputKind.CUMULATIVE and p.num_samples == p.n:
+            completions = [finals[m.index] if m.finished else self.outputs.completion(m) for m in group]
+        elif done:
+            completions = [finals[i] for i in range(len(group))]
+            if p.num_samples > p.n:
+                best = sorted(group, key=lambda m: -m.cumulative_logprob)[:p.n]
+                completions = [dataclasses.replace(finals[m.index], index=i, cumulative_logprob=m.cumulative_logprob)
+                               for i, m in enumerate(best)]
+        else:
+            return None
+        return self.outputs.request_output(parent, completions, done, first)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         """What the sampler needs of `seq` this step (EOS and stop ids only while min_tokens holds them back)."""
@@ -490,17 +644,25 @@ class LLMEngine(ChunkRequests):
 
     def _forget(self, seq: Sequence) -> None:
         """Drop what the engine keeps for a finished sequence: its chunk users, or the pages of a
-        registration that did not complete."""
-        if self._requests.get(seq.request_id) is not seq:
+        registration that did not complete; its request too once no sample of it is left."""
+        if not self._owns(seq) or seq.seq_id not in self.outputs and seq.fills_chunk is None:
             return
         if seq.composition is not None:
             self.cache.release_chunks([p.chunk_id for p in seq.composition.placements])
         if seq.fills_chunk is not None and self._filling.get(seq.fills_chunk) is seq:
             del self._filling[seq.fills_chunk]
             self.cache.free_chunk(seq.fills_chunk)
-        del self._requests[seq.request_id]
         self.outputs.forget(seq)
         self._generators.pop(seq.seq_id, None)
+        if all(m.finished and m.seq_id not in self.outputs for m in seq.group or [seq]):
+            del self._requests[seq.request_id]
+            self._finals.pop(seq.request_id, None)
+
+    def _owns(self, seq: Sequence) -> bool:
+        """Whether `seq` is a sample of a request the engine tracks."""
+        request = self._requests.get(seq.request_id)
+        return request is seq or (request is not None and request.group is not None
+                                  and any(m is seq for m in request.group))
 
     # ---- visibility -----------------------------------------------------------------------------
 
@@ -530,9 +692,12 @@ class LLMEngine(ChunkRequests):
         cached = sum(1 for s in self.scheduler.running if s.fills_chunk is None)
         if self.cache.num_sequences != cached:
             raise RuntimeError(f"the cache holds {self.cache.num_sequences} sequences, {cached} are running")
-        if len(queued) != len(self._requests) or any(self._requests.get(s.request_id) is not s for s in queued):
+        queued_ids = {s.request_id for s in queued}
+        if queued_ids != set(self._requests) or not all(self._owns(s) for s in queued):
             raise RuntimeError(f"the engine tracks {len(self._requests)} requests, the scheduler holds "
-                               f"{len(queued)}: {sorted(self._requests)[:5]} vs {[s.request_id for s in queued][:5]}")
+                               f"{len(queued_ids)}: {sorted(self._requests)[:5]} vs {sorted(queued_ids)[:5]}")
+        if not set(self._finals) <= queued_ids:
+            raise RuntimeError(f"finished samples are kept for requests no longer queued: {sorted(self._finals)[:5]}")
         generating = {s.seq_id for s in queued if s.fills_chunk is None}
         if set(self._generators) != generating or len(self.outputs) != len(generating) \
                 or not all(i in self.outputs for i in generating):

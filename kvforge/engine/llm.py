@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
 
 from kvforge.cache import KVEvent, PinHandle
 from kvforge.config import EngineConfig
@@ -33,41 +36,49 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine (vLLM's name for it)."""
+        return self.engine
+
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Seq[PromptType],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool | Callable[..., tqdm] = True, priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion in one continuous batch; outputs come in prompt order.
 
         All prompts are validated before any runs: one bad prompt raises ValueError and none is kept.
+        `use_tqdm` shows a progress bar on stderr as vLLM does (requests done, input and output tok/s);
+        a callable is used in place of `tqdm`. `priority` gives each prompt's priority (lower runs first).
         """
         if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Seq):
             prompts = [prompts]  # a single prompt; add_request says what is wrong with a bad one
         prompts = list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
-                                 f"give one for all or one per prompt")
-        return self._run(zip(prompts, params))
+        params = _per_prompt(sampling_params or SamplingParams(), SamplingParams, len(prompts), "sampling params")
+        priorities = [0] * len(prompts) if priority is None else _per_prompt(priority, None, len(prompts), "priorities")
+        return self._wait(self._add(zip(prompts, params, priorities)), use_tqdm)
 
-    def chat(self, messages: Seq[Message] | Seq[Seq[Message]], sampling_params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template and generate a reply."""
+    def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool | Callable[..., tqdm] = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """Render each conversation (one list of messages, or a list of them) with the model's chat
+        template, or `chat_template` (Jinja source), and generate a reply. `continue_final_message`
+        continues the last message instead of starting a new turn (set add_generation_prompt=False)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         if not conversations:
             raise ValueError("chat() needs at least one message")
-        prompts = [self.engine.tokenize_chat(list(conv), add_generation_prompt) for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        prompts = [self.engine.tokenize_chat(list(conv), add_generation_prompt, chat_template, continue_final_message)
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are produced. Text that may be the
         start of a stop string is held back until the next tokens show it is not (the engine cuts a
         matched stop string out), so the pieces always add up to the final text."""
-        [request_id] = self._add([(prompt, sampling_params or SamplingParams())], OutputKind.DELTA)
+        [request_id] = self._add([(prompt, sampling_params or SamplingParams(), 0)], OutputKind.DELTA)
         try:
             while True:
                 for out in self.engine.step():
@@ -99,7 +110,8 @@ class LLM:
             raise ValueError(f"cannot pin {whole // engine.cache.block_size} blocks: the pin budget is "
                              f"{engine.cache.pin_budget} blocks (max_pinned_fraction of the pool)")
         if engine.cached_prefix(ids, cache_salt).num_tokens < whole:
-            self.generate({"prompt_token_ids": ids, "cache_salt": cache_salt}, SamplingParams(max_tokens=1))
+            self.generate({"prompt_token_ids": ids, "cache_salt": cache_salt}, SamplingParams(max_tokens=1),
+                          use_tqdm=False)
         return engine.pin_cached_prefix(ids, cache_salt)
 
     def unpin(self, handle: PinHandle) -> None:
@@ -142,7 +154,7 @@ class LLM:
         self.engine.add_chunk_request(request_id, list(chunk_ids), _as_prompt(query),
                                       _with_kind(sampling_params or SamplingParams(), OutputKind.FINAL_ONLY),
                                       recompute_ratio, recompute_rule)
-        return self._wait([request_id])[0]
+        return self._wait([request_id], use_tqdm=False)[0]
 
     # ---- visibility -----------------------------------------------------------------------------
 
@@ -153,12 +165,12 @@ class LLM:
         return self.engine.cache.dump_stats()
 
     def _add(self, requests, kind: OutputKind = OutputKind.FINAL_ONLY) -> list[str]:
-        """Add every request (all or none), with outputs of `kind`."""
+        """Add every (prompt, params, priority) request (all or none), with outputs of `kind`."""
         ids: list[str] = []
         try:
-            for prompt, params in requests:
+            for prompt, params, priority in requests:
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, _with_kind(params, kind))
+                self.engine.add_request(request_id, prompt, _with_kind(params, kind), priority)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:
@@ -166,23 +178,46 @@ class LLM:
             raise
         return ids
 
-    def _run(self, requests) -> list[RequestOutput]:
-        return self._wait(self._add(requests))
-
-    def _wait(self, ids: list[str]) -> list[RequestOutput]:
-        """Step until the requests `ids` finish; abort them if interrupted."""
+    def _wait(self, ids: list[str], use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
+        """Step until the requests `ids` finish, with a progress bar (see `generate`); abort them if
+        interrupted."""
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
+        bar = None
+        if use_tqdm:
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(
+                total=len(ids), desc="Processed prompts", dynamic_ncols=True,
+                postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        start, tokens_in, tokens_out = time.perf_counter(), 0, 0
         try:
             while len(final) < len(ids):
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out
+                        if bar is not None:
+                            tokens_in += len(out.prompt_token_ids)
+                            tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                            elapsed = time.perf_counter() - start
+                            bar.postfix = (f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                                           f"output: {tokens_out / elapsed:.2f} toks/s")
+                            bar.update(1)
         finally:
+            if bar is not None:
+                bar.close()
             for request_id in ids:
                 if request_id not in final:
                     self.engine.abort_request(request_id)
         return [final[i] for i in ids]
+
+
+def _per_prompt(value, single: type | None, n: int, what: str) -> list:
+    """`value` for each of `n` prompts: one `single` given for all, or a list of exactly n."""
+    if single is not None and isinstance(value, single):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} prompts; give one for all or one per prompt")
+    return values
 
 
 def _with_kind(params: SamplingParams | None, kind: OutputKind) -> SamplingParams | None:

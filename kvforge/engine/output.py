@@ -38,9 +38,9 @@ class OutputProcessor:
     def add(self, seq: Sequence) -> None:
         """Start detokenizing `seq`'s output with its prompt as context, so the first generated token
         decodes as it would in the middle of the text (SentencePiece keeps its leading space)."""
-        prompt = list(seq.composition.prompt_token_ids) if seq.composition else seq.prompt_token_ids
+        prompt = whole_prompt(seq)
         self._prompt_ids[seq.seq_id] = prompt
-        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt)
+        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt, seq.params.skip_special_tokens)
 
     def forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.seq_id, None)
@@ -74,6 +74,14 @@ class OutputProcessor:
     def output(self, seq: Sequence) -> RequestOutput | None:
         """The RequestOutput of `seq` after its newest token, shaped by its `output_kind`; None for
         an unfinished FINAL_ONLY request. Advances what `seq` has handed out. Call before `forget`."""
+        first = seq.num_sent_tokens == 0
+        completion = self.completion(seq)
+        return None if completion is None else self.request_output(seq, [completion], seq.finished, first)
+
+    def completion(self, seq: Sequence) -> CompletionOutput | None:
+        """`seq`'s CompletionOutput (index `seq.index`) after its newest token, shaped by its
+        `output_kind` (DELTA: what is new since the last call); None for an unfinished FINAL_ONLY
+        sequence. Advances what `seq` has handed out."""
         p = seq.params
         if p.output_kind is OutputKind.FINAL_ONLY and not seq.finished:
             return None
@@ -87,13 +95,29 @@ class OutputProcessor:
             text, token_ids = seq.text[:end], seq.output_token_ids
         seq.num_sent_chars, seq.num_sent_tokens = end, seq.num_output_tokens
         logprobs = (seq.cumulative_logprob, seq.logprobs[first:]) if p.logprobs is not None else ()
+        return CompletionOutput(seq.index, text, token_ids, seq.finish_reason, seq.stop_reason, *logprobs)
+
+    def request_output(self, seq: Sequence, completions: list[CompletionOutput], finished: bool,
+                       first: bool) -> RequestOutput:
+        """The RequestOutput of `seq`'s request holding `completions`. Prompt log-probabilities, when
+        asked for, ride on every output, or on the `first` one only for DELTA outputs."""
+        p = seq.params
+        prompt_logprobs = seq.prompt_logprobs if p.prompt_logprobs is not None and (
+            first or p.output_kind is not OutputKind.DELTA) else None
+        prompt_ids = self._prompt_ids.get(seq.seq_id)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
-            prompt_token_ids=self._prompt_ids[seq.seq_id],
-            outputs=[CompletionOutput(0, text, token_ids, seq.finish_reason, seq.stop_reason, *logprobs)],
-            finished=seq.finished,
+            prompt_token_ids=whole_prompt(seq) if prompt_ids is None else prompt_ids,
+            outputs=completions,
+            finished=finished,
             num_cached_tokens=seq.num_cached_tokens or 0,
             metrics=RequestMetrics(seq.arrival, seq.first_token_time,
-                                   time.monotonic() if seq.finished else None, seq.num_preemptions),
+                                   time.monotonic() if finished else None, seq.num_preemptions),
+            prompt_logprobs=prompt_logprobs,
         )
+
+
+def whole_prompt(seq: Sequence) -> list[int]:
+    """The prompt's token ids, a composed prompt's chunks included (a new list for a composed one)."""
+    return list(seq.composition.prompt_token_ids) if seq.composition else seq.prompt_token_ids

@@ -43,6 +43,12 @@ class SchedulerOutput:
     preempted: list[Sequence]
 
 
+def computes_whole_prompt(seq: Sequence) -> bool:
+    """Whether `seq` must compute its whole prompt (prompt log-probabilities, not yet all collected)
+    instead of starting from a cached prefix."""
+    return seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+
+
 class Scheduler:
     """Owns the queues; reserves cache slots for what it schedules (the caller runs them)."""
 
@@ -108,8 +114,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.fills_chunk is None:
                 # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
-                # (A composed sequence's private tokens are not a prefix: nothing is matched.)
-                prefix = self.cache.match_prefix(seq.token_ids if seq.composition is None else (), seq.cache_extra)
+                # (A composed sequence's private tokens are not a prefix, and prompt log-probabilities
+                # need the whole prompt computed: nothing is matched.)
+                prefix = self.cache.match_prefix(() if seq.composition or computes_whole_prompt(seq) else seq.token_ids,
+                                                 seq.cache_extra)
                 n = min(len(seq.token_ids) - prefix.num_tokens, budget)
                 keep = self.watermark_blocks if self.running else 0
                 if not self.cache.can_admit(prefix, n, keep):
@@ -128,6 +136,29 @@ class Scheduler:
             runs.append(ScheduledRun(seq, n, self._reserve(seq, n)))
             budget -= n
         return SchedulerOutput(runs, preempted)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Start `child`, a new sequence whose tokens are a copy of running `parent`'s (plus, perhaps,
+        a token of its own), at `parent`'s priority. When the running queue has room and the cache a
+        block for the copy, it runs from the next step on `parent`'s blocks (`KVCacheManager.fork`:
+        the full ones shared) with `parent`'s computed tokens, and the block copy the caller must make
+        in the arena is returned; otherwise it waits at the front of the waiting queue like a
+        preempted sequence (recomputed when admitted, cached prefixes sparing most of it) and None
+        is returned."""
+        priority = self._priority[parent.seq_id]
+        self._priority[child.seq_id] = priority
+        if len(self.running) < self.config.max_num_seqs:
+            try:
+                copy = self.cache.fork(parent.seq_id, child.seq_id)
+            except NoFreeBlocksError:
+                pass
+            else:
+                child.num_computed, child.status = parent.num_computed, SequenceStatus.RUNNING
+                self.running.append(child)
+                return copy
+        child.num_computed, child.status = 0, SequenceStatus.WAITING
+        self.waiting.appendleft(child)
+        return None
 
     def _schedule_decodes(self) -> list[ScheduledRun]:
         """The common step in one cache call: when every running sequence decodes one token within

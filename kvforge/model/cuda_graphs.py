@@ -73,7 +73,7 @@ class DecodeGraphs:
         """Whether a graph can run this step: only decodes of plain sequences that all need logits,
         at most `max_batch` of them, and none with more blocks than the static tables hold."""
         return len(runs) <= self.max_batch and all(
-            len(r.token_ids) == 1 and r.composition is None and r.needs_logits
+            len(r.token_ids) == 1 and r.composition is None and r.num_logits == 1
             and len(r.block_table) <= self.max_blocks for r in runs)
 
     def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:

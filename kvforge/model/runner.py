@@ -39,6 +39,8 @@ class TokenRun:
     reserved by the cache manager); `block_table` covers every position up to the last new one.
     With a `composition`, `start_pos` counts the sequence's private tokens (see `Composition`),
     whose absolute positions the composition gives, and `block_table` holds only those.
+    `needs_logits` asks for the logits of the last new token; `all_logits` for those of every new
+    token (prompt log-probabilities).
     """
 
     token_ids: Sequence[int]
@@ -47,6 +49,12 @@ class TokenRun:
     block_table: Sequence[int]
     needs_logits: bool
     composition: Composition | None = None
+    all_logits: bool = False
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of logits this run gets: its new tokens' last `num_logits`."""
+        return len(self.token_ids) if self.all_logits else int(self.needs_logits)
 
 
 class ModelRunner:
@@ -77,8 +85,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
-        """Compute every run; return float32 logits `[n, vocab]` (on the arena's device) for the runs
-        with `needs_logits`, in the order they were given. Writes the runs' K/V into their slots."""
+        """Compute every run; return float32 logits (on the arena's device): `num_logits` rows per run
+        (the last new token's with `needs_logits`, every new token's with `all_logits`), in the order
+        the runs were given. Writes the runs' K/V into their slots."""
         if not runs:
             raise ValueError("run() needs at least one token run")
         for i, c in enumerate(runs):
@@ -101,7 +110,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        row_of: dict[int, int] = {}
+        end_of: dict[int, int] = {}  # run -> its rows end here (exclusive)
         spans, composed_spans = [], []
         private: list[tuple[int, int, Sequence[int]]] = []  # composed runs: (new tokens, K/V length, table)
         for i in decodes + prefills + composed:
@@ -119,8 +128,8 @@ class ModelRunner:
                 composed_spans.append(self._composed_span(start, c, own, self.device))
                 private.append((n, c.start_pos + n, c.block_table))
             slots.extend(c.slots)
-            row_of[i] = start + n - 1
-        rows = [row_of[i] for i, c in enumerate(runs) if c.needs_logits]
+            end_of[i] = start + n
+        rows = [r for i, c in enumerate(runs) for r in range(end_of[i] - c.num_logits, end_of[i])]
         composed_spans = tuple(composed_spans)
         cascade = plan_cascade(composed_spans, self.device) if composed_spans else ()
         if self.on_gpu:

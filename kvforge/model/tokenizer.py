@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -55,27 +55,6 @@ def _byte_alphabet() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
-
-
-@lru_cache(maxsize=8)
-def compile_chat_template(source: str) -> jinja2.Template:
-    """A chat template compiled in Jinja's sandbox, with the globals HF templates use
-    (`raise_exception`, `strftime_now`, the `tojson` filter); ValueError if it does not compile.
-    Cached: the model's template and a server's override are compiled once."""
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"the chat template does not compile (line {e.lineno}): {e.message}") from e
 
 
 class Tokenizer:
@@ -169,16 +148,23 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            chat_template: str | None = None) -> str:
-        """Render `messages` (`[{"role": str, "content": str}, ...]`) with the model's chat template, or
-        with `chat_template` (a Jinja source) when given, as HF's argument of that name.
+                            chat_template: str | None = None, continue_final_message: bool = False) -> str:
+        """Render `messages` (`[{"role": str, "content": str}, ...]`) with the model's chat template,
+        or with `chat_template` (Jinja source) instead.
 
         Renders like HF's `apply_chat_template(..., tokenize=False)`; the result holds the template's
-        special tokens as text, so encode it with `add_special_tokens=False`.
+        special tokens as text, so encode it with `add_special_tokens=False`. With
+        `continue_final_message` the text ends right after the last message's content (no
+        end-of-turn), so generation continues that message; it excludes `add_generation_prompt`.
+        ValueError for messages or a template that cannot be rendered.
         """
-        source = chat_template or self._chat_template
+        source = chat_template if chat_template is not None else self._chat_template
         if source is None:
-            raise ValueError("this model has no chat template; format the prompt yourself and call generate()")
+            raise ValueError("this model has no chat template; pass chat_template, or format the prompt yourself "
+                             "and call generate()")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message continues the last message; it cannot be combined with "
+                             "add_generation_prompt (set that to False)")
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
         for i, m in enumerate(messages):
@@ -192,9 +178,17 @@ class Tokenizer:
             if tid is not None:
                 context[name] = self._tk.id_to_token(tid)
         try:
-            return compile_chat_template(source).render(**context)
+            text = compile_chat_template(source).render(**context)
         except jinja2.TemplateError as e:  # raise_exception() in the template: the conversation is refused
             raise ValueError(f"the chat template rejected these messages: {e}") from e
+        if continue_final_message:
+            final = messages[-1]["content"].strip()
+            at = text.rfind(final)
+            if not final or at < 0:
+                raise ValueError("continue_final_message: the last message's content does not appear in the "
+                                 "rendered conversation, so there is nothing to continue")
+            text = text[:at + len(final)]
+        return text
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -333,6 +327,27 @@ def _sentencepiece_bpe(tokens: list[str], types: list[int], fields: Mapping[str,
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_prefix else []))
     return backend, lambda token: True
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template's Jinja source compiled as HF compiles it (sandboxed, trimmed blocks, loop
+    controls, `raise_exception`, `tojson`, `strftime_now`); ValueError naming the line when it does
+    not compile. Cached: a server compiles its template once."""
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile (line {e.lineno}): {e.message}") from e
 
 
 class IncrementalDetokenizer:

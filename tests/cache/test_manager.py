@@ -11,6 +11,7 @@ from kvforge.cache import (
     NoFreeBlocksError,
     UnknownSequenceError,
 )
+from tests.cache.conftest import A, B, prefill
 
 
 def free_ids(m: KVCacheManager) -> list[int]:
@@ -279,3 +280,37 @@ def test_constructor_rejects_bad_sizes():
         KVCacheManager(4, 4, max_pinned_fraction=1.5)
     with pytest.raises(ValueError, match="max_kv_events must be >= 0"):
         KVCacheManager(4, 4, max_kv_events=-1)
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_last_one(manager):
+    prefill(manager, 0, A)  # 10 tokens: two full blocks of 4, two tokens in a third
+    parent = manager.block_table(0)
+    copy = manager.fork(0, 1)
+    child = manager.block_table(1)
+    assert child[:2] == parent[:2] and child[2] != parent[2]
+    assert copy == (parent[2], child[2])
+    assert [manager.pool.blocks[b].ref_cnt for b in parent] == [2, 2, 1]
+    assert manager.length(1) == 10 and manager.capacity(1) == manager.capacity(0)
+    assert manager.append(1, 1) == [child[2] * 4 + 2]  # the child writes into its own copy
+    manager.free(0)
+    assert [manager.pool.blocks[b].ref_cnt for b in child[:2]] == [1, 1]
+
+
+def test_fork_of_a_block_aligned_sequence_copies_nothing(manager):
+    prefill(manager, 0, B)  # 12 tokens: three full blocks
+    assert manager.fork(0, 1) is None
+    assert manager.block_table(1) == manager.block_table(0)
+    assert manager.append(1, 1) != manager.append(0, 1)  # each grows into a block of its own
+
+
+def test_fork_refusals_change_nothing(make_manager):
+    m = make_manager(num_blocks=3)
+    prefill(m, 0, A)
+    before = (m.stats(), [b.ref_cnt for b in m.pool.blocks])
+    with pytest.raises(NoFreeBlocksError):
+        m.fork(0, 1)  # no block left for the copy
+    with pytest.raises(ValueError):
+        m.fork(0, 0)
+    with pytest.raises(UnknownSequenceError):
+        m.fork(5, 6)
+    assert (m.stats(), [b.ref_cnt for b in m.pool.blocks]) == before and not m.has_sequence(1)

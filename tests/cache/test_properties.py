@@ -1,5 +1,5 @@
-"""Random add / match / append / commit / decode / free / pin / reset sequences keep every invariant
-(hypothesis state machines), with prefixes shared between sequences, salts, and evictions.
+"""Random add / match / append / commit / decode / fork / free / pin / reset sequences keep every
+invariant (hypothesis state machines), with prefixes shared between sequences, salts, and evictions.
 
 The oracle for "a hit never serves wrong KV": an arena that records, for every slot a sequence
 writes, what its KV would depend on (the extra keys and every token up to that position). A
@@ -10,6 +10,7 @@ the same rules under a 3-valued hash, so collisions are everywhere.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -190,6 +191,33 @@ class ManagerMachine(RuleBasedStateMachine):
             del d[seq_id]
         free = [b.block_id for b in m.pool.free_queue.get_all_free_blocks()]
         assert free[len(free) - len(released):] == released
+
+    @rule(parent=SEQ_IDS, child=SEQ_IDS)
+    def fork(self, parent, child):
+        m = self.m
+        if parent not in self.tokens or child in self.tokens:
+            before = m.stats()
+            with pytest.raises(ValueError):  # UnknownSequenceError is one
+                m.fork(parent, child)
+            assert m.stats() == before
+            return
+        length, available = len(self.tokens[parent]), m.num_available_blocks
+        partial = length % BLOCK_SIZE != 0
+        try:
+            copy = m.fork(parent, child)
+        except NoFreeBlocksError:
+            assert partial and available == 0 and m.num_available_blocks == 0
+            return
+        assert (copy is not None) == partial
+        slots = list(self.slots[parent])
+        if copy is not None:  # what the engine copies in the arena
+            src, dst = copy
+            assert m.num_available_blocks == available - 1
+            for o in range(length % BLOCK_SIZE):
+                self.arena[dst * BLOCK_SIZE + o] = self.arena[src * BLOCK_SIZE + o]
+            slots = [dst * BLOCK_SIZE + s % BLOCK_SIZE if s // BLOCK_SIZE == src else s for s in slots]
+        self.tokens[child], self.slots[child] = list(self.tokens[parent]), slots
+        self.capacity[child], self.extra[child] = self.capacity[parent], self.extra[parent]
 
     @rule(seq_id=SEQ_IDS)
     def free_again(self, seq_id):

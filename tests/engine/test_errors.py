@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvforge import LLM, SamplingParams
 from kvforge.engine import StepError
+from kvforge.types import InvalidRequestError
 from tests.conftest import assert_engine_idle
 
 OK = SamplingParams(temperature=0, max_tokens=4)
@@ -162,4 +165,45 @@ def test_a_request_outside_a_failing_step_is_untouched(monkeypatch):
     assert list(outs) == ["second"]
     alone = small.generate("General Kenobi", OK)[0]
     assert outs["second"].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert_engine_idle(engine)
+
+
+SAMPLING_FIELDS = {
+    "n": st.integers(-1, 4), "best_of": st.none() | st.integers(0, 5),
+    "presence_penalty": st.floats(-3, 3) | st.just(float("nan")), "frequency_penalty": st.floats(-3, 3),
+    "repetition_penalty": st.floats(-1, 3), "min_p": st.floats(-0.5, 1.5), "min_tokens": st.integers(-1, 4),
+    "logit_bias": st.none() | st.dictionaries(st.integers(-2, 49160), st.floats(-200, 200), max_size=3),
+    "bad_words": st.none() | st.lists(st.text(max_size=6), max_size=3),
+    "allowed_token_ids": st.none() | st.lists(st.integers(-1, 49160), max_size=3),
+    "prompt_logprobs": st.none() | st.integers(-2, 3), "logprobs": st.none() | st.integers(-1, 2),
+    "truncate_prompt_tokens": st.none() | st.integers(-1, 6), "temperature": st.sampled_from([0, 0.7, 1.0]),
+    "top_k": st.integers(-1, 5), "seed": st.none() | st.integers(0, 3),
+    "skip_special_tokens": st.booleans() | st.just(1),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.fixed_dictionaries({}, optional=SAMPLING_FIELDS), min_size=1, max_size=3))
+def test_random_sampling_options_run_or_are_refused_and_nothing_leaks(llm, options):
+    """Any mix of the sampling options, in one batch: each request is refused naming one of its
+    fields, or runs to the end with as many completions as it asked for."""
+    engine = llm.engine
+    added = {}
+    for i, kwargs in enumerate(options):
+        try:
+            params = SamplingParams(max_tokens=3, **kwargs)
+            engine.add_request(f"fuzz-{i}", "Hi there", params)
+        except InvalidRequestError as e:
+            assert e.param in kwargs, (e.param, kwargs)
+        else:
+            added[f"fuzz-{i}"] = params
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert set(done) == set(added)
+    for rid, out in done.items():
+        assert len(out.outputs) == added[rid].n
+        assert (out.prompt_logprobs is not None) == (added[rid].prompt_logprobs is not None)
     assert_engine_idle(engine)

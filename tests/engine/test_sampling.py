@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvforge import SamplingParams
-from tests.conftest import PROMPTS
+from kvforge.types import InvalidRequestError
+from tests.conftest import PROMPTS, assert_engine_idle
 
 
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(llm):
@@ -73,3 +76,52 @@ def test_stream_yields_the_same_text_as_generate(llm):
     assert len(pieces) > 1
     assert "".join(pieces) == llm.generate(PROMPTS[2], p)[0].outputs[0].text
     llm.engine.check_integrity()
+
+
+def test_min_tokens_holds_back_eos(llm):
+    chat = [{"role": "user", "content": "Hi!"}]
+    short = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
+    assert short.finish_reason == "stop" and len(short.token_ids) < 20  # the model ends its turn early
+    eos = set(llm.get_tokenizer().eos_token_ids)
+    held = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=20), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 20 and not eos & set(held.token_ids[:19])
+
+
+def test_logit_bias_bans_and_forces_tokens(llm):
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
+    first = greedy.token_ids[0]
+    banned = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, logit_bias={first: -100}),
+                          use_tqdm=False)[0].outputs[0]
+    assert banned.token_ids[0] != first
+    forced = llm.generate(PROMPTS[0], SamplingParams(temperature=0.7, seed=1, max_tokens=3, logit_bias={42: 100}),
+                          use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == [42, 42, 42]
+
+
+def test_bad_words_keep_a_word_out_of_the_output(llm):
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in greedy.text
+    clean = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, bad_words=["Paris"]),
+                         use_tqdm=False)[0].outputs[0]
+    assert "Paris" not in clean.text
+
+
+def test_allowed_token_ids_restrict_the_output_and_are_checked_against_the_vocabulary(llm):
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=1.0, seed=3, max_tokens=8, allowed_token_ids=[7, 9]),
+                       use_tqdm=False)[0].outputs[0]
+    assert set(out.token_ids) <= {7, 9}
+    vocab = llm.engine.model_config.vocab_size
+    for field, value in (("allowed_token_ids", [vocab]), ("logit_bias", {vocab + 5: 1.0})):
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate(PROMPTS[1], SamplingParams(**{field: value}), use_tqdm=False)
+        assert e.value.param == field
+    assert_engine_idle(llm.engine)
+
+
+def test_a_repetition_penalty_repeats_less(llm):
+    prompt = "one two three one two three one two three one two"
+    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    penalised = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5),
+                             use_tqdm=False)[0].outputs[0]
+    seen = set(llm.get_tokenizer().encode(prompt))
+    assert sum(t in seen for t in penalised.token_ids) < sum(t in seen for t in plain.token_ids)

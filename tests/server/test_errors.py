@@ -40,7 +40,7 @@ def test_malformed_json_is_a_400(http, content):
     ("/v1/completions", {**OK, "n": 0}, "n", "n must be an integer in [1, 128]"),
     ("/v1/completions", {**OK, "n": 129}, "n", "n must be an integer in [1, 128]"),
     ("/v1/completions", {**OK, "n": 2, "best_of": 1}, "best_of", "best_of must be None or an integer in [n, 128]"),
-    ("/v1/completions", {**OK, "best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
+    ("/v1/completions", {**OK, "best_of": 2, "stream": True}, "best_of", "for DELTA outputs (streaming)"),
     ("/v1/completions", {**OK, "prompt": ["a"] * 129}, "prompt", "at most 128"),
     ("/v1/completions", {**OK, "prompt": ["a", ""]}, "prompt", "prompt is empty"),
     ("/v1/completions", {**OK, "prompt": [[5, 6], [5] * 8200]}, "prompt", "over max_model_len=8192"),
