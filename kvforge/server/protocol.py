@@ -202,6 +202,9 @@ class CompletionRequest(BaseRequest):
     def check(self) -> None:
         super().check()
         _check_logprobs("logprobs", self.logprobs)
+        if self.echo and self.logprobs is not None and self.chunks:
+            raise ApiError(400, "echo with logprobs does not apply to a prompt composed from chunks (their reused "
+                                "tokens get no logprobs); leave one of them unset", param="echo")
         if self.suffix:
             raise ApiError(400, "suffix is not supported by kvforge; leave it unset", param="suffix")
 

@@ -149,6 +149,9 @@ def test_the_sampling_extras_reach_the_engine(client, llm):
     allowed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0,
                                         extra_body={"allowed_token_ids": [token], "ignore_eos": True})
     assert allowed.choices[0].text == " blue" * 2
+    truncated = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 2})
+    assert truncated.usage.prompt_tokens == 2
 
 
 def test_an_output_stream_maps_completions_and_prompts_to_choices():
