@@ -1,10 +1,20 @@
-"""The FastAPI app: OpenAI's routes over the engine loop, /health, /metrics, and /v1/chunks.
+"""The FastAPI app: OpenAI's routes over the engine loop, vLLM's /tokenize, /detokenize and
+/version, /health, /metrics, and /v1/chunks; the middleware (request counting, X-Request-Id, the API
+key) is in middleware.py.
 
-Handlers parse and validate the body (400 in OpenAI's error shape), hand a `Job` to the engine loop
-and wait for its admission (an ApiError such as 503/429 comes back here, before any byte is sent),
-then answer with one JSON body or with server-sent events ending in `data: [DONE]`. A client that
-goes away, while its request waits or while it streams, gets its request aborted: the loop frees
-its blocks at once.
+Handlers parse and validate the body (400 in OpenAI's error shape), hand the engine loop one `Job`
+per prompt and wait for their admission (an ApiError such as 503/429 comes back here, before any
+byte is sent), then answer with one JSON body or with server-sent events ending in `data: [DONE]`.
+A completion request with several prompts runs them as separate engine requests (`<id>-<i>`), each
+with `n` completions: choice i is completion i % n of prompt i // n. A client that goes away, while
+its request waits or while it streams, gets its request aborted: the loop frees its blocks at once.
+The request id (X-Request-Id, or a fresh one) names the response (`cmpl-<id>`, `chatcmpl-<id>`) and
+the engine request.
+
+    POST /tokenize    {"prompt", "add_special_tokens"?} or {"messages", "add_generation_prompt"?,
+                      "add_special_tokens"?} -> {"count", "max_model_len", "tokens"}
+    POST /detokenize  {"tokens"} -> {"prompt"}
+    GET  /version     -> {"version"}
 
 /v1/chunks (kvforge's extension, shaped like OpenAI's resources):
 
@@ -26,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,17 +45,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+import kvforge
 from kvforge.server import protocol as P
+from kvforge.server import responses as R
 from kvforge.server.engine_loop import EngineLoop
 from kvforge.server.jobs import ChunkJob, Job, OutputStream, create_future
+from kvforge.server.middleware import ApiKey, CountRequests, RequestIds
 from kvforge.server.protocol import ApiError
 
 if TYPE_CHECKING:
     from kvforge.server.serve import Server
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/chunks", "/v1/kv_events", "/health",
-              "/metrics")
 
 
 def build_app(server: Server) -> FastAPI:
@@ -54,9 +64,12 @@ def build_app(server: Server) -> FastAPI:
     the served model name)."""
     # No redirects for a trailing slash: an unknown path is a 404 in OpenAI's shape.
     app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
-    app.add_middleware(_CountRequests, metrics=server.metrics)
+    if server.config.api_key is not None:  # the last added runs first
+        app.add_middleware(ApiKey, api_key=server.config.api_key)
+    app.add_middleware(RequestIds)
+    app.add_middleware(CountRequests, metrics=server.metrics)
     loop, engine, names = server.loop, server.engine, {server.model_name, server.engine.model_name}
-    config = server.config
+    config, texts = server.config, R.TokenTexts(engine.tokenizer)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -102,49 +115,84 @@ def build_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req: P.CompletionRequest = await parse(request, P.CompletionRequest)
-        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = req.sampling_params(max_tokens)
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
+        params = req.sampling_params(COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
+        prompts = req.prompts()
+
+        def engine_prompt(prompt: str | list[int]) -> dict:
             # A query after chunks continues the prompt: no BOS (as LLMEngine.prepare_chunk_request).
-            text, ids = await tokenized(lambda: engine.tokenize(prompt, add_special_tokens=not req.chunk_ids), "prompt")
-            engine_prompt = {"prompt": text, "prompt_token_ids": ids}
-        else:
-            engine_prompt = {"prompt_token_ids": prompt}
-        job = _job(f"cmpl-{uuid.uuid4().hex}", engine_prompt, req, params, chat=False)
-        return await _respond(request, job, req, chat=False)
+            text, ids = engine.tokenize(prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt},
+                                        add_special_tokens=not req.chunk_ids)
+            if text is None and req.echo:
+                text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+            return {"prompt": text, "prompt_token_ids": ids}
+
+        engine_prompts = await tokenized(lambda: [engine_prompt(p) for p in prompts], "prompt")
+        echo = [p["prompt"] for p in engine_prompts] if req.echo else None
+        answer = _answer(request, "cmpl", req, params.n, len(prompts), chat=False, echo=echo)
+        return await _respond(request, answer, req, params, engine_prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req: P.ChatCompletionRequest = await parse(request, P.ChatCompletionRequest)
         params = req.sampling_params(req.requested_max_tokens)
         messages = [m.as_template_input() for m in req.messages]
-        engine_prompt = await tokenized(lambda: engine.tokenize_chat(messages), "messages")
-        job = _job(f"chatcmpl-{uuid.uuid4().hex}", engine_prompt, req, params, chat=True)
-        return await _respond(request, job, req, chat=True)
+        engine_prompt = await tokenized(lambda: engine.tokenize_chat(messages, chat_template=config.chat_template),
+                                        "messages")
+        answer = _answer(request, "chatcmpl", req, params.n, 1, chat=True)
+        return await _respond(request, answer, req, params, [engine_prompt], chat=True)
 
-    def _job(request_id: str, engine_prompt: dict, req: P.BaseRequest, params, chat: bool) -> Job:
-        aloop, admitted = create_future()
-        stream = bool(req.stream)
-        return Job(request_id, engine_prompt, chat, params, req.priority, stream, aloop, admitted, req.chunk_ids,
-                   req.ratio, outputs=OutputStream(wake_each_step=stream))
+    def _answer(request: Request, prefix: str, req: P.BaseRequest, n: int, num_prompts: int, chat: bool,
+                echo: list[str] | None = None) -> R.Answer:
+        return R.Answer(f"{prefix}-{request.state.request_id}", server.model_name, chat, n, num_prompts, texts,
+                        logprobs=req.num_logprobs, prompt_logprobs=req.prompt_logprobs, echo=echo,
+                        include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
-    async def _respond(request: Request, job: Job, req: P.BaseRequest, chat: bool) -> Response:
-        loop.submit(job)
+    async def _respond(request: Request, answer: R.Answer, req: P.BaseRequest, params, engine_prompts: list[dict],
+                       chat: bool) -> Response:
+        aloop, stream = asyncio.get_running_loop(), bool(req.stream)
+        outputs = OutputStream(params.n, len(engine_prompts), wake_each_step=stream)
+        ids = [answer.rid] if len(engine_prompts) == 1 else [f"{answer.rid}-{i}" for i in range(len(engine_prompts))]
+        jobs = [Job(rid, prompt, chat, params, req.priority, aloop, aloop.create_future(), req.chunk_ids, req.ratio,
+                    outputs, i) for i, (rid, prompt) in enumerate(zip(ids, engine_prompts))]
+
+        def abort() -> None:
+            for job in jobs:
+                loop.abort(job)
+
+        loop.submit(jobs)
         try:
-            await _from_loop(loop, job.admitted, request)
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = _events(job, loop, chat, server.model_name, include_usage)
-                return _AbortingStream(events, lambda: loop.abort(job), media_type="text/event-stream",
+            for job in jobs:
+                await _from_loop(loop, job.admitted, request)
+            if stream:
+                return _AbortingStream(_events(outputs, loop, answer), abort, media_type="text/event-stream",
                                        headers={"Cache-Control": "no-cache"})
-            out = await _from_loop(loop, job.outputs.get(), request)  # woken once, by the final output
+            out = await _from_loop(loop, outputs.get(), request)  # woken once, when every prompt is done
         except BaseException:
-            loop.abort(job)
+            abort()
             raise
-        use = P.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
-        build = P.chat_completion if chat else P.completion
-        return JSONResponse(build(job.request_id, server.model_name, out.text, out.finish_reason, use))
+        return JSONResponse(answer.body(out))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        req: P.TokenizeRequest = await parse(request, P.TokenizeRequest)
+        tokenizer = engine.tokenizer
+        if req.prompt is not None:
+            ids = await tokenized(lambda: tokenizer.encode(req.prompt, req.special_tokens), "prompt")
+        else:
+            messages = [m.as_template_input() for m in req.messages]
+            ids = await tokenized(lambda: tokenizer.encode(tokenizer.apply_chat_template(
+                messages, req.add_generation_prompt, config.chat_template), req.special_tokens), "messages")
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req: P.DetokenizeRequest = await parse(request, P.DetokenizeRequest)
+        text = await tokenized(lambda: engine.tokenizer.decode(req.tokens, skip_special_tokens=False), "tokens")
+        return {"prompt": text}
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kvforge.__version__}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -173,27 +221,27 @@ def build_app(server: Server) -> FastAPI:
         call: for a router mirroring the prefix cache. The engine keeps a bounded buffer; `dropped`
         counts the events lost because nobody drained them in time (resynchronise when it grows)."""
         events, dropped = await call(loop.take_events())
-        return {"object": "list", "data": [P.kv_event(e) for e in events], "dropped": dropped}
+        return {"object": "list", "data": [R.kv_event(e) for e in events], "dropped": dropped}
 
     @app.post("/v1/chunks")
     async def create_chunk(request: Request) -> dict:
         req: P.ChunkCreateRequest = await parse(request, P.ChunkCreateRequest)
         text, ids = await tokenized(lambda: engine.tokenize_chunk(req.prompt(), req.kind), req.param)
         aloop, done = create_future()
-        job = ChunkJob(f"chunk-{uuid.uuid4().hex}", {"prompt": text, "prompt_token_ids": ids}, req.kind, req.id,
-                       req.param, aloop, done)
+        job = ChunkJob(f"chunk-{request.state.request_id}", {"prompt": text, "prompt_token_ids": ids}, req.kind,
+                       req.id, req.param, aloop, done)
         loop.register(job)
         try:
             chunk, created = await _from_loop(loop, done, request)
         except BaseException:
             loop.abort(job)
             raise
-        return P.chunk_object(chunk, created, server.model_name)
+        return R.chunk_object(chunk, created, server.model_name)
 
     @app.get("/v1/chunks")
     async def list_chunks() -> dict:
         chunks = await call(loop.list_chunks())
-        return {"object": "list", "data": [P.chunk_object(c, created, server.model_name) for c, created in chunks]}
+        return {"object": "list", "data": [R.chunk_object(c, created, server.model_name) for c, created in chunks]}
 
     @app.delete("/v1/chunks/{chunk_id}")
     async def delete_chunk(chunk_id: str) -> dict:
@@ -285,53 +333,19 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _events(job: Job, loop: EngineLoop, chat: bool, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events for one admitted job: each event carries what is new since the last one
-    (the engine holds back text that may still be the start of a stop string)."""
-    created, rid = int(time.time()), job.request_id
-
-    def chunk(text: str | None, finish: str | None, use: dict | None = None) -> str:
-        if chat:
-            delta = None if text is None else ({} if finish and not text else {"content": text})
-            return _sse(P.chat_chunk(rid, created, model, delta, finish, include_usage, use))
-        return _sse(P.completion_chunk(rid, created, model, text, finish, include_usage, use))
-
-    if chat:
-        yield _sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, include_usage))
+async def _events(outputs: OutputStream, loop: EngineLoop, answer: R.Answer) -> AsyncIterator[str]:
+    """Server-sent events for one admitted request: each event carries what is new since the last one
+    for one choice (the engine holds back text that may still be the start of a stop string)."""
+    for chunk in answer.opening():
+        yield _sse(chunk)
     while True:
         try:
-            d = await _from_loop(loop, job.outputs.get())
+            d = await _from_loop(loop, outputs.get())
         except ApiError as e:
             yield _sse(e.body())
             break
-        if d.text or d.finished:
-            yield chunk(d.text, d.finish_reason if d.finished else None)
+        for chunk in answer.chunks(d):
+            yield _sse(chunk)
         if d.finished:
-            if include_usage:
-                yield chunk(None, None, P.usage(d.num_prompt_tokens, d.num_output_tokens, d.num_cached_tokens))
             break
     yield "data: [DONE]\n\n"
-
-
-class _CountRequests:
-    """ASGI middleware: count every HTTP response by endpoint and status code."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
-        status = [500]
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()

@@ -7,7 +7,10 @@ options from these fields.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvforge.model.tokenizer import compile_chat_template
 
 ADMISSION = ("need", "reserve")
 ON_FULL = ("reject", "wait", "shrink")
@@ -29,6 +32,10 @@ class ServerConfig:
       - shrink: with reserve, lower its max_tokens to what fits now (finish_reason "length"); 503
                 if not even one token fits; with need, nothing can shrink a prompt: 503.
     `served_model_name` is the id clients send as `model` (default: the engine's `model` option).
+    `api_key`, when set, is required as `Authorization: Bearer <key>` on every route but /health,
+    /version and /metrics (as vLLM); a request without it gets 401. `chat_template` overrides the
+    model's chat template: a Jinja template, or the path of a file holding one (read and compiled
+    here, so a bad one fails before the model loads; the field then holds the template itself).
     A request body over `max_body_bytes` gets 413. `engine_timeout` bounds how long a handler waits
     for the engine loop to answer a call (metrics, chunk listing and deletion) before a 503.
     """
@@ -44,6 +51,8 @@ class ServerConfig:
     log_level: str = "info"
     max_body_bytes: int = 4 << 20
     engine_timeout: float = 60.0
+    api_key: str | None = field(default=None, repr=False)
+    chat_template: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -69,3 +78,31 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if self.log_level not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None (no key required)")
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", _load_chat_template(self.chat_template))
+
+
+def _load_chat_template(value: str) -> str:
+    """The template `value` names: the contents of the file at that path, else `value` itself when it
+    looks like a template (holds '{' or a line break, as vLLM's rule); compiled to check it."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name too long or with a NUL byte for the file system
+        is_file = False
+    if is_file:
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"chat_template: cannot read {str(path)!r}: {e}") from None
+    elif not any(c in value for c in "{}\n"):
+        raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+    if not value.strip():
+        raise ValueError("chat_template is empty")
+    try:
+        compile_chat_template(value)
+    except ValueError as e:
+        raise ValueError(f"chat_template: {e}") from None
+    return value

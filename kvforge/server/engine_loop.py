@@ -2,12 +2,12 @@
 this thread does nothing but engine work: tokenizing and chat templating happen before a job gets
 here (the handlers' worker threads).
 
-HTTP handlers (on uvicorn's asyncio loop) never touch the engine: they put a `Job` or `ChunkJob` in
-the inbox (`submit`, `register`), ask for its end (`abort`), or ask for a function to run between
+HTTP handlers (on uvicorn's asyncio loop) never touch the engine: they put a request's `Job`s (one
+per prompt) or a `ChunkJob` in the inbox (`submit`, `register`), ask for its end (`abort`), or ask for a function to run between
 two steps (`call`). The loop thread, each turn:
 
-    1. takes the inbox: prepares new jobs (the engine's validation) and admits, queues or refuses
-       them (admission.py), aborts jobs whose client has gone (their blocks are freed at once),
+    1. takes the inbox: prepares new jobs (the engine's validation: all the prompts of a request
+       before any of them is admitted) and admits, queues or refuses them (admission.py), aborts jobs whose client has gone (their blocks are freed at once),
        queues chunk registrations (their prefill is an ordinary prefill of the next steps), runs
        `call`s;
     2. gives up queued jobs past their deadline (503), admits queued jobs from the head while they fit;
@@ -89,9 +89,13 @@ class EngineLoop:
         in a row."""
         return self.alive and self._intact and self._failed_steps < MAX_FAILED_STEPS
 
-    def submit(self, job: Job) -> None:
-        if not self._put("submit", job):
-            job.aloop.call_soon_threadsafe(_resolve, job.admitted, _shutting_down())
+    def submit(self, jobs: list[Job]) -> None:
+        """Admit the jobs of one request (one per prompt): each job's `admitted` gets None or an
+        ApiError. When one prompt is refused by the engine's validation, every job gets that error
+        and none is admitted."""
+        if not self._put("submit", jobs):
+            for job in jobs:
+                job.aloop.call_soon_threadsafe(_resolve, job.admitted, _shutting_down())
 
     def register(self, job: ChunkJob) -> None:
         """Register a chunk (see `LLMEngine.add_chunk_registration`); `job.done` gets (Chunk, created)
@@ -174,22 +178,39 @@ class EngineLoop:
 
     def _fail_item(self, kind: str, payload: Any, e: Exception) -> None:
         err = _internal(e)
-        if kind in ("submit", "register"):
+        if kind == "submit":  # every job of the request fails, those already started are aborted
+            for job in payload:
+                try:
+                    self._on_abort(job)
+                except Exception:
+                    log.exception("the engine loop failed to abort %s", job.request_id)
+                self._end(job, err)
+        elif kind == "register":
             self._end(payload, err)
         elif kind == "call" and not payload[1].done():
             payload[1].set_exception(err)
 
-    def _on_submit(self, job: Job) -> None:
+    def _on_submit(self, jobs: list[Job]) -> None:
+        engine = self.engine
+        for job in jobs:
+            try:
+                if job.chunks:
+                    job.prepared = engine.prepare_chunk_request(job.request_id, list(job.chunks), job.engine_prompt,
+                                                                job.params, job.recompute_ratio, priority=job.priority)
+                else:
+                    job.prepared = engine.prepare_request(job.request_id, job.engine_prompt, job.params, job.priority)
+            except ValueError as e:  # the engine's validation: the caller's mistake, nothing was kept
+                err = _invalid(e, job.prompt_param)
+                for j in jobs:
+                    self._end(j, err)
+                return
+            job.num_prompt_tokens = job.prepared.seq.total_len
+        for job in jobs:
+            self._admit(job)
+
+    def _admit(self, job: Job) -> None:
+        """Start a prepared job, queue it or refuse it (503, 429), as `on_full` says."""
         engine, mode = self.engine, self.config.admission
-        try:
-            if job.chunks:
-                job.prepared = engine.prepare_chunk_request(job.request_id, list(job.chunks), job.engine_prompt,
-                                                            job.params, job.recompute_ratio, priority=job.priority)
-            else:
-                job.prepared = engine.prepare_request(job.request_id, job.engine_prompt, job.params, job.priority)
-        except ValueError as e:  # the engine's validation: the caller's mistake, nothing was kept
-            return self._end(job, _invalid(e, job.prompt_param))
-        job.num_prompt_tokens = job.prepared.seq.total_len
         policy = self.config.on_full
         if policy == "wait":
             if not self._queue and admission.need(engine, job.prepared, mode) <= admission.room(engine, mode):
@@ -336,21 +357,24 @@ class EngineLoop:
             self._intact = False
 
     def _on_output(self, job: Job, out: RequestOutput, now: float) -> None:
-        n = len(out.outputs[0].token_ids)
-        if n:
+        # Steps since the last output: the most tokens one completion got (with n > 1 they decode together).
+        steps = max((len(o.token_ids) for o in out.outputs), default=0)
+        if steps:
             if job.last_token_time is None:
-                self.metrics.ttft.observe(now - job.received)
+                first = out.metrics.first_token_time if out.metrics and out.metrics.first_token_time else now
+                self.metrics.ttft.observe(first - job.received)
             else:
-                gap = (now - job.last_token_time) / n
-                for _ in range(n):
+                gap = (now - job.last_token_time) / steps
+                for _ in range(steps):
                     self.metrics.itl.observe(gap)
-            job.num_tokens += n
+            job.num_tokens += sum(len(o.token_ids) for o in out.outputs)
             job.last_token_time = now
         if out.finished:
             del self._jobs[job.request_id]
             job.state = "done"
-            self.metrics.finished(job.num_prompt_tokens, job.num_tokens, out.outputs[0].finish_reason or "stop")
-        self._post(job, job.outputs.put, out)
+            reason = out.outputs[0].finish_reason if out.outputs else None
+            self.metrics.finished(job.num_prompt_tokens, job.num_tokens, reason or "stop")
+        self._post(job, job.outputs.put, out, job.prompt_index)
 
     # ---- results ------------------------------------------------------------------------------
 
@@ -399,7 +423,10 @@ class EngineLoop:
         with self._cv:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
-            if kind in ("submit", "register"):
+            if kind == "submit":
+                for job in payload:
+                    self._end(job, err)
+            elif kind == "register":
                 self._end(payload, err)
             elif kind == "call" and not payload[1].done():
                 payload[1].set_exception(_shutting_down())

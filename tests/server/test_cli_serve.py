@@ -14,6 +14,7 @@ def test_serve_help_lists_server_and_engine_options(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--host", "--port", "--on-full", "--queue-timeout", "--max-queue", "--retry-after",
+                 "--api-key", "--served-model-name", "--chat-template",
                  "--model", "--kv-cache-memory", "--num-blocks", "--max-num-seqs"):
         assert flag in out, flag
 
@@ -25,6 +26,9 @@ def test_serve_help_lists_server_and_engine_options(capsys):
     (["--queue-timeout", "inf"], "queue_timeout must be a finite number of seconds > 0"),
     (["--admission", "greedy"], "admission must be one of need, reserve"),
     (["--max-queue", "-1"], "max_queue must be an integer >= 0"),
+    (["--api-key", ""], "api_key must be a non-empty string"),
+    (["--chat-template", "{% if %}"], "chat_template: the chat template does not compile"),
+    (["--chat-template", "missing.jinja"], "is neither a file nor a Jinja template"),
 ])
 def test_bad_server_options_are_reported_without_loading_the_model(argv, message, capsys):
     assert main(["serve", *argv]) == 2

@@ -8,7 +8,8 @@ and DELETE /v1/chunks/{id}:
     `\\ud800` escape on the wire, or its invalid UTF-8 bytes), control characters, long strings,
     deep nesting, unknown fields (named with such strings too), dropped fields; per field: `seed`
     huge, `stop` with many or long strings, `stop_token_ids` huge lists, `chunks` with unknown ids,
-    `max_tokens` / `max_completion_tokens` absent or huge, and so on;
+    `max_tokens` / `max_completion_tokens` absent or huge, `logit_bias` and `allowed_token_ids` with
+    ids outside the vocabulary, `n`, `best_of`, logprob counts and `bad_words` out of range, and so on;
   - bodies that are not a JSON object: empty, malformed, truncated, 10_000-deep lists, a
     5000-digit number, other encodings, wrong content types and methods;
   - bodies of 1 to 5 MiB (the server answers those over its 4 MiB limit with 413), some sent
@@ -254,9 +255,21 @@ COMMON_FIELDS = {
     "recompute_ratio": floats(0.15, 0.5, 1.0000001),
     "presence_penalty": floats(0.5),
     "frequency_penalty": floats(0.5),
-    "logit_bias": st.sampled_from([{}, {"1": 0}, {"1": 100}, {"x": 1}, {"1": float("nan")}]),
+    "logit_bias": st.sampled_from([{}, {"1": 0}, {"1": 100}, {"x": 1}, {"1": float("nan")}, {"49152": 1},
+                                   {"9999999999": -100}, {"-1": 1}, {str(i): 1 for i in range(2000)}]),
     "logprobs": ints(5),
     "top_logprobs": ints(5),
+    "best_of": ints(1, 2, 3),
+    "repetition_penalty": floats(1.2, 1e-9),
+    "min_p": floats(0.1),
+    "min_tokens": ints(1, 3),
+    "bad_words": st.sampled_from([[], [""], ["x"], ["Hello"], ["a"] * 200, ["b" * 300]]) | st.lists(nasty_strings(),
+                                                                                                    max_size=2),
+    "allowed_token_ids": st.sampled_from([[], [5], [49151], [49152], [-1], [10 ** 9]]) | token_lists(),
+    "prompt_logprobs": ints(1, 20, 21),
+    "skip_special_tokens": st.sampled_from([True, False, None, "no"]),
+    "spaces_between_special_tokens": st.sampled_from([True, False, None]),
+    "truncate_prompt_tokens": ints(1, 3, 64, 65),
     "metadata": st.sampled_from([{}, {"k": "v"}, None]),
     "store": st.sampled_from([True, False, None]),
     "service_tier": st.sampled_from(["auto", "default", ""]),
@@ -268,7 +281,6 @@ COMPLETION_FIELDS = {
                        (1, token_lists()), (1, st.lists(token_lists(), max_size=2)),
                        (1, st.lists(nasty_strings(), max_size=2))),
     "echo": st.sampled_from([True, False, None]),
-    "best_of": ints(1, 2),
     "suffix": st.sampled_from(["", "x", None]),
 }
 CHAT_FIELDS = {
@@ -280,7 +292,8 @@ CHAT_FIELDS = {
     "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {}, None]),
     "parallel_tool_calls": st.sampled_from([True, False, None]),
 }
-_FOCUS = ["max_tokens", "seed", "stop", "stop_token_ids", "chunks", "stream", "temperature", "top_k"]
+_FOCUS = ["max_tokens", "seed", "stop", "stop_token_ids", "chunks", "stream", "temperature", "top_k", "n", "logprobs",
+          "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs", "truncate_prompt_tokens"]
 COMPLETION_FOCUS = ["prompt"] * 3 + _FOCUS
 CHAT_FOCUS = ["messages"] * 3 + ["max_completion_tokens"] + _FOCUS
 CHUNK_FIELDS = {

@@ -194,7 +194,7 @@ def test_a_slow_reader_gets_the_whole_text_and_costs_no_backlog(server, http):
     assert_idle_and_intact(server)
 
 
-def test_an_output_stream_coalesces_what_the_reader_has_not_taken(server):
+def test_an_output_stream_coalesces_what_the_reader_has_not_taken():
     """However many outputs arrive while nobody reads, the stream holds one pending delta."""
     import asyncio
 
@@ -204,8 +204,9 @@ def test_an_output_stream_coalesces_what_the_reader_has_not_taken(server):
             stream.put(RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, f"{i % 10}", [i], None)], False))
         stream.put(RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "!", [7], "stop")], True, 1))
         d = await stream.get()
-        assert d.finished and d.num_tokens == 1001 and d.num_output_tokens == 1001 and len(d.text) == 1001
-        assert d.num_prompt_tokens == 3 and d.num_cached_tokens == 1
+        [c] = d.choices.values()
+        assert d.finished and len(c.token_ids) == 1001 and d.num_output_tokens == 1001 and len(c.text) == 1001
+        assert c.finish_reason == "stop" and d.num_prompt_tokens == 3 and d.num_cached_tokens == 1
         assert stream._pending is None
 
     asyncio.run(run())
