@@ -75,7 +75,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
 
 def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from a row `[vocab]` of (processed) logits: temperature, min_p, top_k, top_p, then a draw."""
-    x = x / p.temperature
+    x = torch.nan_to_num_(x / p.temperature, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
     if p.min_p > 0:  # p < min_p * p_max, in logits: x < x_max + log(min_p)
         x.masked_fill_(x < x.max() + math.log(p.min_p), float("-inf"))  # x: a new tensor
     if p.top_k > 0 and p.top_k < x.shape[-1]:
@@ -144,7 +144,8 @@ def process_logits(logits: torch.Tensor, index: Sequence[int], rows: Sequence[Sa
     penalized = [j for j, r in enumerate(rows) if r.params.has_penalties]
     if penalized:
         _penalize(x, rows, penalized)
-    return x
+    # An extreme penalty can overflow a logit: keep the row drawable (+inf -> the largest float).
+    return torch.nan_to_num_(x, nan=neg_inf, posinf=torch.finfo(x.dtype).max, neginf=neg_inf)
 
 
 def _allowed_mask(allowed: list[tuple[int, list[int]]], vocab: int, device: torch.device) -> torch.Tensor:
