@@ -610,20 +610,21 @@ class LLMEngine(ChunkRequests):
         parent, p = group[0], members[0].params
         first = all(m.num_sent_tokens == 0 for m in group)
         finals = self._finals.setdefault(parent.request_id, {})
-        new: list[CompletionOutput] = []
+        new: dict[int, CompletionOutput] = {}  # index -> the completion of a member, after its token
         for m in members:
             completion = self.outputs.completion(m)
             if completion is not None:
-                new.append(completion)
+                new[m.index] = completion
                 if m.finished:
                     finals[m.index] = completion
             if m.finished:
                 self._forget(m)
         done = all(m.finished for m in group)
         if p.output_kind is OutputKind.DELTA:
-            completions = new
+            completions = list(new.values())
         elif p.output_kind is OutputKind.CUMULATIVE and p.num_samples == p.n:
-            completions = [finals[m.index] if m.finished else self.outputs.completion(m) for m in group]
+            # A sample without a token this step (one waiting to be recomputed) shows what it has.
+            completions = [finals.get(m.index) or new.get(m.index) or self.outputs.completion(m) for m in group]
         elif done:
             completions = [finals[i] for i in range(len(group))]
             if p.num_samples > p.n:
