@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvforge.model.tokenizer import compile_chat_template
+from kvforge.engine import compile_chat_template
 
 ADMISSION = ("need", "reserve")
 ON_FULL = ("reject", "wait", "shrink")

@@ -22,8 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kvforge.engine import KVEvent
-from kvforge.model.tokenizer import Tokenizer
+from kvforge.engine import KVEvent, Tokenizer
 from kvforge.server.jobs import ChoiceDelta, Delta, PromptResult
 from kvforge.types import Chunk, Logprob
 
