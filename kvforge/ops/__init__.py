@@ -9,10 +9,32 @@ from kvforge.ops.cascade import (
     rerotate_keys,
 )
 from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
+from kvforge.ops.quant import (
+    KV_FORMATS,
+    KVLayout,
+    check_kv_format,
+    dequantize_blocks,
+    dequantize_channels,
+    dequantize_rows,
+    format_of,
+    kv_layout,
+    quantize_channels,
+    quantize_rows,
+)
 from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "KV_FORMATS",
+    "KVLayout",
+    "check_kv_format",
+    "dequantize_blocks",
+    "dequantize_channels",
+    "dequantize_rows",
+    "format_of",
+    "kv_layout",
+    "quantize_channels",
+    "quantize_rows",
     "add_rms_norm",
     "apply_rope",
     "attention_with_lse",

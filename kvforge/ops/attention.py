@@ -14,8 +14,9 @@ from kvforge.ops.kv import gather_kv, gather_seq_kv
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, kv_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence.
+                     block_tables: torch.Tensor, kv_bias: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence (quantized pages dequantized with `k_scale` / `v_scale`).
 
     q: `[B, heads, head_dim]`; block_tables: `[B, nb]` (padded with any valid block id);
     kv_bias: `[B, nb * block_size]` additive mask in q's dtype: 0 where the position holds this
@@ -25,8 +26,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    k = gather_kv(k_cache, block_tables)  # [B, kv_heads, L, D]
-    v = gather_kv(v_cache, block_tables)
+    k = gather_kv(k_cache, block_tables, k_scale)  # [B, kv_heads, L, D]
+    v = gather_kv(v_cache, block_tables, v_scale)
     # GQA without repeating K/V: the query heads of one group act as that group's query rows.
     qg = q.view(batch, kv_heads, heads // kv_heads, dim).to(k.dtype)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=kv_bias[:, None, None, :].to(k.dtype), scale=scale)
@@ -62,7 +63,8 @@ def kv_bias_from_lengths(lengths: torch.Tensor, width: int, dtype: torch.dtype) 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
-                    lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1) -> None:
+                    lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Causal attention of a packed varlen batch (prefills with or without cached context, and
     decodes) over the paged arena, written into `out` (and `lse`). Torch reference of the Triton
     kernel `kvforge.ops.triton.attention.paged_attention`, with the same contract:
@@ -77,6 +79,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
       gets the natural-log log-sum-exp of each row's scaled scores. A row that sees no key (its
       sequence has seq_len 0, say) gets out 0 and lse -inf.
     - max_query_len and num_splits only tune the kernel's launch: ignored here.
+    - k_scale, v_scale: the scales of quantized pages (ops/quant.py), None for unquantized ones.
 
     Computed in float32, one sequence at a time. Reads the lengths on the host.
     """
@@ -92,8 +95,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 lse[start:end].fill_(float("-inf"))
             continue
         context = total - n  # may be < 0 only for inconsistent lengths: rows before 0 see nothing
-        k = gather_seq_kv(k_cache, block_tables[b], total)  # [total, kv_heads, D]
-        v = gather_seq_kv(v_cache, block_tables[b], total)
+        k = gather_seq_kv(k_cache, block_tables[b], total, k_scale)  # [total, kv_heads, D]
+        v = gather_seq_kv(v_cache, block_tables[b], total, v_scale)
         bias = None
         if n > 1 or context < 0:
             rows = torch.arange(context, total, device=q.device)[:, None]  # each row's position

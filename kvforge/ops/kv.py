@@ -1,43 +1,82 @@
 """Writing new K/V into the paged arena and gathering a sequence's K/V back out of it.
 
-Arena layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; a flat slot is
-`block_id * block_size + offset`.
+Arena layout per layer: `[num_blocks, block_size, num_kv_heads, data_dim]`; a flat slot is
+`block_id * block_size + offset`. Quantized pages come with a scale tensor each (ops/quant.py):
+K/V are quantized as they are stored and dequantized as they are gathered.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvforge.ops.quant import dequantize_blocks, dequantize_channels, format_of, quantize_channels, quantize_rows
+
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (in place),
-    cast to the cache's dtype. A negative slot (a padding row, e.g. in a CUDA graph) is skipped.
+    cast to the cache's dtype, or quantized into it with `k_scale` / `v_scale` (ops/quant.py; both
+    or neither). A negative slot (a padding row, e.g. in a CUDA graph) is skipped.
+
+    The new tokens of one block are written in position order after the ones it already holds
+    (int4 keys are quantized per block over its tokens so far: positions at or past the step's
+    last new one in a block are not part of it).
 
     CPU reference: the check for negative slots reads the mapping on the host.
     """
-    num_blocks, block_size, heads, dim = k_cache.shape
+    num_blocks, block_size, heads, width = k_cache.shape
     if (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     slot_mapping = slot_mapping.long()  # index_copy_ takes int64 indices only; a no-op for int64
-    k_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k_scale is None:
+        k_cache.view(-1, heads, width).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, heads, width).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    if slot_mapping.numel() == 0:
+        return
+    kv_format = format_of(k_cache, k_scale)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if scale.dim() == 4:  # int4 keys: per block and channel
+            _store_channel_blocks(x, cache, scale, slot_mapping)
+            continue
+        data, row_scale = quantize_rows(x, kv_format)
+        # Through a byte view: index_copy_ has no float8 kernel on the CPU.
+        cache.view(torch.uint8).view(-1, heads, width).index_copy_(0, slot_mapping, data.view(torch.uint8))
+        scale.view(-1, heads).index_copy_(0, slot_mapping, row_scale)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Gather whole blocks: `block_tables` `[B, nb]` -> `[B, kv_heads, nb * block_size, head_dim]`.
+def _store_channel_blocks(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor) -> None:
+    """int4 keys: re-quantize every block the new rows land in over its tokens so far (its earlier
+    ones dequantized, then the new ones), per channel."""
+    block_size = cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    touched, which = torch.unique(blocks, return_inverse=True)
+    end = torch.zeros(touched.shape[0], dtype=torch.long).scatter_reduce_(0, which, offsets + 1, "amax")
+    values = dequantize_channels(cache.index_select(0, touched), scale.index_select(0, touched))
+    values[which, offsets] = x.float()
+    valid = torch.arange(block_size)[None, :] < end[:, None]
+    codes, block_scale = quantize_channels(values, valid)
+    cache.index_copy_(0, touched, codes)
+    scale.index_copy_(0, touched, block_scale)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather whole blocks: `block_tables` `[B, nb]` -> `[B, kv_heads, nb * block_size, head_dim]`
+    (dequantized to float32 with `scale`).
 
     Returns a copy (views of the arena cannot express a block table). Entries past a sequence's
     length are whatever the padding block holds: the caller masks them.
     """
     batch, nb = block_tables.shape
-    _, block_size, heads, dim = cache.shape
-    blocks = cache.index_select(0, block_tables.reshape(-1))
+    blocks = dequantize_blocks(cache, scale, block_tables.reshape(-1))
+    _, block_size, heads, dim = blocks.shape
     return blocks.view(batch, nb * block_size, heads, dim).transpose(1, 2)
 
 
-def gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence's first `length` positions through its `block_table` `[nb]`:
-    `[length, kv_heads, head_dim]` (a copy)."""
-    return gather_kv(cache, block_table[None])[0, :, :length].transpose(0, 1)
+    `[length, kv_heads, head_dim]` (a copy; dequantized to float32 with `scale`)."""
+    return gather_kv(cache, block_table[None], scale)[0, :, :length].transpose(0, 1)

@@ -1,0 +1,203 @@
+"""Quantized KV pages, torch reference: the formats, their layout in the arena, and quantizing /
+dequantizing rows and blocks.
+
+A quantized layer keeps two tensors per K and V, both indexed by block id first, so block tables,
+ref counts and block copies work on them unchanged:
+
+    data   [num_blocks, block_size, kv_heads, data_dim]   int8 | uint8 (two int4 per byte) | float8
+    scale  [num_blocks, ...]                               float16, the format's scales (below)
+
+Formats (`kv_cache_dtype`):
+
+- "auto": no quantization; the pages hold the model's dtype and there is no scale tensor.
+- "int8": symmetric per token and KV head: scale [nb, bs, kv_heads] = absmax / 127; x = q * scale.
+- "fp8_e4m3", "fp8_e5m2": torch's float8 values, scaled per token and KV head: scale
+  [nb, bs, kv_heads] = absmax / (the format's largest finite value), at least float16's smallest
+  normal number, so no value overflows, no small row flushes to zero, and no calibration is needed (uncalibrated static scales are what collapses fp8 accuracy elsewhere).
+- "int4": two values per byte, channel 2j in the low nibble of byte j and 2j + 1 in the high one.
+  Keys per channel (KIVI): each block keeps, per KV head and channel, a minimum and a step
+  (k_scale [nb, 2, kv_heads, head_dim]: row 0 the minimum, row 1 the step; x = min + q * step,
+  q in 0..15), because key channels differ in range and offset far more than tokens do (per-token
+  int4 keys cost SmolLM2-135M 24% perplexity; per channel, 0.5%). A partly filled block is
+  quantized over the tokens it holds; when a later token widens a channel's range, that block's
+  earlier codes are re-quantized to the new step (exact when the range does not change, so a
+  block filled by one prefill is quantized once, from full-precision values). Values per token:
+  symmetric, v_scale [nb, bs, kv_heads] = absmax / 7, stored as q + 8 (q in -7..7).
+
+Every dequantized value is computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_FORMATS = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")
+SCALE_DTYPE = torch.float16
+_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_INT8_MAX = 127.0
+_INT4_MAX = 7.0  # symmetric int4 (values)
+_INT4_LEVELS = 15.0  # asymmetric int4 (keys): codes 0..15
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one layer's K and V pages of a format are laid out (see the module docstring)."""
+
+    format: str
+    data_dtype: torch.dtype
+    data_dim: int  # elements per (token, KV head) in the data tensor
+    k_scale_shape: tuple[int, ...] | None  # per block (after num_blocks); None: no scale tensor
+    v_scale_shape: tuple[int, ...] | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "auto"
+
+    def bytes_per_block(self, block_size: int, num_kv_heads: int) -> int:
+        """K and V of one block of one layer, scales included."""
+        data = 2 * block_size * num_kv_heads * self.data_dim * self.data_dtype.itemsize
+        scales = sum(_numel(s) for s in (self.k_scale_shape, self.v_scale_shape) if s is not None)
+        return data + scales * SCALE_DTYPE.itemsize
+
+    def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Zeroed (k, v, k_scale, v_scale) of one layer; the scales are None for "auto"."""
+        shape = (num_blocks, block_size, num_kv_heads, self.data_dim)
+        k, v = (torch.zeros(shape, dtype=self.data_dtype, device=device) for _ in range(2))
+        k_scale = v_scale = None
+        if self.k_scale_shape is not None:
+            k_scale = torch.zeros((num_blocks, *self.k_scale_shape), dtype=SCALE_DTYPE, device=device)
+            v_scale = torch.zeros((num_blocks, *self.v_scale_shape), dtype=SCALE_DTYPE, device=device)
+        return k, v, k_scale, v_scale
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_kv_format(kv_format: str) -> str:
+    """`kv_format` if it names a format, else ValueError listing the valid ones."""
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_FORMATS)}; got {kv_format!r}")
+    return kv_format
+
+
+def kv_layout(kv_format: str, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVLayout:
+    """The layout of `kv_format` for one layer (`dtype`: the model's, used by "auto")."""
+    check_kv_format(kv_format)
+    per_token = (block_size, num_kv_heads)
+    if kv_format == "auto":
+        return KVLayout(kv_format, dtype, head_dim, None, None)
+    if kv_format == "int8":
+        return KVLayout(kv_format, torch.int8, head_dim, per_token, per_token)
+    if kv_format == "int4":
+        if head_dim % 2:
+            raise ValueError(f"kv_cache_dtype int4 packs two channels per byte: head_dim must be even, got {head_dim}")
+        return KVLayout(kv_format, torch.uint8, head_dim // 2, (2, num_kv_heads, head_dim), per_token)
+    return KVLayout(kv_format, _FP8[kv_format], head_dim, per_token, per_token)
+
+
+def format_of(data: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """The format a page tensor holds, read from its dtype and its scale tensor ("auto" without one)."""
+    if scale is None:
+        return "auto"
+    if data.dtype == torch.int8:
+        return "int8"
+    if data.dtype == torch.uint8:
+        return "int4"
+    for name, dt in _FP8.items():
+        if data.dtype == dt:
+            return name
+    raise ValueError(f"no KV format stores pages of {data.dtype} with a scale tensor")
+
+
+# -------------------------------------------------------------------------------- rows
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """`[..., D]` integer codes in 0..15 -> `[..., D // 2]` uint8, channel 2j low, 2j + 1 high."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`[..., D // 2]` uint8 -> `[..., D]` float32 codes in 0..15."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2).float()
+
+
+def quantize_rows(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization of `x` `[T, kv_heads, D]`: (data `[T, kv_heads, data_dim]`,
+    scale `[T, kv_heads]` float16). For int8, fp8 and int4 values; int4 keys are per block
+    (`store_kv` in ops/kv.py)."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    if kv_format == "int8":
+        qmax = _INT8_MAX
+    elif kv_format == "int4":
+        qmax = _INT4_MAX
+    else:
+        qmax = torch.finfo(_FP8[kv_format]).max
+    scale = absmax / qmax
+    if kv_format in _FP8:  # keep the scale a normal float16, so it never flushes a small row to 0
+        scale = scale.clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    scale = scale.to(SCALE_DTYPE)
+    s = scale.float()[..., None]
+    y = torch.where(s > 0, xf / s, torch.zeros_like(xf))
+    if kv_format == "int8":
+        return y.round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+    if kv_format == "int4":
+        return _pack_int4(y.round_().clamp_(-_INT4_MAX, _INT4_MAX) + 8), scale
+    return y.clamp_(-qmax, qmax).to(_FP8[kv_format]), scale
+
+
+def dequantize_rows(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_rows`: data `[..., kv_heads, data_dim]`, scale `[..., kv_heads]` ->
+    float32 `[..., kv_heads, D]`."""
+    values = _unpack_int4(data) - 8 if data.dtype == torch.uint8 else data.float()
+    return values * scale.float()[..., None]
+
+
+# -------------------------------------------------------------------------------- int4 key blocks
+
+def quantize_channels(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel asymmetric int4 of whole blocks `x` `[n, block_size, kv_heads, D]` (float32)
+    over the positions where `valid` `[n, block_size]` is True: (packed codes
+    `[n, block_size, kv_heads, D // 2]`, scale `[n, 2, kv_heads, D]` float16: minimum, step).
+    Invalid positions get code 0."""
+    mask = valid[:, :, None, None]
+    lo = torch.where(mask, x, torch.full_like(x, float("inf"))).amin(dim=1)  # [n, H, D]
+    hi = torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(dim=1)
+    empty = ~valid.any(dim=1)[:, None, None]
+    lo = torch.where(empty, torch.zeros_like(lo), lo).to(SCALE_DTYPE)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    step = ((hi - lo.float()) / _INT4_LEVELS).to(SCALE_DTYPE)
+    s = step.float()[:, None]
+    y = torch.where(s > 0, (x - lo.float()[:, None]) / s, torch.zeros_like(x))
+    codes = torch.where(mask, y.round_().clamp_(0, _INT4_LEVELS), torch.zeros_like(y))
+    return _pack_int4(codes), torch.stack((lo, step), dim=1)
+
+
+def dequantize_channels(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_channels`: data `[n, block_size, kv_heads, D // 2]`, scale
+    `[n, 2, kv_heads, D]` -> float32 `[n, block_size, kv_heads, D]`."""
+    s = scale.float()
+    return _unpack_int4(data) * s[:, 1:2] + s[:, 0:1]
+
+
+# -------------------------------------------------------------------------------- blocks
+
+def dequantize_blocks(data: torch.Tensor, scale: torch.Tensor | None, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks `block_ids` `[n]` of one layer's K or V pages, dequantized: `[n, block_size, kv_heads, D]`
+    float32 (a copy; "auto" pages are returned in their own dtype)."""
+    if scale is None:
+        return data.index_select(0, block_ids)
+    blocks = data.view(torch.uint8).index_select(0, block_ids).view(data.dtype)  # no float8 index_select on CPU
+    s = scale.index_select(0, block_ids)
+    if s.dim() == 4:  # int4 keys: per block and channel
+        return dequantize_channels(blocks, s)
+    return dequantize_rows(blocks, s)

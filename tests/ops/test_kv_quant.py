@@ -1,0 +1,142 @@
+"""Quantized KV pages (ops/quant.py): round-trip error bounds per format, the int4 key blocks'
+re-quantization as a block fills, and attention over quantized pages against float attention."""
+
+import pytest
+import torch
+
+from kvforge import ops
+
+BS, H, D = 4, 2, 8
+QUANTIZED = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
+
+
+def _arena(fmt, num_blocks=6, dtype=torch.float32):
+    layout = ops.kv_layout(fmt, BS, H, D, dtype)
+    return layout, layout.allocate(num_blocks, BS, H, torch.device("cpu"))
+
+
+# Relative error bound per element, as a fraction of the row's (per-token formats) or the block
+# channel's (int4 keys) range: half a quantization step, plus float16 rounding of the scales.
+ROW_BOUND = {"int8": 0.5 / 127 + 2e-3, "int4": 0.5 / 7 + 2e-3, "fp8_e4m3": 2 ** -4 + 2e-3, "fp8_e5m2": 2 ** -3 + 2e-3}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
+def test_row_round_trip_error_is_within_half_a_step_of_the_rows_absmax(fmt):
+    torch.manual_seed(0)
+    x = torch.randn(32, H, D) * torch.logspace(-3, 2, 32)[:, None, None]
+    data, scale = ops.quantize_rows(x, fmt)
+    y = ops.dequantize_rows(data, scale)
+    err = (y - x).abs().amax(dim=-1)
+    bound = ROW_BOUND[fmt] * x.abs().amax(dim=-1)
+    assert (err <= bound + 1e-7).all(), (err / x.abs().amax(dim=-1)).max()
+
+
+def test_zero_rows_round_trip_to_zero_in_every_format():
+    for fmt in QUANTIZED:
+        data, scale = ops.quantize_rows(torch.zeros(3, H, D), fmt)
+        assert torch.equal(ops.dequantize_rows(data, scale), torch.zeros(3, H, D))
+
+
+def test_int4_channel_blocks_keep_each_channels_offset_and_range():
+    torch.manual_seed(0)
+    # A channel with a large offset and a small spread, beside channels near zero: per channel,
+    # each keeps its own 16 levels.
+    x = torch.randn(2, BS, H, D) * 0.1
+    x[..., 3] += 50.0
+    codes, scale = ops.quantize_channels(x, torch.ones(2, BS, dtype=torch.bool))
+    y = ops.dequantize_channels(codes, scale)
+    spread = x.amax(dim=1) - x.amin(dim=1)  # [2, H, D]
+    assert ((y - x).abs() <= (spread / 15 * 0.5 + 0.05)[:, None]).all()
+    assert (y[..., 0] - x[..., 0]).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_store_then_gather_dequantizes_what_was_stored_in_block_table_order(fmt):
+    torch.manual_seed(1)
+    layout, (kc, vc, ks, vs) = _arena(fmt)
+    k, v = torch.randn(7, H, D), torch.randn(7, H, D)
+    slots = torch.tensor([8, 9, 10, 11, 4, 5, 6])  # block 2 whole, then block 1 partly
+    ops.store_kv(k, v, kc, vc, slots, ks, vs)
+    table = torch.tensor([2, 1])
+    gk = ops.gather_seq_kv(kc, table, 7, ks)
+    gv = ops.gather_seq_kv(vc, table, 7, vs)
+    tol = 0.6 if fmt in ("int4", "fp8_e5m2") else 0.2
+    assert gk.dtype == torch.float32
+    assert (gk - k).abs().max() < tol and (gv - v).abs().max() < tol
+
+
+def test_int4_keys_written_token_by_token_match_one_write_of_the_block_when_the_range_holds():
+    torch.manual_seed(2)
+    _, (kc, vc, ks, vs) = _arena("int4")
+    _, (kc2, vc2, ks2, vs2) = _arena("int4")
+    k, v = torch.randn(BS, H, D), torch.randn(BS, H, D)
+    # The first token holds every channel's extremes, so later tokens never widen a range.
+    k[0] = 5.0
+    k[1] = -5.0
+    ops.store_kv(k[:2], v[:2], kc, vc, torch.tensor([4, 5]), ks, vs)
+    for i in range(2, BS):
+        ops.store_kv(k[i:i + 1], v[i:i + 1], kc, vc, torch.tensor([4 + i]), ks, vs)
+    ops.store_kv(k, v, kc2, vc2, torch.arange(4, 4 + BS), ks2, vs2)
+    assert torch.equal(kc[1], kc2[1]) and torch.equal(ks[1], ks2[1])
+
+
+def test_int4_keys_requantized_as_a_block_fills_stay_within_two_steps_of_the_block_range():
+    torch.manual_seed(3)
+    _, (kc, vc, ks, vs) = _arena("int4")
+    k = torch.randn(BS, H, D) * torch.arange(1, BS + 1)[:, None, None]  # each token widens the range
+    for i in range(BS):
+        ops.store_kv(k[i:i + 1], k[i:i + 1], kc, vc, torch.tensor([i]), ks, vs)
+    y = ops.gather_seq_kv(kc, torch.tensor([0]), BS, ks)
+    step = (k.amax(dim=0) - k.amin(dim=0)) / 15
+    assert ((y - k).abs() <= 2 * step + 1e-3).all()
+
+
+def test_int4_key_block_ignores_stale_positions_after_the_last_new_token():
+    _, (kc, vc, ks, vs) = _arena("int4")
+    big = torch.full((BS, H, D), 100.0)
+    ops.store_kv(big, big, kc, vc, torch.arange(BS), ks, vs)  # block 0 reused later
+    small = torch.randn(2, H, D)
+    ops.store_kv(small, small, kc, vc, torch.tensor([0, 1]), ks, vs)  # a new sequence's first tokens
+    y = ops.gather_seq_kv(kc, torch.tensor([0]), 2, ks)
+    assert (y - small).abs().max() < (small.amax() - small.amin()) / 15
+
+
+def test_negative_slots_are_skipped_in_quantized_stores():
+    _, (kc, vc, ks, vs) = _arena("int8")
+    x = torch.ones(2, H, D)
+    ops.store_kv(x, x, kc, vc, torch.tensor([-1, 3]), ks, vs)
+    assert kc.view(-1, H, D)[3].abs().sum() > 0 and int((kc != 0).sum()) == H * D
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8_e4m3", 0.1), ("fp8_e5m2", 0.2), ("int4", 0.25)])
+def test_paged_attention_over_quantized_pages_is_close_to_float_attention(fmt, tol):
+    """Documented tolerance: the max abs difference of outputs (unit-variance K/V, 7 keys) stays
+    under `tol`: ~2% of the values' scale for int8, 10-20% for fp8, 25% for int4."""
+    torch.manual_seed(4)
+    lens = [7, 3]
+    heads = 4
+    _, (kf, vf, _, _) = _arena("auto")
+    _, (kc, vc, ks, vs) = _arena(fmt)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    for b, n in enumerate(lens):
+        k, v = torch.randn(n, H, D), torch.randn(n, H, D)
+        slots = torch.tensor([int(tables[b, i // BS]) * BS + i % BS for i in range(n)])
+        ops.store_kv(k, v, kf, vf, slots)
+        ops.store_kv(k, v, kc, vc, slots, ks, vs)
+    q = torch.randn(sum(lens), heads, D)
+    cu = torch.tensor([0, 7, 10])
+    seq_lens = torch.tensor(lens)
+    ref, out = torch.empty_like(q), torch.empty_like(q)
+    ops.paged_attention(q, kf, vf, cu, seq_lens, tables, 0.35, ref)
+    ops.paged_attention(q, kc, vc, cu, seq_lens, tables, 0.35, out, k_scale=ks, v_scale=vs)
+    assert (out - ref).abs().max() < tol
+
+
+def test_layouts_report_the_bytes_of_their_scales():
+    assert ops.kv_layout("auto", 16, 3, 64, torch.float16).bytes_per_block(16, 3) == 2 * 16 * 3 * 64 * 2
+    int8 = ops.kv_layout("int8", 16, 3, 64, torch.float32).bytes_per_block(16, 3)
+    assert int8 == 2 * (16 * 3 * 64 + 16 * 3 * 2)
+    int4 = ops.kv_layout("int4", 16, 3, 64, torch.float32).bytes_per_block(16, 3)
+    assert int4 == 2 * 16 * 3 * 32 + 2 * 3 * 64 * 2 + 16 * 3 * 2
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        ops.check_kv_format("int3")
