@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")  # "auto": the model's dtype
 CPU_KV_CACHE_MEMORY = 1 << 30  # the arena's size on CPU when neither num_blocks nor kv_cache_memory is given
 
 
@@ -84,6 +85,11 @@ class CacheConfig:
     With `enable_prefix_caching`, full blocks are shared between requests with the same prefix and
     kept after a request ends until memory is needed; pinned prefixes may hold at most
     `max_pinned_fraction` of the blocks, registered document chunks `max_chunk_fraction`.
+    `kv_cache_dtype`: the KV format, "auto" (the model's dtype) or a quantized one ("int8", "int4",
+    "fp8_e4m3", "fp8_e5m2"; see `kvforge.ops.quant`): a budget in bytes then holds more blocks.
+    `kv_quality_sample`: with a quantized format, the fraction of decode steps of each request that
+    are also computed from full-precision K/V (a recompute of the request's tokens) to measure the
+    KL divergence between the two next-token distributions (`EngineStats.kv_quality_kl`).
     """
 
     block_size: int = 16
@@ -93,8 +99,17 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     max_pinned_fraction: float = 0.5
     max_chunk_fraction: float = 0.25
+    kv_cache_dtype: str = "auto"
+    kv_quality_sample: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if isinstance(self.kv_quality_sample, bool) or not 0 <= self.kv_quality_sample <= 1:
+            raise ValueError(f"kv_quality_sample must be a fraction in [0, 1], got {self.kv_quality_sample!r}")
+        if self.kv_quality_sample and self.kv_cache_dtype == "auto":
+            raise ValueError("kv_quality_sample measures a quantized KV format against full precision: "
+                             "set kv_cache_dtype (int8, int4, fp8_e4m3, fp8_e5m2) too")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -212,10 +227,6 @@ def _is_cuda_index(device: str) -> bool:
     kind, _, index = device.partition(":")
     return kind == "cuda" and index.isdigit()
 
-
-def kv_bytes_per_token(model: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of K and V for one token across all layers."""
-    return 2 * model.num_layers * model.kv_size * dtype_bytes
 
 
 def ceil_div(a: int, b: int) -> int:

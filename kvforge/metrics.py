@@ -14,15 +14,47 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+KL_BUCKETS = (1e-5, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # nats
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """Cumulative observations: `counts[i]` of them were <= `buckets[i]` (Prometheus' `le`), `count`
+    in all (the +Inf bucket), summing to `sum`."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+
+class HistogramCounter:
+    """Observations into fixed buckets, owned by one thread (the engine's) and read as snapshots."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self._counts = [0] * len(buckets)
+        self._count, self._sum = 0, 0.0
+
+    def observe(self, value: float) -> None:
+        for i, le in enumerate(self.buckets):
+            if value <= le:
+                self._counts[i] += 1
+        self._count += 1
+        self._sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.buckets, tuple(self._counts), self._count, self._sum)
 
 
 class CacheStatsLike(Protocol):
@@ -46,6 +78,9 @@ class EngineStatsLike(Protocol):
     num_preemptions: int
     num_steps: int
     cache: CacheStatsLike
+    kv_bytes_per_token: float  # K and V of one token over all layers, in the cache's format
+    capacity_tokens: int  # token slots of the KV arena
+    kv_quality_kl: HistogramSnapshot | None  # sampled decode steps' KL to full-precision K/V, if sampling
 
 
 class ServerMetrics:
@@ -139,3 +174,13 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("kvforge_num_preemptions", "Running requests preempted (to be recomputed)",
                                   s.num_preemptions)
         yield CounterMetricFamily("kvforge_engine_steps", "Engine steps run", s.num_steps)
+        yield GaugeMetricFamily("kvforge_kv_cache_bytes_per_token", "Bytes of K and V per token over all layers, "
+                                "in the cache's KV format (scales included)", s.kv_bytes_per_token)
+        yield GaugeMetricFamily("kvforge_kv_cache_capacity_tokens", "Token slots of the KV cache", s.capacity_tokens)
+        kl = s.kv_quality_kl
+        if kl is not None:
+            h = HistogramMetricFamily("kvforge_kv_quality_kl", "KL divergence (nats) of the next-token distribution "
+                                      "from quantized K/V to the one from full-precision K/V of the same request, "
+                                      "on sampled decode steps (--kv-quality-sample)")
+            h.add_metric([], [(repr(le), n) for le, n in zip(kl.buckets, kl.counts)] + [("+Inf", kl.count)], kl.sum)
+            yield h

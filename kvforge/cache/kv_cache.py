@@ -2,11 +2,15 @@
 
 Layout per layer, fixed because GPU kernels rely on it:
 
-    k[layer], v[layer]: [num_blocks, block_size, num_kv_heads, head_dim]   (contiguous)
+    k[layer], v[layer]: [num_blocks, block_size, num_kv_heads, data_dim]   (contiguous)
+    k_scale[layer], v_scale[layer]: [num_blocks, ...] float16, or None   (quantized formats)
 
 A flat slot is `block_id * block_size + offset`; viewing a layer as `[num_blocks * block_size,
-num_kv_heads, head_dim]` makes slot `s` row `s`. The arena holds numbers only: which blocks belong
-to which sequence is the manager's business (`manager.py`).
+num_kv_heads, data_dim]` makes slot `s` row `s`. With a quantized `kv_format` ("int8", "int4",
+"fp8_e4m3", "fp8_e5m2"; see `kvforge.ops.quant`) the pages hold codes and the scale tensors, indexed
+by the same block ids, hold their scales: block tables, ref counts, prefix caching and block copies
+work on them unchanged. The arena holds numbers only: which blocks belong to which sequence is the
+manager's business (`manager.py`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from kvforge import ops
 
 
 class KVCache:
-    """Per-layer K and V tensors of shape `[num_blocks, block_size, num_kv_heads, head_dim]`,
-    zero-initialised at construction (the only allocation this class ever makes)."""
+    """Per-layer K and V pages of shape `[num_blocks, block_size, num_kv_heads, data_dim]` (and
+    their scales in a quantized `kv_format`), zero-initialised at construction (the only allocation
+    this class ever makes). `dtype` is the model's: what "auto" pages hold and what attention
+    computes in."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", kv_format: str = "auto"):
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if value <= 0:
@@ -31,25 +37,36 @@ class KVCache:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.layout = ops.kv_layout(kv_format, block_size, num_kv_heads, head_dim, dtype)
+        self.kv_format = kv_format
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.k_scale: list[torch.Tensor | None] = []
+        self.v_scale: list[torch.Tensor | None] = []
+        for _ in range(num_layers):
+            k, v, k_scale, v_scale = self.layout.allocate(num_blocks, block_size, num_kv_heads, self.device)
+            self.k.append(k)
+            self.v.append(v)
+            self.k_scale.append(k_scale)
+            self.v_scale.append(v_scale)
 
     @staticmethod
-    def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes of one block's K and V over all layers, so a pool can be sized from a memory budget
-        before anything is allocated."""
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+    def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    kv_format: str = "auto") -> int:
+        """Bytes of one block's K and V (scales included) over all layers, so a pool can be sized
+        from a memory budget before anything is allocated."""
+        layout = ops.kv_layout(kv_format, block_size, num_kv_heads, head_dim, dtype)
+        return num_layers * layout.bytes_per_block(block_size, num_kv_heads)
 
     @property
     def bytes_per_block(self) -> int:
-        """K and V of one block over all layers."""
-        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        """K and V of one block over all layers, scales included."""
+        return self.num_layers * self.layout.bytes_per_block(self.block_size, self.num_kv_heads)
 
     @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token slot over all layers."""
-        return self.bytes_per_block // self.block_size
+    def bytes_per_token(self) -> float:
+        """K and V of one token slot over all layers (a block's scales shared out over its slots)."""
+        return self.bytes_per_block / self.block_size
 
     @property
     def nbytes(self) -> int:
@@ -75,16 +92,19 @@ class KVCache:
         if expected is None or tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"store needs slot_mapping [T] and k, v [T, {self.num_kv_heads}, {self.head_dim}]; "
                              f"got slot_mapping {list(slots.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-        ops.store_kv(k.to(self.device), v.to(self.device), self.k[layer], self.v[layer], slots)
+        ops.store_kv(k.to(self.device), v.to(self.device), self.k[layer], self.v[layer], slots,
+                     self.k_scale[layer], self.v_scale[layer])
+
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s K/V into block `dst`, every layer (a fork's partial last block)."""
         if not (0 <= src < self.num_blocks and 0 <= dst < self.num_blocks):
             raise ValueError(f"blocks {src} -> {dst}: ids must be in [0, {self.num_blocks})")
-        for cache in (*self.k, *self.v):
-            cache[dst].copy_(cache[src])
+        for cache in (*self.k, *self.v, *self.k_scale, *self.v_scale):
+            if cache is not None:
+                cache[dst].copy_(cache[src])
 
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, kv_format={self.kv_format}, "
                 f"device={self.device}, nbytes={self.nbytes})")

@@ -132,7 +132,7 @@ class ChunkRequests:
     def default_chunk_id(self, token_ids: list[int], kind: str) -> str:
         """The id `register_chunk` gives content registered without one: it names the model, the
         KV dtype, the kind and the tokens. Pure."""
-        digest = hashlib.sha256(f"{self.fingerprint}|{self.dtype_name}|{kind}|{token_ids}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{self.fingerprint}|{self.kv_format_name}|{kind}|{token_ids}".encode()).hexdigest()
         return "chunk-" + digest[:16]
 
     def unregister_chunk(self, chunk_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, PrefixMatch, extra_keys
-from kvforge.config import EngineConfig, ceil_div, kv_bytes_per_token
+from kvforge.config import EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
+from kvforge.metrics import KL_BUCKETS, HistogramCounter, HistogramSnapshot
 from kvforge.model.loader import build_model, load_model
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
@@ -51,6 +53,10 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     cache: CacheStats
+    kv_cache_dtype: str = "auto"  # the KV format
+    kv_bytes_per_token: float = 0.0  # K and V of one token over all layers, scales included
+    capacity_tokens: int = 0  # token slots of the arena
+    kv_quality_kl: HistogramSnapshot | None = None  # with kv_quality_sample: KL to full-precision K/V (nats)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +96,8 @@ def model_info(config: EngineConfig) -> dict:
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(config.model, config.load_format, seed=config.seed, device=device)
     cfg = loaded.config
-    per_block = KVCache.block_bytes(cfg.num_layers, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+    per_block = KVCache.block_bytes(cfg.num_layers, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                    config.cache.kv_cache_dtype)
     profile = None
     if device.type == "cuda" and not config.cache.sized_explicitly:
         model = build_model(loaded, device, dtype, config.seed)
@@ -107,7 +114,8 @@ def model_info(config: EngineConfig) -> dict:
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "dtype": dtype_name(dtype),
-        "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype.itemsize),
+        "kv_cache_dtype": config.cache.kv_cache_dtype,
+        "kv_bytes_per_token": per_block / config.cache.block_size,
         "block_size": config.cache.block_size,
         "kv_bytes_per_block": per_block,
         "num_blocks": blocks,
@@ -179,20 +187,26 @@ class LLMEngine(ChunkRequests):
         self.model = build_model(loaded, self.device, dtype, config.seed)
         del loaded  # the checkpoint's CPU tensors: the model holds its own copies
         block_size = config.cache.block_size
-        bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        kv_format = config.cache.kv_cache_dtype
+        bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                              kv_format)
         num_blocks, profile = plan_kv_cache(self.model, config.cache, config.scheduler, bytes_per_block)
         self.memory_profile: MemoryProfile | None = profile
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                                self.device)
+                                self.device, kv_format)
         self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
                                     enable_prefix_caching=config.cache.enable_prefix_caching,
                                     max_pinned_fraction=config.cache.max_pinned_fraction,
                                     max_chunk_fraction=config.cache.max_chunk_fraction)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size,
+                                  k_scales=self.kv_cache.k_scale, v_scales=self.kv_cache.v_scale,
                                   cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
                                   max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
+        self._quality_sample = config.cache.kv_quality_sample
+        self._quality_rng = random.Random(config.seed)
+        self._quality_kl = HistogramCounter(KL_BUCKETS) if self._quality_sample else None
         self._requests: dict[str, Sequence] = {}  # request id -> its (first) sequence
         self._finals: dict[str, dict[int, CompletionOutput]] = {}  # several samples: the finished ones' outputs
         self._generators: dict[int, torch.Generator | None] = {}
@@ -297,13 +311,21 @@ class LLMEngine(ChunkRequests):
 
     @property
     def dtype_name(self) -> str:
-        """The resolved dtype's name ("float32", "bfloat16", ...), as cache keys and `info` use it."""
+        """The resolved dtype's name ("float32", "bfloat16", ...), as `info` uses it."""
         return dtype_name(self.dtype)
+
+    @property
+    def kv_format_name(self) -> str:
+        """What the KV blocks hold, as cache keys and chunk ids use it: the dtype's name for "auto"
+        ("float32", ...), else the format with it ("int8/float32": codes dequantized to that dtype).
+        Blocks of different formats never share a key."""
+        kv_format = self.kv_cache.kv_format
+        return self.dtype_name if kv_format == "auto" else f"{kv_format}/{self.dtype_name}"
 
     def cache_extra(self, cache_salt: str | None) -> bytes:
         """The extra keys of this engine's cached blocks: what besides the tokens determines their KV
-        (the model's weights, the KV dtype, the tenant's salt)."""
-        return extra_keys(self.fingerprint, self.dtype_name, cache_salt)
+        (the model's weights, the KV format, the tenant's salt)."""
+        return extra_keys(self.fingerprint, self.kv_format_name, cache_salt)
 
     def pin_cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> PinHandle:
         """Pin the cached full blocks that prefix `token_ids` under `cache_salt` (see
@@ -526,6 +548,8 @@ class LLMEngine(ChunkRequests):
                     rows.append(row)
         if rows != list(range(logits.shape[0])):
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+        if self._quality_kl is not None:
+            self._sample_kv_quality(sampling, logits)
         tokens = sample(logits, [self._sampling_row(s) for s in sampling])
         self._add_logprobs(logits, sampling, tokens)
         now = time.monotonic()
@@ -573,6 +597,19 @@ class LLMEngine(ChunkRequests):
                 self.kv_cache.copy_block(*copy)
             children.append(child)
         return children
+
+    def _sample_kv_quality(self, sampling: list[Sequence], logits: torch.Tensor) -> None:
+        """For a `kv_quality_sample` fraction of this step's decodes (plain sequences past their
+        prompt), recompute the next-token logits from full-precision K/V and record the KL divergence
+        KL(full || quantized) of the two distributions (before any sampling option)."""
+        for i, seq in enumerate(sampling):
+            if seq.composition is not None or seq.num_computed <= seq.num_prompt_tokens:
+                continue
+            if self._quality_rng.random() >= self._quality_sample:
+                continue
+            ref = self.runner.full_precision_logits(seq.token_ids[:seq.num_computed]).log_softmax(-1)
+            got = logits[i].float().log_softmax(-1)
+            self._quality_kl.observe(max(0.0, float((ref.exp() * (ref - got)).sum())))
 
     def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """Extend `seq.prompt_logprobs` from the logits of its tokens at `start`.. (row j predicts
@@ -676,6 +713,10 @@ class LLMEngine(ChunkRequests):
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             cache=self.cache.stats(),
+            kv_cache_dtype=self.kv_cache.kv_format,
+            kv_bytes_per_token=self.kv_cache.bytes_per_token,
+            capacity_tokens=self.kv_cache.num_slots,
+            kv_quality_kl=None if self._quality_kl is None else self._quality_kl.snapshot(),
         )
 
     def check_integrity(self) -> None:

@@ -122,6 +122,14 @@ class ForwardContext:
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     inv_freq: torch.Tensor | None = None  # RoPE frequencies, to re-rotate chunk keys
+    k_scales: list[torch.Tensor | None] | None = None  # quantized pages' scales per layer (ops/quant.py)
+    v_scales: list[torch.Tensor | None] | None = None
+
+    def scales(self, layer: int) -> dict[str, torch.Tensor]:
+        """`layer`'s scales as the ops' keyword arguments: empty for unquantized pages."""
+        if self.k_scales is None or self.k_scales[layer] is None:
+            return {}
+        return {"k_scale": self.k_scales[layer], "v_scale": self.v_scales[layer]}
 
 
 _context: ForwardContext | None = None
@@ -147,25 +155,28 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise RuntimeError("paged_attention called outside forward_context")
     meta = ctx.metadata
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+    quant = ctx.scales(layer)
     if meta.varlen is not None or meta.private is not None:
-        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale)
-    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale, quant)
+    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
+    k_scale, v_scale = quant.get("k_scale"), quant.get("v_scale")
     parts = []
     for group in meta.decodes:
         rows = slice(group.start, group.start + group.count)
-        parts.append(ops.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.kv_bias, scale))
+        parts.append(ops.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.kv_bias, scale, **quant))
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        if span.context_len == 0:
-            # The whole K/V is this step's: attend to it directly, no gather from the arena.
+        if span.context_len == 0 and not quant:
+            # The whole K/V is this step's: attend to it directly, no gather from the arena. (Quantized
+            # K/V are read back from the arena, so every token attends to what later steps will see.)
             seq_k, seq_v = k[rows], v[rows]
         else:
             total = span.context_len + span.num_tokens
-            seq_k = ops.gather_seq_kv(k_cache, span.block_table, total)
-            seq_v = ops.gather_seq_kv(v_cache, span.block_table, total)
+            seq_k = ops.gather_seq_kv(k_cache, span.block_table, total, k_scale)
+            seq_v = ops.gather_seq_kv(v_cache, span.block_table, total, v_scale)
         parts.append(ops.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
     if meta.composed:
-        parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, scale))
+        parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, scale, k_scale, v_scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -178,31 +189,32 @@ def _kernels():
 
 def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, quant: dict[str, torch.Tensor]) -> torch.Tensor:
     """The GPU path through the custom ops: one store, one unified kernel over the plain rows, and
     the composed rows level by level (their private K/V through the same kernel with log-sum-exp,
-    each chunk once for every row that sees it, merged in float32)."""
+    each chunk once for every row that sees it, merged in float32). `quant`: the layer's scales
+    (ForwardContext.scales), quantized pages being quantized and dequantized inside the kernels."""
     kernels = _kernels()
-    kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     out = torch.empty_like(q)
     n = meta.num_varlen_rows
     if meta.varlen is not None:
         b = meta.varlen
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)[:n]
         kernels.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                scale, out[:n], lse, b.max_query_len, b.num_splits)
+                                scale, out[:n], lse, b.max_query_len, b.num_splits, **quant)
     if meta.private is not None:
         triton = ops_library.backend("triton")
         b, qc = meta.private, q[n:]
         private_out = torch.empty_like(qc)
         acc_lse = qc.new_empty(qc.shape[:2], dtype=torch.float32)
         kernels.paged_attention(qc, k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                scale, private_out, acc_lse, b.max_query_len, b.num_splits)
+                                scale, private_out, acc_lse, b.max_query_len, b.num_splits, **quant)
         acc = private_out.float()
         for call in meta.cascade:
             seg = call.segment
             o, lse = triton.chunk_attention(qc.index_select(0, call.rows), k_cache, v_cache, seg.block_table,
-                                             seg.num_tokens, seg.offset, inv_freq, call.bias, scale)
+                                             seg.num_tokens, seg.offset, inv_freq, call.bias, scale, **quant)
             o, lse = triton.merge_attention_states(
                 [(acc.index_select(0, call.rows), acc_lse.index_select(0, call.rows)), (o, lse)])
             acc.index_copy_(0, call.rows, o)
@@ -246,7 +258,8 @@ def plan_cascade(spans: tuple[ComposedSpan, ...], device: torch.device) -> tuple
 
 
 def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+                       inv_freq: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None) -> torch.Tensor:
     """The torch path of the composed spans' rows, level by level (see ComposedSpan and
     `plan_cascade`): chunk pages are gathered and re-rotated once per (chunk, offset) per layer;
     level 2 is one call per span. Returns the rows in span order."""
@@ -257,9 +270,9 @@ def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.
     for call in meta.cascade:
         seg = call.segment
         if seg.key not in segment_kv:
-            k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens)
+            k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale)
             k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
-            segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens))
+            segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens, v_scale))
         k, v = segment_kv[seg.key]
         out, lse = ops.attention_with_lse(qc.index_select(0, call.rows), k, v, call.bias, scale)
         at = 0
@@ -274,7 +287,7 @@ def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.
             at += count
     for i, span in enumerate(spans):
         rows = q[span.start:span.start + span.num_tokens]
-        k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len)
-        v = ops.gather_seq_kv(v_cache, span.private_table, span.private_len)
+        k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len, k_scale)
+        v = ops.gather_seq_kv(v_cache, span.private_table, span.private_len, v_scale)
         parts[i].append(ops.attention_with_lse(rows, k, v, span.private_bias, scale))
     return torch.cat([ops.merge_attention_states(p)[0] for p in parts]).to(q.dtype)

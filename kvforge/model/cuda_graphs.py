@@ -8,12 +8,13 @@ the logits. Graphs are captured largest first into one memory pool.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from kvforge.model.attention import AttentionMetadata, ForwardContext, VarlenBatch, forward_context
+from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
 from kvforge.model.staging import num_splits_for
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class DecodeGraphs:
                     slot_mapping=slots[:bs], num_varlen_rows=bs,
                     varlen=VarlenBatch(self.cu[:bs + 1], lengths[:bs], self.tables[:bs], 1,
                                        num_splits_for(bs, kv_heads, max_blocks * runner.block_size, 1)))
-                ctx = ForwardContext(meta, runner.k_caches, runner.v_caches, model.inv_freq)
+                ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
                 def step(ctx=ctx, bs=bs) -> torch.Tensor:
                     with forward_context(ctx):

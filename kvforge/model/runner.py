@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,10 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                  block_size: int, cuda_graphs: bool = False, max_graph_batch: int = 256,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, k_scales: list[torch.Tensor | None] | None = None,
+                 v_scales: list[torch.Tensor | None] | None = None):
         self.model, self.k_caches, self.v_caches, self.block_size = model, k_caches, v_caches, block_size
+        self.k_scales, self.v_scales = k_scales, v_scales  # quantized pages' scales (ops/quant.py), or None
         self.device = k_caches[0].device
         self.on_gpu = self.device.type == "cuda"
         if cuda_graphs and not self.on_gpu:
@@ -95,11 +98,14 @@ class ModelRunner:
                 raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
         if self.graphs is not None and self.graphs.serves(runs):
             return self.graphs.run(runs)
-        return self._forward(runs, self.k_caches, self.v_caches)
+        return self._forward(runs, self.pages())
 
-    def _forward(self, runs: Sequence[TokenRun], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 num_layers: int | None = None) -> torch.Tensor:
-        """One eager forward of `runs` over the given arena tensors; logits of the runs that need
+    def pages(self) -> ForwardContext:
+        """The arena as a forward context sees it (metadata filled in per step)."""
+        return ForwardContext(None, self.k_caches, self.v_caches, self.model.inv_freq, self.k_scales, self.v_scales)
+
+    def _forward(self, runs: Sequence[TokenRun], pages: ForwardContext, num_layers: int | None = None) -> torch.Tensor:
+        """One eager forward of `runs` over the arena tensors of `pages`; logits of the runs that need
         them (or, with `num_layers`, nothing: the probe's K/V are what it is for)."""
         # Packed order: decodes (one new token each), longest K/V first; then prefills; then the
         # sequences composed from document chunks.
@@ -151,7 +157,7 @@ class ModelRunner:
                 prefills=tuple(spans), composed=composed_spans, cascade=cascade)
             ids_t, positions_t = torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
             rows_t = torch.tensor(rows, dtype=torch.long)
-        ctx = ForwardContext(meta, k_caches, v_caches, self.model.inv_freq)
+        ctx = dataclasses.replace(pages, metadata=meta)
         with forward_context(ctx):
             hidden = self.model(ids_t, positions_t, num_layers=num_layers)
         if num_layers is not None:
@@ -196,24 +202,41 @@ class ModelRunner:
         heads and dims."""
         t, bs = len(token_ids), self.block_size
         nb = ceil_div(t, bs)
-        shape = (nb, bs) + tuple(self.k_caches[0].shape[2:])
-        dtype = self.k_caches[0].dtype
-        scratch_k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layer + 1)]
-        scratch_v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layer + 1)]
+        scratch = self._scratch_pages(nb, layer + 1)
         probe = TokenRun(list(token_ids), 0, range(t), range(nb), needs_logits=False)
-        self._forward([probe], scratch_k, scratch_v, num_layers=layer + 1)
-        k_full = scratch_k[layer].view(nb * bs, *shape[2:])[:t].float()
-        v_full = scratch_v[layer].view(nb * bs, *shape[2:])[:t].float()
+        self._forward([probe], scratch, num_layers=layer + 1)
+        k_full = scratch.k_caches[layer].flatten(0, 1)[:t].float()
+        v_full = scratch.v_caches[layer].flatten(0, 1)[:t].float()
+        quant = self.pages().scales(layer)
         out = []
         for pages, offset, n in segments:
             table = torch.tensor(list(pages), device=self.device)
-            k = ops.gather_seq_kv(self.k_caches[layer], table, n).float()
-            v = ops.gather_seq_kv(self.v_caches[layer], table, n).float()
+            k = ops.gather_seq_kv(self.k_caches[layer], table, n, quant.get("k_scale")).float()
+            v = ops.gather_seq_kv(self.v_caches[layer], table, n, quant.get("v_scale")).float()
             k = ops.rerotate_keys(k, offset, self.model.inv_freq)
             dk = (k_full[offset:offset + n] - k).pow(2).sum(dim=(1, 2))
             dv = (v_full[offset:offset + n] - v).pow(2).sum(dim=(1, 2))
             out.append(dk + dv)
         return out
+
+    @torch.inference_mode()
+    def full_precision_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 logits `[vocab]` of the last of `token_ids` (positions 0..T-1), computed from
+        scratch with K/V in the model's dtype whatever the arena's format: the reference a quantized
+        cache is measured against. The arena is not touched."""
+        t = len(token_ids)
+        nb = ceil_div(t, self.block_size)
+        probe = TokenRun(list(token_ids), 0, range(t), range(nb), needs_logits=True)
+        return self._forward([probe], self._scratch_pages(nb, self.model.cfg.num_layers))[0]
+
+    def _scratch_pages(self, num_blocks: int, num_layers: int) -> ForwardContext:
+        """Fresh unquantized pages of `num_blocks` blocks for the first `num_layers` layers."""
+        cfg = self.model.cfg
+        shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        dtype = self.model.embed_tokens.weight.dtype
+        k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        return ForwardContext(None, k, v, self.model.inv_freq)
 
     def _decode_groups(self, runs: list[TokenRun]) -> tuple[DecodeGroup, ...]:
         """Split decode rows (sorted longest first) into groups with padded block tables and masks."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-KV_FORMATS = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")
+from kvforge.config import KV_CACHE_DTYPES as KV_FORMATS
 SCALE_DTYPE = torch.float16
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _INT8_MAX = 127.0
