@@ -254,7 +254,8 @@ CHUNK_KINDS = {"system": 0, "context": 1}  # kind -> cascade level; the query an
 class Chunk:
     """A registered document chunk: its KV was computed once, with keys stored at positions
     `stored_at .. stored_at + kv_length - 1` (always 0..n-1), into `page_indices` (arena blocks held
-    until the chunk is unregistered). `model_fingerprint` names the weights that computed it."""
+    until the chunk is unregistered). `model_fingerprint` names the weights that computed it,
+    `kv_format` the format its KV is stored in (`LLMEngine.kv_format_name`: "float32", "int8/float32", ...)."""
 
     chunk_id: str
     token_ids: tuple[int, ...]
@@ -263,6 +264,7 @@ class Chunk:
     kv_length: int
     model_fingerprint: str
     stored_at: int = 0
+    kv_format: str = "float32"
 
     @property
     def num_tokens(self) -> int:

@@ -53,6 +53,7 @@ class ChunkRequests:
     scheduler: Scheduler
     runner: ModelRunner
     fingerprint: str
+    kv_format_name: str
     max_model_len: int
     _requests: dict[str, Sequence]
     _chunks: dict[str, Chunk]
@@ -218,6 +219,10 @@ class ChunkRequests:
                 raise InvalidRequestError(f"chunk {chunk.chunk_id!r} was computed by another model "
                                           f"({chunk.model_fingerprint[:12]}), not this engine's "
                                           f"({self.fingerprint[:12]})", "chunks")
+            if chunk.kv_format != self.kv_format_name:
+                raise InvalidRequestError(f"chunk {chunk.chunk_id!r} holds {chunk.kv_format} KV but this engine's cache "
+                                          f"stores {self.kv_format_name} (kv_cache_dtype): register it with this "
+                                          f"engine", "chunks")
             chunk = chunk.chunk_id
         found = self._chunks.get(chunk) if isinstance(chunk, str) else None
         if found is None:
@@ -233,7 +238,7 @@ class ChunkRequests:
         chunk_id = seq.fills_chunk
         pages = self.cache.chunk_pages(chunk_id)
         self._chunks[chunk_id] = Chunk(chunk_id, tuple(seq.token_ids), seq.chunk_kind, pages.block_ids,
-                                       seq.num_prompt_tokens, self.fingerprint)
+                                       seq.num_prompt_tokens, self.fingerprint, kv_format=self.kv_format_name)
         del self._filling[chunk_id]
         self.scheduler.finish(seq, "stop")
         self._forget(seq)
