@@ -5,21 +5,27 @@ The oracle for "a hit never serves wrong KV": an arena that records, for every s
 writes, what its KV would depend on (the extra keys and every token up to that position). A
 sequence must read back its own history from every slot of its block table, matched blocks
 included, and every cached block must hold the content its chain claims. A second machine runs
-the same rules under a 3-valued hash, so collisions are everywhere.
+the same rules under a 3-valued hash, so collisions are everywhere; three more keep a real arena
+in a quantized KV format (int8, int4, fp8) beside the oracle.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from kvforge import ops
 from kvforge.cache import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     CacheOverflowError,
+    KVCache,
     KVCacheManager,
     NoFreeBlocksError,
     UnknownSequenceError,
@@ -28,6 +34,7 @@ from kvforge.cache import (
 )
 
 NUM_BLOCKS, BLOCK_SIZE = 12, 4
+KV_HEADS, HEAD_DIM = 2, 8  # of the quantized arenas
 SEQ_IDS = st.integers(min_value=0, max_value=7)
 # Prompts share prefixes: P1 starts with P0's first two blocks; P2 shares nothing.
 PREFIXES = [list(range(1, 17)), list(range(1, 9)) + list(range(30, 38)), list(range(40, 56))]
@@ -63,6 +70,11 @@ class ManagerMachine(RuleBasedStateMachine):
         for i, slot in enumerate(slots):
             self.arena[slot] = (extra, tuple(tokens[:first + i + 1]))
         self.slots[seq_id].extend(slots)
+
+    def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
+        """What the engine copies for a fork: the first `num_tokens` slots of block `src` into `dst`."""
+        for o in range(num_tokens):
+            self.arena[dst * BLOCK_SIZE + o] = self.arena[src * BLOCK_SIZE + o]
 
     def commit_tokens(self, seq_id: int, tokens: list[int]) -> None:
         """Commit, then check that a block table changes only where a committed block of the
@@ -213,8 +225,7 @@ class ManagerMachine(RuleBasedStateMachine):
         if copy is not None:  # what the engine copies in the arena
             src, dst = copy
             assert m.num_available_blocks == available - 1
-            for o in range(length % BLOCK_SIZE):
-                self.arena[dst * BLOCK_SIZE + o] = self.arena[src * BLOCK_SIZE + o]
+            self.copy_block(src, dst, length % BLOCK_SIZE)
             slots = [dst * BLOCK_SIZE + s % BLOCK_SIZE if s // BLOCK_SIZE == src else s for s in slots]
         self.tokens[child], self.slots[child] = list(self.tokens[parent]), slots
         self.capacity[child], self.extra[child] = self.capacity[parent], self.extra[parent]
@@ -332,8 +343,61 @@ class CollidingManagerMachine(ManagerMachine):
         hashing.hash_block = self._real_hash
 
 
+def _kv_of(extra: bytes, tokens: tuple[int, ...]) -> torch.Tensor:
+    """The K and V `[2, KV_HEADS, HEAD_DIM]` a token's content stands for: a seeded draw per content."""
+    seed = int.from_bytes(hashlib.sha256(extra + repr(tokens).encode()).digest()[:8], "little")
+    return torch.randn(2, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+class QuantizedArenaMachine(ManagerMachine):
+    """The same rules with a real arena in a quantized format beside the oracle: every write stores
+    its content's K/V (quantized), every fork copies the block (scales included), and every
+    sequence reads back, dequantized through its block table, its own K/V within the format's
+    error (unit-normal values: half a step of int8, fp8's relative precision, and for int4 keys two
+    steps of a block channel's range, re-quantized as the block fills)."""
+
+    FORMAT, TOLERANCE = "int8", 0.05
+
+    def __init__(self):
+        super().__init__()
+        self.kv = KVCache(1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.float32, kv_format=self.FORMAT)
+
+    def write(self, seq_id: int, slots: list[int]) -> None:
+        super().write(seq_id, slots)
+        kv = torch.stack([_kv_of(*self.arena[slot]) for slot in slots])
+        self.kv.store(0, kv[:, 0], kv[:, 1], slots)
+
+    def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
+        super().copy_block(src, dst, num_tokens)
+        self.kv.copy_block(src, dst)
+
+    @invariant()
+    def every_sequence_reads_back_its_own_kv_within_the_formats_error(self):
+        for seq_id, tokens in self.tokens.items():
+            table = torch.tensor(self.m.block_table(seq_id))
+            k = ops.gather_seq_kv(self.kv.k[0], table, len(tokens), self.kv.k_scale[0])
+            v = ops.gather_seq_kv(self.kv.v[0], table, len(tokens), self.kv.v_scale[0])
+            slots = self.m.slot_mapping(seq_id, 0, len(tokens))
+            want = torch.stack([_kv_of(*self.arena[slot]) for slot in slots])
+            assert (k - want[:, 0]).abs().max() <= self.TOLERANCE, (seq_id, self.FORMAT)
+            assert (v - want[:, 1]).abs().max() <= self.TOLERANCE, (seq_id, self.FORMAT)
+
+
+class Int4ArenaMachine(QuantizedArenaMachine):
+    FORMAT, TOLERANCE = "int4", 1.0
+
+
+class Fp8ArenaMachine(QuantizedArenaMachine):
+    FORMAT, TOLERANCE = "fp8_e4m3", 0.25
+
+
 SETTINGS = settings(max_examples=200, stateful_step_count=50, deadline=None)
 ManagerMachine.TestCase.settings = SETTINGS
 CollidingManagerMachine.TestCase.settings = settings(SETTINGS, max_examples=100)
 TestManagerMachine = ManagerMachine.TestCase
 TestCollidingManagerMachine = CollidingManagerMachine.TestCase
+for _machine in (QuantizedArenaMachine, Int4ArenaMachine, Fp8ArenaMachine):
+    _machine.TestCase.settings = settings(SETTINGS, max_examples=40)
+TestInt8ArenaMachine = QuantizedArenaMachine.TestCase
+TestInt4ArenaMachine = Int4ArenaMachine.TestCase
+TestFp8ArenaMachine = Fp8ArenaMachine.TestCase
