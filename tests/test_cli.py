@@ -26,6 +26,20 @@ def test_info_reports_config_kv_bytes_and_capacity(capsys):
     assert info["capacity_tokens"] == info["num_blocks"] * 16
 
 
+@pytest.mark.parametrize("fmt,per_token", [("int8", 2 * 30 * 3 * (64 + 2)),
+                                           ("int4", 30 * 3 * (2 * 32 + 2 + 2 * 2 * 64 / 16))])
+def test_info_reports_a_quantized_formats_bytes_per_token_and_its_larger_capacity(fmt, per_token, capsys):
+    assert main(["info", "--kv-cache-dtype", fmt, "--kv-cache-memory", str(64 << 20)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_cache_dtype"] == fmt and info["kv_bytes_per_token"] == per_token
+    assert info["num_blocks"] == (64 << 20) // (per_token * 16)
+
+
+def test_a_bad_kv_cache_dtype_is_refused_naming_the_choices(capsys):
+    assert main(["info", "--kv-cache-dtype", "int3"]) != 0
+    assert "kv_cache_dtype must be one of auto, int8, int4, fp8_e4m3, fp8_e5m2" in capsys.readouterr().err
+
+
 def test_generate_streams_one_prompt_and_prints_stats(capsys):
     assert main(["generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0",
                  "--kv-cache-memory", str(32 << 20), "--stats"]) == 0

@@ -1,5 +1,5 @@
 """The server's options and headers: `--api-key` (through the official client), X-Request-Id,
-`--served-model-name`, `--chat-template`."""
+`--served-model-name`, `--chat-template`, `--kv-cache-dtype` with `--kv-quality-sample`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import httpx
 import openai
 import pytest
 
+from kvforge.config import EngineConfig
+from kvforge.engine import LLMEngine
 from kvforge.server import ServerConfig
+from tests.conftest import MODEL, engine_kwargs
 from tests.server.conftest import client_for, serving
 
 KEY = "sk-kvforge-test"
@@ -87,3 +90,14 @@ def test_a_bad_chat_template_is_refused_by_the_config(value, message):
 
 def test_the_api_key_stays_out_of_the_configs_repr():
     assert KEY not in repr(ServerConfig(api_key=KEY))
+
+
+def test_a_quantized_cache_serves_and_exports_its_capacity_and_quality():
+    engine = LLMEngine(EngineConfig.from_kwargs(model=MODEL, **engine_kwargs(kv_cache_dtype="int8",
+                                                                             kv_quality_sample=1.0)))
+    with serving(engine) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        text = http.get("/metrics").text
+        assert f"kvforge_kv_cache_bytes_per_token {2 * 30 * 3 * 66:.1f}" in text
+        assert 'kvforge_kv_quality_kl_bucket{le="+Inf"} 3.0' in text  # the 3 decode steps
