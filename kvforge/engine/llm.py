@@ -22,13 +22,16 @@ Message = Mapping[str, str]
 class LLM:
     """`LLM(model="smollm2-135m", device="auto", dtype=None, load_format="auto", block_size=16,
     kv_cache_memory=None, num_blocks=None, gpu_memory_utilization=0.9, enable_prefix_caching=True,
-    max_pinned_fraction=0.5, max_num_seqs=..., max_num_batched_tokens=..., max_model_len=..., seed=0)`.
+    max_pinned_fraction=0.5, kv_cache_dtype="auto", kv_quality_sample=0.0, max_num_seqs=...,
+    max_num_batched_tokens=..., max_model_len=..., seed=0)`.
 
     `model` is the alias of the embedded model, a .gguf path or a HF model directory (with
     `load_format="dummy"`: a HF config.json or its directory, random weights). `device` "auto" takes
     the GPU when torch sees one; `dtype` None is bfloat16 there, float32 on the CPU. On a GPU the KV
     cache takes what `gpu_memory_utilization` of the device leaves after the weights and a profiled
     step, unless `num_blocks` or `kv_cache_memory` fix it (on the CPU it defaults to 1 GiB).
+    `kv_cache_dtype` "int8", "int4", "fp8_e4m3" or "fp8_e5m2" quantizes the KV cache (the same bytes
+    then hold 2-4x the tokens of float16); `kv_quality_sample` measures what that costs as it serves.
     See `EngineConfig`, `CacheConfig`, `SchedulerConfig`.
     """
 
