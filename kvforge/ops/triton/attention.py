@@ -21,6 +21,15 @@ Split-K (flash-decoding): with num_splits > 1 each program takes one of num_spli
 key tiles, computed in the kernel from the sequence's own length (a CUDA graph captured with a
 fixed num_splits serves any length), writes a partial (out, lse) to float32 scratch, and a second
 kernel merges the parts by log-sum-exp. Prefill rows split correctly too.
+
+Quantized pages (kvforge.ops.quant: int8, fp8_e4m3, fp8_e5m2, int4) are handled in registers, with
+the format a constexpr (PLAIN compiles to the unquantized kernels): store_kv quantizes each row as
+it stores it (per-row absmax scale, round to nearest even), and int4 keys, quantized per block and
+channel, by a second kernel that re-quantizes each block a run of new rows lands in;
+paged_attention (and cascade.chunk_attention) dequantize K/V tiles to float32 as they load them
+(`load_kv`). float8 pages are passed as torch float8 tensors: Triton's CPU interpreter loads them
+correctly, but its float32 -> float8 cast is wrong, so the store rounds to the float8 grid in
+float32 first (`_round_to_fp8`) and the cast is exact everywhere.
 """
 
 from __future__ import annotations
@@ -33,9 +42,122 @@ import torch
 import triton
 import triton.language as tl
 
+from kvforge.ops.quant import SCALE_DTYPE, format_of, kv_layout
+
 _LOG2E = 1.4426950408889634  # 1 / ln 2
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read, like triton.jit, at import
+
+
+# --------------------------------------------------------------------------------------------
+# quantized pages (kvforge.ops.quant): kernel formats and the in-register (de)quantization
+# --------------------------------------------------------------------------------------------
+
+# How a kernel reads or writes one of K / V (a constexpr argument). int8 and fp8 share their reads.
+PLAIN = tl.constexpr(0)          # the cache's own dtype, no scale
+INT8 = tl.constexpr(1)           # per (token, kv head) scale [nb, bs, kv_heads]
+FP8 = tl.constexpr(2)            # float8 (either torch format), same scales
+INT4_ROWS = tl.constexpr(3)      # int4 values: packed codes q + 8, same scales
+INT4_CHANNELS = tl.constexpr(4)  # int4 keys: packed codes, per block and channel min / step [nb, 2, kv_heads, D]
+
+_FORMAT_CODES = {  # kv_cache_dtype -> (K, V) kernel formats
+    "auto": (PLAIN.value, PLAIN.value), "int8": (INT8.value, INT8.value), "fp8_e4m3": (FP8.value, FP8.value),
+    "fp8_e5m2": (FP8.value, FP8.value), "int4": (INT4_CHANNELS.value, INT4_ROWS.value),
+}
+# float8: (largest finite value, mantissa bits, exponent of the smallest normal number)
+_FP8_GRID = {torch.float8_e4m3fn: (448.0, 3, -6), torch.float8_e5m2: (57344.0, 2, -14)}
+_MIN_FP8_SCALE = tl.constexpr(torch.finfo(SCALE_DTYPE).tiny)  # as quantize_rows: fp8 scales stay normal float16
+
+
+def kv_formats(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+               v_scale: torch.Tensor | None, head_dim: int) -> tuple[int, int]:
+    """The kernel formats (PLAIN, INT8, ...) of K and V pages, read as `kvforge.ops.quant.format_of`
+    does; ValueError unless the pages and scales are laid out as `kv_layout` lays out that format
+    for `head_dim` (shapes and dtypes; contiguous float16 scales, both or neither). The caller checks
+    the pages' strides."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("quantized pages need both k_scale and v_scale (or neither)")
+    kv_format = format_of(k_cache, k_scale)
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    layout = kv_layout(kv_format, block_size, kv_heads, head_dim, k_cache.dtype)
+    pages = (num_blocks, block_size, kv_heads, layout.data_dim)
+    if k_cache.shape != pages or v_cache.shape != pages or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{kv_format} pages of head_dim {head_dim} must both be {k_cache.dtype} {list(pages)}; "
+                         f"got k {tuple(k_cache.shape)}, v {v_cache.dtype} {tuple(v_cache.shape)}")
+    if layout.quantized:
+        for name, scale, shape in (("k_scale", k_scale, layout.k_scale_shape),
+                                   ("v_scale", v_scale, layout.v_scale_shape)):
+            want = (num_blocks, *shape)
+            if scale.shape != want or scale.dtype != SCALE_DTYPE or not scale.is_contiguous():
+                raise ValueError(f"{kv_format} pages need a contiguous float16 {name} {list(want)}; got "
+                                 f"{scale.dtype} {tuple(scale.shape)}")
+    return _FORMAT_CODES[kv_format]
+
+
+@triton.jit
+def _rint(y):
+    """`y` (float32, |y| < 2**22) rounded to the nearest integer, ties to even (torch.round): the
+    float32 addition of 1.5 * 2**23 rounds away the fraction. Plain arithmetic, so the interpreter,
+    which lacks libdevice's rint, computes it too."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_to_fp8(y, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """`y` (float32, finite, within the float8 format's range) rounded to the nearest float8 value,
+    ties to even, still in float32, so the cast to float8 that follows is exact on every backend
+    (a GPU casts to nearest; Triton's CPU interpreter casts float32 -> float8 wrongly, e.g. 7.99 ->
+    4). The grid step of y's binade is 2**(exponent - MANTISSA), subnormals sharing the lowest one;
+    adding 1.5 * 2**23 steps rounds to it. Keeps the sign of a value that rounds to 0."""
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
+    magic = (((exponent - MANTISSA + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    rounded = (y + magic) - magic
+    return tl.where(rounded == 0.0, y * 0.0, rounded)
+
+
+@triton.jit
+def _divide_round(x, s):
+    """round(x / s) (float32, ties to even), 0 where s is 0: quant.py's `where(s > 0, x / s, 0).round()`."""
+    ok = s > 0.0
+    return tl.where(ok, _rint(tl.math.div_rn(x, tl.where(ok, s, 1.0))), 0.0)
+
+
+@triton.jit
+def _row_scale(absmax, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """float16 scale of rows with `absmax` (float32): absmax / QMAX, at least MIN_SCALE; returned
+    as float32 (the float16 value)."""
+    return tl.maximum(tl.math.div_rn(absmax, QMAX), MIN_SCALE).to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def load_kv(data_ptr, scale_ptr, row_off, slot, block, kv_head, chan, mask,
+            FORMAT: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K or V elements of the paged arena: channel `chan` of the (token at `slot`, `kv_head`) row
+    whose first element sits at `row_off` in the data tensor (byte offset for int4); `block` is the
+    slot's arena block (read only by INT4_CHANNELS). All tensor arguments broadcast together; masked
+    elements read 0. Scales are contiguous as ops/quant.py lays them out.
+
+    PLAIN returns the cache's dtype; the quantized formats return float32, dequantized exactly as
+    `kvforge.ops.quant` does (int8/fp8: q * scale; int4 values: (code - 8) * scale; int4 keys:
+    code * step + min)."""
+    if FORMAT == PLAIN:
+        x = tl.load(data_ptr + row_off + chan, mask=mask, other=0.0)
+    elif FORMAT == INT4_CHANNELS:
+        packed = tl.load(data_ptr + row_off + chan // 2, mask=mask, other=0)
+        code = ((packed >> ((chan % 2) * 4)) & 0xF).to(tl.float32)
+        at = scale_ptr + block * (2 * KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + chan
+        lo = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        step = tl.load(at + KV_HEADS * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+        x = code * step + lo
+    else:
+        s = tl.load(scale_ptr + slot * KV_HEADS + kv_head, mask=mask, other=0.0).to(tl.float32)
+        if FORMAT == INT4_ROWS:
+            packed = tl.load(data_ptr + row_off + chan // 2, mask=mask, other=0)
+            x = (((packed >> ((chan % 2) * 4)) & 0xF).to(tl.float32) - 8.0) * s
+        else:
+            x = tl.load(data_ptr + row_off + chan, mask=mask, other=0.0).to(tl.float32) * s
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,47 +165,174 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read, like trit
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _store_rows(src_ptr, stride_t, stride_h, t, cache_ptr, scale_ptr, slot,
+                FORMAT: tl.constexpr, QMAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr,
+                KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row `t` of `src` [T, KV_HEADS, HEAD_DIM] into the arena at `slot`: cast (PLAIN), or quantized
+    per kv head with its scale written to `scale_ptr` [slots, KV_HEADS] (INT8, FP8: QMAX, MANTISSA,
+    MIN_EXP of the float8 format; INT4_ROWS)."""
+    h = tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    h_ok = h < KV_HEADS
+    src = src_ptr + t * stride_t + h[:, None] * stride_h
+    if FORMAT == INT4_ROWS:  # even and odd channels apart: they share a byte
+        d = tl.arange(0, BLOCK_D // 2)  # [BLOCK_D / 2] bytes
+        mask = h_ok[:, None] & (d[None, :] < HEAD_DIM // 2)
+        even = tl.load(src + 2 * d[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D / 2]
+        odd = tl.load(src + 2 * d[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+        s = _row_scale(tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1)), 7.0, 0.0)
+        low = tl.minimum(tl.maximum(_divide_round(even, s[:, None]), -7.0), 7.0) + 8.0
+        high = tl.minimum(tl.maximum(_divide_round(odd, s[:, None]), -7.0), 7.0) + 8.0
+        packed = low.to(tl.uint8) | (high.to(tl.uint8) << 4)
+        tl.store(cache_ptr + slot * (KV_HEADS * HEAD_DIM // 2) + h[:, None] * (HEAD_DIM // 2) + d[None, :],
+                 packed, mask=mask)
+    else:
+        d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        mask = h_ok[:, None] & (d[None, :] < HEAD_DIM)  # [BLOCK_H, BLOCK_D]
+        dst = cache_ptr + slot * (KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
+        x = tl.load(src + d[None, :], mask=mask)
+        if FORMAT == PLAIN:
+            tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+        else:
+            x = x.to(tl.float32)
+            absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+            if FORMAT == INT8:
+                s = _row_scale(absmax, 127.0, 0.0)
+                q = tl.minimum(tl.maximum(_divide_round(x, s[:, None]), -127.0), 127.0)
+            else:
+                s = _row_scale(absmax, QMAX, _MIN_FP8_SCALE)
+                q = tl.math.div_rn(x, s[:, None])
+                q = _round_to_fp8(tl.minimum(tl.maximum(q, -QMAX), QMAX), MANTISSA, MIN_EXP)
+            tl.store(dst, q.to(cache_ptr.dtype.element_ty), mask=mask)
+    if FORMAT != PLAIN:
+        tl.store(scale_ptr + slot * KV_HEADS + h, s.to(tl.float16), mask=h_ok)
+
+
+@triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr,            # [T, KV_HEADS, HEAD_DIM], last dim contiguous
-    k_cache_ptr, v_cache_ptr,  # [num_blocks * block_size, KV_HEADS, HEAD_DIM] contiguous
-    slot_ptr,                # [T] int32 / int64; < 0 = skip
+    k_ptr, v_ptr,              # [T, KV_HEADS, HEAD_DIM], last dim contiguous
+    k_cache_ptr, v_cache_ptr,  # [num_blocks * block_size, KV_HEADS, data_dim] contiguous
+    k_scale_ptr, v_scale_ptr,  # per-row scales [num_blocks * block_size, KV_HEADS] (quantized formats)
+    slot_ptr,                  # [T] int32 / int64; < 0 = skip
     stride_kt, stride_kh, stride_vt, stride_vh,
+    K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,  # INT4_CHANNELS keys: stored by _store_int4_keys_kernel
+    QMAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr,  # the float8 format's grid (FP8)
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # a padding row
         return
-    h = tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    mask = (h[:, None] < KV_HEADS) & (d[None, :] < HEAD_DIM)  # [BLOCK_H, BLOCK_D]
-    dst = slot * (KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
-    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if K_FORMAT != INT4_CHANNELS:
+        _store_rows(k_ptr, stride_kt, stride_kh, t, k_cache_ptr, k_scale_ptr, slot, K_FORMAT, QMAX, MANTISSA,
+                    MIN_EXP, KV_HEADS, HEAD_DIM, BLOCK_H, BLOCK_D)
+    _store_rows(v_ptr, stride_vt, stride_vh, t, v_cache_ptr, v_scale_ptr, slot, V_FORMAT, QMAX, MANTISSA,
+                MIN_EXP, KV_HEADS, HEAD_DIM, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _requantize_nibble(packed, NIBBLE: tl.constexpr, k_at, scale_at, c, c_ok, old, new, valid,
+                       SCALE_ROW: tl.constexpr):
+    """The codes of channels 2c + NIBBLE of one int4 key block [BLOCK_S, BLOCK_C] (float32, 0 at
+    positions not `valid`), re-quantized as quant.quantize_channels over its values: at `old`
+    positions the `packed` codes dequantized with the channels' stored min (`scale_at + chan`) and
+    step (`+ SCALE_ROW`), at `new` ones the keys at `k_at + NIBBLE`. Stores the new float16 min and
+    step over the old ones."""
+    chan = 2 * c + NIBBLE  # [BLOCK_C]
+    lo = tl.load(scale_at + chan, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    step = tl.load(scale_at + SCALE_ROW + chan, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    earlier = ((packed >> (4 * NIBBLE)) & 0xF).to(tl.float32) * step + lo
+    x = tl.where(old, earlier, tl.load(k_at + NIBBLE, mask=new, other=0.0).to(tl.float32))  # [BLOCK_S, BLOCK_C]
+    lo = tl.min(tl.where(valid, x, float("inf")), axis=0).to(tl.float16).to(tl.float32)  # [BLOCK_C]
+    hi = tl.max(tl.where(valid, x, float("-inf")), axis=0)
+    step = tl.math.div_rn(hi - lo, 15.0).to(tl.float16).to(tl.float32)
+    tl.store(scale_at + chan, lo.to(tl.float16), mask=c_ok)
+    tl.store(scale_at + SCALE_ROW + chan, step.to(tl.float16), mask=c_ok)
+    codes = tl.minimum(tl.maximum(_divide_round(x - lo[None, :], step[None, :]), 0.0), 15.0)
+    return tl.where(valid, codes, 0.0)
+
+
+@triton.jit
+def _store_int4_keys_kernel(
+    k_ptr,          # [T, KV_HEADS, HEAD_DIM], last dim contiguous
+    cache_ptr,      # [num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM // 2] uint8, contiguous
+    scale_ptr,      # [num_blocks, 2, KV_HEADS, HEAD_DIM] float16: min, step
+    slot_ptr,       # [T]; < 0 = skip
+    num_rows, stride_kt, stride_kh,
+    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_S: tl.constexpr,   # next power of 2 >= BLOCK_SIZE
+    BLOCK_C: tl.constexpr,   # next power of 2 >= HEAD_DIM // 2
+):
+    # Grid (T, KV_HEADS). Program (r, h) owns head h of the run of rows starting at row r, if one
+    # does: consecutive rows with consecutive slots in one block. It re-quantizes that block over
+    # its positions < the run's end: the earlier ones dequantized, the run's rows new.
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + r).to(tl.int64)
+    prev = tl.load(slot_ptr + r - 1, mask=r > 0, other=-1).to(tl.int64)
+    if (slot < 0) | ((r > 0) & (prev == slot - 1) & (slot % BLOCK_SIZE != 0)):  # padding, or inside a run
+        return
+    block = slot // BLOCK_SIZE
+    first = slot % BLOCK_SIZE  # the run's first offset in the block
+    i = tl.arange(0, BLOCK_S)
+    later = tl.load(slot_ptr + r + i, mask=r + i < num_rows, other=-1).to(tl.int64)  # [BLOCK_S]
+    in_run = (later == slot + i) & (first + i < BLOCK_SIZE)
+    end = first + tl.min(tl.where(in_run, BLOCK_S, i), axis=0)  # one past the run's last offset
+
+    o = tl.arange(0, BLOCK_S)[:, None]  # [BLOCK_S, 1] offsets in the block
+    c = tl.arange(0, BLOCK_C)           # [BLOCK_C] bytes: channels 2c (low nibble), 2c + 1 (high)
+    c_ok = c < HEAD_DIM // 2
+    old = (o < first) & c_ok[None, :]
+    new = (o >= first) & (o < end) & c_ok[None, :]
+    data_at = cache_ptr + ((block * BLOCK_SIZE + o) * KV_HEADS + h) * (HEAD_DIM // 2) + c[None, :]
+    packed = tl.load(data_at, mask=old, other=0)  # [BLOCK_S, BLOCK_C]
+    k_at = k_ptr + (r + o - first).to(tl.int64) * stride_kt + h * stride_kh + 2 * c[None, :]
+    scale_at = scale_ptr + block * (2 * KV_HEADS * HEAD_DIM) + h * HEAD_DIM
+    valid = o < end
+    low = _requantize_nibble(packed, 0, k_at, scale_at, c, c_ok, old, new, valid, KV_HEADS * HEAD_DIM)
+    high = _requantize_nibble(packed, 1, k_at, scale_at, c, c_ok, old, new, valid, KV_HEADS * HEAD_DIM)
+    tl.store(data_at, low.to(tl.uint8) | (high.to(tl.uint8) << 4), mask=(o < BLOCK_SIZE) & c_ok[None, :])
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (int32 or
-    int64) in place, cast to the cache's dtype; a negative slot (a padding row) is skipped.
-    k and v may be strided views (e.g. slices of a fused qkv projection) with a contiguous last dim."""
+    int64) in place, cast to the cache's dtype, or quantized into it with `k_scale` / `v_scale`
+    (ops/quant.py; both or neither, mutated too); a negative slot (a padding row) is skipped.
+    k and v may be strided views (e.g. slices of a fused qkv projection) with a contiguous last dim.
+
+    Same contract and results as `kvforge.ops.kv.store_kv` (int8 / fp8 / int4 codes and scales
+    equal, up to one code where the GPU's float rounding differs), with one more condition for int4
+    keys: the new rows of one block must be consecutive rows with consecutive slots (as a sequence's
+    tokens are in a packed batch). Each such run is one program, which re-quantizes its block over
+    the positions before the run's end. Never syncs with the device (CUDA-graph safe)."""
     tokens, kv_heads, dim = k.shape
-    if k_cache.shape[2:] != (kv_heads, dim) or v.shape != k.shape or slot_mapping.shape != (tokens,):
+    if k_cache.shape[2] != kv_heads or v.shape != k.shape or slot_mapping.shape != (tokens,):
         raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slots {tuple(slot_mapping.shape)} "
                          f"do not fit the cache {tuple(k_cache.shape)}")
+    k_format, v_format = kv_formats(k_cache, v_cache, k_scale, v_scale, dim)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("store_kv: the K/V caches must be contiguous")
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("store_kv: k and v need a contiguous last dimension")
     if tokens == 0:
         return
+    qmax, mantissa, min_exp = _FP8_GRID.get(k_cache.dtype, (0.0, 0, 0))
     _store_kv_kernel[(tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
+        v_scale if v_scale is not None else v_cache,  # placeholders, never read, for unquantized pages
+        slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        K_FORMAT=k_format, V_FORMAT=v_format, QMAX=qmax, MANTISSA=mantissa, MIN_EXP=min_exp,
         KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(kv_heads),
         BLOCK_D=triton.next_power_of_2(dim), num_warps=1 if kv_heads * dim <= 512 else 2,
     )
+    if k_format == INT4_CHANNELS:
+        block_size = k_cache.shape[1]
+        _store_int4_keys_kernel[(tokens, kv_heads)](
+            k, k_cache, k_scale, slot_mapping, tokens, k.stride(0), k.stride(1),
+            KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_S=triton.next_power_of_2(block_size),
+            BLOCK_C=triton.next_power_of_2(dim // 2), num_warps=1 if block_size * dim <= 2048 else 4,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +342,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @triton.jit
 def _paged_attention_kernel(
     q_ptr,                       # [T, H, HEAD_DIM]
-    k_cache_ptr, v_cache_ptr,    # [num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM] contiguous
+    k_cache_ptr, v_cache_ptr,    # [num_blocks * BLOCK_SIZE, KV_HEADS, DATA_DIM] contiguous
+    k_scale_ptr, v_scale_ptr,    # quantized pages' scales (kvforge.ops.quant), else unused
     out_ptr,                     # out [T, H, HEAD_DIM], or float32 scratch [NUM_SPLITS, T, H, HEAD_DIM]
     lse_ptr,                     # lse [T, H] float32, or scratch [NUM_SPLITS, T, H]
     cu_ptr,                      # [B + 1] query row offsets
@@ -106,6 +356,8 @@ def _paged_attention_kernel(
     stride_ls, stride_lt, stride_lh,
     stride_table,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    DATA_DIM: tl.constexpr,      # page elements per (token, kv head): HEAD_DIM, or HEAD_DIM // 2 bytes for int4
+    K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,  # PLAIN, INT8, ...: K/V tiles dequantized as loaded
     BLOCK_SIZE: tl.constexpr,    # page size (positions per arena block)
     BLOCK_M: tl.constexpr,       # rows per program: BLOCK_Q tokens x GROUP heads, padded
     BLOCK_Q: tl.constexpr,       # query tokens per program
@@ -174,9 +426,9 @@ def _paged_attention_kernel(
         k_ok = kpos < kv_end
         block = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         slot = block * BLOCK_SIZE + kpos % BLOCK_SIZE
-        kv_off = slot * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM   # [BLOCK_N]
-        kt = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None],
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
+        kv_off = slot * (KV_HEADS * DATA_DIM) + kv_head * DATA_DIM   # [BLOCK_N]
+        kt = load_kv(k_cache_ptr, k_scale_ptr, kv_off[None, :], slot[None, :], block[None, :], kv_head, d[:, None],
+                     k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         seen = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
         s = tl.where(seen, s, float("-inf"))
@@ -185,8 +437,8 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])                             # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :],
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
+        vt = load_kv(v_cache_ptr, v_scale_ptr, kv_off[:, None], slot[:, None], block[:, None], kv_head, d[None, :],
+                     k_ok[:, None] & d_ok[None, :], V_FORMAT, KV_HEADS, HEAD_DIM)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -283,7 +535,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int, n
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
-                    lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1) -> None:
+                    lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Causal attention of a packed varlen batch over the paged arena, written into `out` (and `lse`).
 
     Same contract as the torch reference `kvforge.ops.attention.paged_attention` (read it for the
@@ -291,20 +544,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     and the grid; a smaller value leaves rows unwritten); cu_query_lens, seq_lens and block_tables
     are int32 (or int64) on q's device; num_splits > 1 = split-K, valid for prefill rows too.
     Rows at or past cu_query_lens[-1] are left untouched. Never syncs with the device.
+    Quantized pages (`k_scale`, `v_scale`: ops/quant.py) are dequantized tile by tile as the kernel
+    loads them, to float32 and then q's dtype for the products; nothing else is materialized.
     """
     _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse,
-                     max_query_len, num_splits, None)
+                     max_query_len, num_splits, None, k_scale, v_scale)
 
 
 def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse,
-                     max_query_len, num_splits, tiles: AttentionTiles | None) -> None:
+                     max_query_len, num_splits, tiles: AttentionTiles | None, k_scale=None, v_scale=None) -> None:
     """`paged_attention` with an optional tile override (tests use it to vary BLOCK_N)."""
     tokens, heads, dim = q.shape
-    _, block_size, kv_heads, kv_dim = k_cache.shape
+    _, block_size, kv_heads, data_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]
-    if kv_dim != dim or heads % kv_heads or v_cache.shape != k_cache.shape:
+    if heads % kv_heads:
         raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
-                         "(heads must be a multiple of kv heads, head dims equal)")
+                         "(heads must be a multiple of kv heads)")
+    k_format, v_format = kv_formats(k_cache, v_cache, k_scale, v_scale, dim)  # head dims, layout
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("paged_attention: the K/V caches must be contiguous")
     if out.shape != q.shape or q.stride(2) != 1 or out.stride(2) != 1:
@@ -316,8 +572,8 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
     if cu_query_lens.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs or block_tables.stride(1) != 1:
         raise ValueError(f"paged_attention: cu_query_lens {tuple(cu_query_lens.shape)}, block_tables "
                          f"{tuple(block_tables.shape)} must have B + 1 and B rows for B = {num_seqs}")
-    if q.dtype not in _TL_DTYPES or out.dtype != q.dtype:
-        raise ValueError(f"paged_attention: q and out must share a dtype among {list(_TL_DTYPES)}, got "
+    if q.dtype not in TL_DTYPES or out.dtype != q.dtype:
+        raise ValueError(f"paged_attention: q and out must share a dtype among {list(TL_DTYPES)}, got "
                          f"{q.dtype} and {out.dtype}")
     if max_query_len < 1 or num_splits < 1:
         raise ValueError(f"paged_attention: max_query_len ({max_query_len}) and num_splits ({num_splits}) "
@@ -331,7 +587,7 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
     grid_q = num_seqs if one_qblock else tokens // tiles.block_q + num_seqs
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # Triton's interpreter multiplies bf16 operands as their raw bits: run its dots in float32.
-    dot_dtype = tl.float32 if _INTERPRETED and q.dtype == torch.bfloat16 else _TL_DTYPES[q.dtype]
+    dot_dtype = tl.float32 if _INTERPRETED and q.dtype == torch.bfloat16 else TL_DTYPES[q.dtype]
     if num_splits > 1:
         # One scratch allocation: parts [S, T, H, D] then their lse [S, T, H], all float32.
         scratch = torch.empty(num_splits * tokens * heads * (dim + 1), dtype=torch.float32, device=q.device)
@@ -344,13 +600,16 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
     lse_arg = dst_lse if store_lse else out  # any pointer: never written when STORE_LSE is off
     lse_strides = (dst_lse.stride(-2), dst_lse.stride(-1)) if store_lse else (0, 0)
     _paged_attention_kernel[(grid_q, kv_heads, num_splits)](
-        q, k_cache, v_cache, dst_out, lse_arg, cu_query_lens, seq_lens, block_tables,
+        q, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
+        v_scale if v_scale is not None else v_cache,  # placeholders, never read, for unquantized pages
+        dst_out, lse_arg, cu_query_lens, seq_lens, block_tables,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1),
         split_stride_o, dst_out.stride(-3), dst_out.stride(-2),
         split_stride_l, *lse_strides,
         block_tables.stride(0),
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
+        DATA_DIM=data_dim, K_FORMAT=k_format, V_FORMAT=v_format,
         BLOCK_SIZE=block_size, BLOCK_M=tiles.block_m, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         NUM_SPLITS=num_splits, ONE_QBLOCK_PER_SEQ=one_qblock, STORE_LSE=store_lse,
         DOT_PRECISION=precision, DOT_DTYPE=dot_dtype, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
