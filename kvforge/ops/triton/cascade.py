@@ -23,13 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kvforge.ops.triton.attention import TL_DTYPES, PLAIN, kv_formats, load_kv
+
 _LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 256  # below this a split's partial results cost more than its keys
 
 
 @triton.jit
 def _chunk_attention_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, rot_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rot_ptr, bias_ptr, out_ptr, lse_ptr,
     num_rows, num_tokens, keys_per_split, qk_scale,
     stride_qn, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -40,6 +42,8 @@ def _chunk_attention_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KV_HEADS: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,  # see attention.load_kv
+    VALUE_DTYPE: tl.constexpr,  # what q, K, V and p are rounded to: the cache dtype, q's for quantized pages
 ):
     # Packed row r of kv head `kvh` is query token r // GROUP, query head kvh * GROUP + r % GROUP.
     # Head dims are handled as two halves (d, d + HALF): the RoPE pairs, so re-rotation is elementwise.
@@ -50,15 +54,15 @@ def _chunk_attention_kernel(
     head = kvh * GROUP + rows % GROUP
     dh = tl.arange(0, BLOCK_HALF)
     d_ok = dh < HALF
-    cache_dtype = k_ptr.dtype.element_ty
-    # The products run in the cache dtype (tensor cores); UPCAST (the CPU interpreter, whose bf16
-    # tl.dot is wrong) runs them in float32 on the same rounded operands.
-    dot_dtype = tl.float32 if UPCAST else cache_dtype
+    # The products run in VALUE_DTYPE (tensor cores); UPCAST (the CPU interpreter, whose bf16
+    # tl.dot is wrong) runs them in float32 on the same rounded operands. Quantized pages are
+    # dequantized to float32 as they are loaded, before the re-rotation.
+    dot_dtype = tl.float32 if UPCAST else VALUE_DTYPE
 
     q_at = q_ptr + tok[:, None] * stride_qn + head[:, None] * stride_qh + dh[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q1 = tl.load(q_at, mask=q_mask, other=0.0).to(cache_dtype).to(dot_dtype)  # [BLOCK_M, BLOCK_HALF]
-    q2 = tl.load(q_at + HALF, mask=q_mask, other=0.0).to(cache_dtype).to(dot_dtype)
+    q1 = tl.load(q_at, mask=q_mask, other=0.0).to(VALUE_DTYPE).to(dot_dtype)  # [BLOCK_M, BLOCK_HALF]
+    q2 = tl.load(q_at + HALF, mask=q_mask, other=0.0).to(VALUE_DTYPE).to(dot_dtype)
     if ROTATE:
         cos = tl.load(rot_ptr + dh, mask=d_ok, other=1.0)[:, None]  # [BLOCK_HALF, 1]
         sin = tl.load(rot_ptr + HALF + dh, mask=d_ok, other=0.0)[:, None]
@@ -74,15 +78,18 @@ def _chunk_attention_kernel(
         key_ok = keys < end
         page = tl.load(table_ptr + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
         within = keys % PAGE
-        k_at = k_ptr + (page * stride_kb + within * stride_ks + kvh * stride_kh)[None, :] + dh[:, None]
+        slot = page * PAGE + within
+        k_row = (page * stride_kb + within * stride_ks + kvh * stride_kh)[None, :]
         kv_mask = d_ok[:, None] & key_ok[None, :]
-        k1 = tl.load(k_at, mask=kv_mask, other=0.0)  # [BLOCK_HALF, BLOCK_N], keys as columns
-        k2 = tl.load(k_at + HALF, mask=kv_mask, other=0.0)
-        if ROTATE:  # in float32, rounded back to the cache dtype like rerotate_keys
+        k1 = load_kv(k_ptr, k_scale_ptr, k_row, slot[None, :], page[None, :], kvh, dh[:, None], kv_mask,
+                     K_FORMAT, KV_HEADS, 2 * HALF)  # [BLOCK_HALF, BLOCK_N], keys as columns
+        k2 = load_kv(k_ptr, k_scale_ptr, k_row, slot[None, :], page[None, :], kvh, dh[:, None] + HALF, kv_mask,
+                     K_FORMAT, KV_HEADS, 2 * HALF)
+        if ROTATE:  # in float32, then rounded to VALUE_DTYPE below, like rerotate_keys
             k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
-            k1 = (k1f * cos - k2f * sin).to(cache_dtype)
-            k2 = (k2f * cos + k1f * sin).to(cache_dtype)
-        k1, k2 = k1.to(dot_dtype), k2.to(dot_dtype)
+            k1 = k1f * cos - k2f * sin
+            k2 = k2f * cos + k1f * sin
+        k1, k2 = k1.to(VALUE_DTYPE).to(dot_dtype), k2.to(VALUE_DTYPE).to(dot_dtype)
         s = tl.dot(q1, k1, input_precision=PRECISION)
         s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
@@ -94,12 +101,14 @@ def _chunk_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_at = v_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None] + dh[None, :]
+        v_row = (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
         v_mask = key_ok[:, None] & d_ok[None, :]
-        v1 = tl.load(v_at, mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_HALF]
-        v2 = tl.load(v_at + HALF, mask=v_mask, other=0.0)
-        p = p.to(cache_dtype).to(dot_dtype)
-        v1, v2 = v1.to(dot_dtype), v2.to(dot_dtype)
+        v1 = load_kv(v_ptr, v_scale_ptr, v_row, slot[:, None], page[:, None], kvh, dh[None, :], v_mask,
+                     V_FORMAT, KV_HEADS, 2 * HALF)  # [BLOCK_N, BLOCK_HALF]
+        v2 = load_kv(v_ptr, v_scale_ptr, v_row, slot[:, None], page[:, None], kvh, dh[None, :] + HALF, v_mask,
+                     V_FORMAT, KV_HEADS, 2 * HALF)
+        p = p.to(VALUE_DTYPE).to(dot_dtype)
+        v1, v2 = v1.to(VALUE_DTYPE).to(dot_dtype), v2.to(VALUE_DTYPE).to(dot_dtype)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -170,21 +179,31 @@ def _rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> torc
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`kvforge.ops.cascade.chunk_attention` in Triton: (out `[n, H, D]` float32, lse `[n, H]` float32)
     of `q` `[n, H, D]` over the chunk's first `num_tokens` positions through `block_table` `[nb]`,
-    keys re-rotated by `offset`. q is rounded to the cache dtype for the tensor-core products."""
-    return _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale)
+    keys re-rotated by `offset`. q is rounded to the cache dtype for the tensor-core products.
+    Quantized pages (`k_scale`, `v_scale`: ops/quant.py) are dequantized to float32 tile by tile as
+    they are loaded, before the re-rotation, and the products run in q's dtype instead."""
+    return _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale,
+                            k_scale=k_scale, v_scale=v_scale)
 
 
 def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale,
-                     num_splits: int | None = None, block_m: int | None = None):
+                     num_splits: int | None = None, block_m: int | None = None, k_scale=None, v_scale=None):
     """chunk_attention with the split count and row tile forced (tests, tuning)."""
     n, heads, dim = q.shape
-    _, page, kv_heads, cache_dim = k_cache.shape
-    if cache_dim != dim or heads % kv_heads or dim % 2:
+    _, page, kv_heads, _ = k_cache.shape
+    if heads % kv_heads or dim % 2:
         raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: head_dim must "
-                         f"match and be even, heads a multiple of kv_heads")
+                         f"be even, heads a multiple of kv_heads")
+    k_format, v_format = kv_formats(k_cache, v_cache, k_scale, v_scale, dim)  # head dims, layout
+    values = k_cache.dtype if k_format == PLAIN else q.dtype  # what the products run in
+    if values not in TL_DTYPES:
+        raise ValueError(f"chunk_attention runs its products in the cache's dtype, or q's over quantized pages: "
+                         f"one of {list(TL_DTYPES)}, got {values}")
+    value_dtype = TL_DTYPES[values]
     if num_tokens > block_table.shape[0] * page:
         raise ValueError(f"num_tokens {num_tokens} exceeds the {block_table.shape[0]} pages of the block table")
     if bias is not None and tuple(bias.shape) != (n, num_tokens):
@@ -214,7 +233,9 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
     half = dim // 2
     grid = (triton.cdiv(rows, bm), kv_heads, splits)
     _chunk_attention_kernel[grid](
-        q, k_cache, v_cache, block_table, rot, bias if bias is not None else parts_lse, parts_out, parts_lse,
+        q, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
+        v_scale if v_scale is not None else v_cache,  # placeholders, never read, for unquantized pages
+        block_table, rot, bias if bias is not None else parts_lse, parts_out, parts_lse,
         rows, num_tokens, keys_per_split, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -224,7 +245,8 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
         parts_lse.stride(0), parts_lse.stride(1),
         GROUP=group, PAGE=page, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
         BLOCK_M=bm, BLOCK_N=bn, ROTATE=bool(offset), HAS_BIAS=bias is not None,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", UPCAST=q.device.type == "cpu",
+        PRECISION="ieee" if value_dtype == tl.float32 else "tf32", UPCAST=q.device.type == "cpu",
+        KV_HEADS=kv_heads, K_FORMAT=k_format, V_FORMAT=v_format, VALUE_DTYPE=value_dtype,
         num_warps=warps, num_stages=2,
     )
     if splits == 1:
