@@ -36,29 +36,32 @@ def backend_for(device: torch.device) -> ModuleType:
     return backend("triton" if device.type == "cuda" else "torch")
 
 
-@torch.library.custom_op("kvforge::store_kv", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("kvforge::store_kv", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """`ops.store_kv`: write `k`, `v` `[T, kv_heads, D]` at `slot_mapping` `[T]` (slot -1 skipped)."""
-    backend_for(k_cache.device).store_kv(k, v, k_cache, v_cache, slot_mapping)
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """`ops.store_kv`: write `k`, `v` `[T, kv_heads, D]` at `slot_mapping` `[T]` (slot -1 skipped),
+    quantized with their scales into quantized pages (`k_scale`, `v_scale`: ops/quant.py, mutated)."""
+    backend_for(k_cache.device).store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @store_kv.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     return None
 
 
 @torch.library.custom_op("kvforge::paged_attention", mutates_args=("out", "lse"))
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
-                    lse: torch.Tensor, max_query_len: int, num_splits: int) -> None:
+                    lse: torch.Tensor, max_query_len: int, num_splits: int, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> None:
     """`ops.paged_attention` over a packed batch of prefills and decodes; writes `out` `[T, H, D]`
-    and `lse` `[T, H]` (float32)."""
+    and `lse` `[T, H]` (float32). Quantized pages are read with `k_scale`, `v_scale` (ops/quant.py)."""
     backend_for(q.device).paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale,
-                                          out, lse, max_query_len, num_splits)
+                                          out, lse, max_query_len, num_splits, k_scale, v_scale)
 
 
 @paged_attention.register_fake
 def _(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse, max_query_len,
-      num_splits) -> None:
+      num_splits, k_scale=None, v_scale=None) -> None:
     return None
