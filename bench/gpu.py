@@ -20,7 +20,7 @@ Parts (`--parts`, default all of the first five):
   smollm    the embedded SmolLM2-135M GGUF in bf16, decode throughput at batch 1, 32, 128 vs HF
             static on the same weights (`--smollm PATH` to the .gguf when the package is absent).
 
-    python bench/gpu.py [--parts decode,prefix,cascade,rag,smollm] [--smollm PATH]
+    python bench/gpu.py [--parts decode,prefix,cascade,rag,smollm] [--smollm PATH] [--kv-cache-dtype int8]
 """
 
 from __future__ import annotations
@@ -105,9 +105,8 @@ def hf_run(hf, prompts: list[list[int]], new: int) -> float:
 
 def decode_rows(llm: LLM, hf, vocab: int, rng: random.Random, bandwidth: float) -> dict:
     """Throughput at each batch for kvforge and HF, and kvforge's decode step against the roofline."""
-    cfg = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * 2  # bf16 K and V
+    kv_per_token = llm.stats().kv_bytes_per_token  # K and V in the cache's format (bf16 with "auto")
     out = {}
     for batch in BATCHES:
         for _ in range(2):  # warm-up at the same sizes (graphs, kernels, HF's compile)
@@ -299,6 +298,8 @@ def main() -> None:
     ap.add_argument("--parts", default="decode,prefix,cascade,rag,smollm")
     ap.add_argument("--smollm", default=None, help="path to the SmolLM2 .gguf (default: the packaged alias)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the KV format of kvforge's cache (parts decode, "
+                    "prefix, cascade, rag): auto (bf16), int8, int4, fp8_e4m3, fp8_e5m2")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
@@ -306,12 +307,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     bandwidth = copy_bandwidth()
-    result: dict = {"bench": "gpu", "device": torch.cuda.get_device_name(), "copy_tb_s": round(bandwidth / 1e12, 2)}
+    result: dict = {"bench": "gpu", "device": torch.cuda.get_device_name(), "copy_tb_s": round(bandwidth / 1e12, 2),
+                    "kv_cache_dtype": args.kv_cache_dtype}
     config = json.loads((CONFIG_1B / "config.json").read_text())
     vocab = config["vocab_size"]
     if parts & {"decode", "prefix", "cascade", "rag"}:
         llm = LLM(str(CONFIG_1B), load_format="dummy", device="cuda", dtype="bfloat16", kv_cache_memory=40 << 30,
-                  max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256)
+                  max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256,
+                  kv_cache_dtype=args.kv_cache_dtype)
         if "cascade" in parts:
             result["cascade_64x4k"] = progress("cascade_64x4k", cascade_rows(llm, vocab, rng))
             result["cascade_64x4k_attention"] = progress("cascade_64x4k_attention", cascade_attention_rows(rng))
