@@ -25,9 +25,13 @@ dtype elsewhere). "auto" is the baseline; for each format:
   requests * (new_tokens - 1) / (the last finish - the last first token) from RequestOutput.metrics,
   median of `--repeats` runs (prompts already cached by the greedy run, so all decode together).
 
+A format may name its block size: "int4@64" is int4 with 64-token blocks (int4 keys keep a minimum
+and a step per channel and block, so their bytes per token fall as blocks grow); others use
+`--block-size`.
+
 Targets (issue 12): int8 within +0.5% perplexity at >= 1.9x the tokens per byte of float16
-(`int8_target_met`), int4 within +3% at >= 3.5x (`int4_target_met`); fp8 reported beside them.
-Prints one JSON line.
+(`int8_target_met`), int4 within +3% at >= 3.5x (`int4_target_met`, `int4@64_target_met`); fp8
+reported beside them. Prints one JSON line.
 
     .venv/bin/python bench/kv_quant.py [--device auto] [--window 1024] [--windows 4] [--repeats 2]
 """
@@ -129,10 +133,22 @@ def decode_tok_s(llm: LLM, chats: list[list[dict]], new_tokens: int, repeats: in
     return statistics.median(rates)
 
 
+def format_spec(value: str) -> str:
+    """A `--formats` entry: a quantized kv_cache_dtype, optionally with "@block_size"."""
+    kv_format, at, block_size = value.partition("@")
+    if kv_format not in FORMATS[1:] or at and not block_size.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: a quantized format ({', '.join(FORMATS[1:])}) with an "
+                                         f"optional @block_size")
+    return value
+
+
 def build(fmt: str, args) -> LLM:
-    """The LLM of KV format `fmt`; every format gets the same arena budget."""
-    return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=fmt, block_size=args.block_size,
-               kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.prompts, seed=args.seed)
+    """The LLM of KV format `fmt` ("int4@64": int4 with 64-token blocks); every format gets the same
+    arena budget."""
+    kv_format, _, block_size = fmt.partition("@")
+    return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=kv_format,
+               block_size=int(block_size or args.block_size), kv_cache_memory=args.kv_cache_mib << 20,
+               max_num_seqs=args.prompts, seed=args.seed)
 
 
 def measure(llm: LLM, args, windows, chats, tap: LogprobTap) -> dict:
@@ -157,7 +173,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, help="model dtype (default: float32 on the CPU, bfloat16 on a GPU)")
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS[1:]), choices=FORMATS[1:])
+    ap.add_argument("--formats", nargs="+", default=["int8", "int4", "int4@64", "fp8_e4m3", "fp8_e5m2"],
+                    type=format_spec,
+                    help="KV formats to measure against auto, each optionally @BLOCK_SIZE (int4@64)")
     ap.add_argument("--window", type=int, default=1024, help="tokens per perplexity window")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--kl-windows", type=int, default=1, help="windows whose full distributions give the KL")
@@ -220,8 +238,9 @@ def main() -> None:
             round(x, 4) for x in agreement(base["tokens"], runs[fmt]["tokens"]))
         row["mean_kl"] = round(mean_kl(base["rows"], runs[fmt]["rows"]), 6)
         result[fmt] = row
-    for fmt, (max_increase, min_ratio) in TARGETS.items():
-        if fmt in runs:
+    for fmt in args.formats:
+        if fmt.partition("@")[0] in TARGETS:
+            max_increase, min_ratio = TARGETS[fmt.partition("@")[0]]
             result[f"{fmt}_target_met"] = (ppl[fmt] / ppl["auto"] - 1 <= max_increase
                                            and f16 / runs[fmt]["kv_bytes_per_token"] >= min_ratio)
     result["runtime_s"] = round(time.perf_counter() - started, 1)

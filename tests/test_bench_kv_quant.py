@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kv_quant_bench_prints_one_json_line():
-    args = ["--device", "cpu", "--formats", "int8", "--window", "64", "--windows", "2", "--prompts", "2",
+    args = ["--device", "cpu", "--formats", "int8", "int4@32", "--window", "64", "--windows", "2", "--prompts", "2",
             "--decode-requests", "2", "--new-tokens", "4", "--repeats", "1", "--kv-cache-mib", "64"]
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "kv_quant.py"), *args], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
@@ -24,3 +24,4 @@ def test_kv_quant_bench_prints_one_json_line():
     assert abs(int8["ppl_increase"]) < 0.05 and 0 <= int8["mean_kl"] < 0.05
     assert 0 <= int8["greedy_prefix_agreement"] <= int8["greedy_token_agreement"] <= 1
     assert int8["decode_tok_s"] > 0 and "int8_target_met" in result
+    assert result["int4@32"]["capacity_ratio"] > 3.3 and "int4@32_target_met" in result
