@@ -37,6 +37,8 @@ bench: setup
 	$(PY) bench/chunk_reuse.py
 	$(PY) bench/allocator.py
 	$(PY) bench/serve_load.py
+	$(PY) bench/sampling.py
+	$(PY) bench/kv_quant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
