@@ -315,17 +315,22 @@ def test_chunk_attention_over_quantized_pages_matches_the_reference(fmt, offset,
     assert torch.isneginf(lse[1]).all()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_chunk_attention_over_quantized_pages_with_bfloat16_queries(fmt):
-    g = torch.Generator().manual_seed(9)
-    kc, vc, table, ks, vs = _quantized_chunk(fmt, g, 40, 16, 1, 32)
-    q = torch.randn(3, 2, 32, generator=g).bfloat16()
-    inv_freq = ops.rope_inv_freq(32, 10000.0).float()
-    out, lse = tcascade.chunk_attention(q.to(DEVICE), kc, vc, table, 40, 700, inv_freq, None, 0.2, ks, vs)
-    want_out, want_lse = ops.chunk_attention(q.float(), kc.cpu(), vc.cpu(), table.cpu(), 40, 700, inv_freq, None,
-                                             0.2, ks.cpu(), vs.cpu())
+def _check_bf16_chunk(fmt, seed, num_tokens, kv_heads, dim, rows, heads, offset, theta, scale):
+    """Triton chunk_attention of `rows` bf16 query rows over a quantized chunk against the reference."""
+    g = torch.Generator().manual_seed(seed)
+    kc, vc, table, ks, vs = _quantized_chunk(fmt, g, num_tokens, 16, kv_heads, dim)
+    q = torch.randn(rows, heads, dim, generator=g).bfloat16()
+    inv_freq = ops.rope_inv_freq(dim, theta).float()
+    out, lse = tcascade.chunk_attention(q.to(DEVICE), kc, vc, table, num_tokens, offset, inv_freq, None, scale, ks, vs)
+    want_out, want_lse = ops.chunk_attention(q.float(), kc.cpu(), vc.cpu(), table.cpu(), num_tokens, offset, inv_freq,
+                                             None, scale, ks.cpu(), vs.cpu())
     torch.testing.assert_close(out.cpu(), want_out, **BF16)
     torch.testing.assert_close(lse.cpu(), want_lse, **BF16)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_chunk_attention_over_quantized_pages_with_bfloat16_queries(fmt):
+    _check_bf16_chunk(fmt, 9, num_tokens=40, kv_heads=1, dim=32, rows=3, heads=2, offset=700, theta=10000.0, scale=0.2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,12 +414,5 @@ def test_real_shape_paged_attention_over_quantized_pages(fmt, splits):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_real_shape_chunk_attention_over_quantized_pages(fmt):
     """64 bf16 decoding rows over a 4096-token quantized chunk re-rotated by 5000."""
-    g = torch.Generator().manual_seed(2)
-    kc, vc, table, ks, vs = _quantized_chunk(fmt, g, 4096, 16, 8, 64)
-    q = torch.randn(64, 32, 64, generator=g).bfloat16()
-    inv_freq = ops.rope_inv_freq(64, 500000.0).float()
-    out, lse = tcascade.chunk_attention(q.to(DEVICE), kc, vc, table, 4096, 5000, inv_freq, None, 0.125, ks, vs)
-    want_out, want_lse = ops.chunk_attention(q.float(), kc.cpu(), vc.cpu(), table.cpu(), 4096, 5000, inv_freq, None,
-                                             0.125, ks.cpu(), vs.cpu())
-    torch.testing.assert_close(out.cpu(), want_out, **BF16)
-    torch.testing.assert_close(lse.cpu(), want_lse, **BF16)
+    _check_bf16_chunk(fmt, 2, num_tokens=4096, kv_heads=8, dim=64, rows=64, heads=32, offset=5000, theta=500000.0,
+                      scale=0.125)
