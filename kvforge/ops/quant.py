@@ -39,6 +39,7 @@ _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _INT8_MAX = 127.0
 _INT4_MAX = 7.0  # symmetric int4 (values)
 _INT4_LEVELS = 15.0  # asymmetric int4 (keys): codes 0..15
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # by bit pattern
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,13 @@ def quantize_rows(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.
 def dequantize_rows(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_rows`: data `[..., kv_heads, data_dim]`, scale `[..., kv_heads]` ->
     float32 `[..., kv_heads, D]`."""
-    values = _unpack_int4(data) - 8 if data.dtype == torch.uint8 else data.float()
+    if data.dtype == torch.uint8:
+        values = _unpack_int4(data) - 8
+    elif data.dtype == torch.float8_e4m3fn and data.device.type == "cpu":
+        # A 256-entry table: torch's CPU float8_e4m3fn -> float32 conversion is ~3x slower.
+        values = torch.take(_E4M3_VALUES, data.view(torch.uint8).long())
+    else:
+        values = data.float()
     return values * scale.float()[..., None]
 
 
