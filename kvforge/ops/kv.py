@@ -25,7 +25,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     CPU reference: the check for negative slots reads the mapping on the host.
     """
-    num_blocks, block_size, heads, width = k_cache.shape
+    _, _, heads, width = k_cache.shape
     if (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
