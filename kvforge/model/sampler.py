@@ -86,6 +86,7 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> in
         probs = sorted_x.softmax(-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # a top_p below float32's smallest value compares as 0: the first must stay
         x = x.scatter(0, idx, sorted_x.masked_fill(drop, float("-inf")))
     return int(torch.multinomial(x.softmax(-1), 1, generator=gen))
 

@@ -143,6 +143,14 @@ def test_min_p_drops_tokens_less_likely_than_min_p_times_the_top_one():
     assert set(draws(SamplingParams(temperature=1.0, min_p=0.7), logits)) == {0}
 
 
+
+@pytest.mark.parametrize("extreme", [dict(top_p=1e-320), dict(top_p=1e-45, temperature=1e-320),
+                                     dict(min_p=1.0, temperature=1e-300)])
+def test_extreme_but_valid_params_still_draw_the_top_token(extreme):
+    """A top_p or temperature below float32's range (a denormal double) keeps the most likely token."""
+    params = SamplingParams(**{"temperature": 1.0, **extreme})
+    assert set(draws(params, LOGITS, n=50)) == {5}
+
 # ------------------------------------------------------------------ neutral rows and batches
 NEUTRAL = [SamplingParams(temperature=0), SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5),
            SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=0.9, top_k=20, top_p=0.95)]
