@@ -59,7 +59,7 @@ def parse_redis_url(url: str, ttl_s: int | None = None) -> RedisURL:
     except ValueError as e:
         raise ValueError(f"bad Redis URL {url!r}: {e}; the forms are {URL_FORMS}") from None
     scheme = parts.scheme.lower()
-    if scheme not in _SCHEMES:
+    if scheme not in _SCHEMES or not url.strip()[len(scheme):].startswith("://"):
         raise ValueError(f"a Redis URL starts with one of {', '.join(s + '://' for s in _SCHEMES)}; got {url!r} "
                          f"(the forms are {URL_FORMS})")
     query = parse_qsl(parts.query, keep_blank_values=True)
