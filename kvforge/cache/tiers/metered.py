@@ -80,7 +80,9 @@ class MeteredTier(Tier):
     and nothing else.
     """
 
-    def __init__(self, tier: Tier, cooldown_s: float = 1.0) -> None:
+    def __init__(self, tier: Tier, cooldown_s: float = 1.0, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` (seconds, monotonic) times the cooldown and the log interval; tests pass a fake one."""
         if not isinstance(tier, Tier):
             raise ValueError(f"MeteredTier wraps a Tier, got {type(tier).__name__}")
         if not cooldown_s >= 0:
@@ -95,7 +97,8 @@ class MeteredTier(Tier):
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._get_seconds = HistogramCounter(LATENCY_BUCKETS)
         self._put_seconds = HistogramCounter(LATENCY_BUCKETS)
-        self._down_until = 0.0  # time.monotonic() before which the backend is not called
+        self._clock = clock
+        self._down_until = float("-inf")  # clock() before which the backend is not called
         self._last_logged: dict[str, float] = {}  # fault kind -> when its last line was logged
         self._unlogged: dict[str, int] = {}  # fault kind -> faults not logged since
 
@@ -175,7 +178,7 @@ class MeteredTier(Tier):
               cooldown: bool = True) -> T | _Failed:
         """`fn(*args)`, or _FAILED if it raised (the fault counted and logged) or the backend is in
         its cooldown (counted as skipped)."""
-        if cooldown and time.monotonic() < self._down_until:
+        if cooldown and self._clock() < self._down_until:
             with self._lock:
                 self._skipped += 1
             return _FAILED
@@ -198,7 +201,7 @@ class MeteredTier(Tier):
             kind = "other"
         if kind not in self._faults:
             kind = "other"
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._faults[kind] += 1
             if kind == "connection":

@@ -71,3 +71,16 @@ def make_budget_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Callable
 def key(i: int) -> bytes:
     """A 32-byte key, like a block digest."""
     return i.to_bytes(32, "big")
+
+
+class FakeClock:
+    """A monotonic clock for MeteredTier that moves only when told: `clock.advance(seconds)`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

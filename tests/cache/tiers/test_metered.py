@@ -8,14 +8,13 @@ import errno
 import logging
 import os
 import threading
-import time
 
 import pytest
 
 from kvforge.cache.tiers import FAULT_KINDS, DiskTier, HostTier, MeteredTier
 from kvforge.cache.tiers import disk as disk_module
 from kvforge.cache.tiers import metered as metered_module
-from tests.cache.tiers.conftest import key
+from tests.cache.tiers.conftest import FakeClock, key
 
 
 class FlakyTier(HostTier):
@@ -131,19 +130,21 @@ def test_other_os_errors_are_io_faults_and_other_exceptions_other(tmp_path, monk
 
 def test_a_connection_fault_pauses_the_backend_for_the_cooldown(caplog):
     flaky = FlakyTier()
-    t = MeteredTier(flaky, cooldown_s=0.2)
+    clock = FakeClock()
+    t = MeteredTier(flaky, cooldown_s=0.2, clock=clock)
     t.put(key(1), b"v")
     flaky.fault = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
     assert t.get(key(1)) is None
     assert flaky.calls == 2
     t.put(key(2), b"w")
     t.delete(key(1))
+    clock.advance(0.19)
     assert t.get_many([key(1)]) == [None] and t.contains_many([key(1)]) == [False]
     assert flaky.calls == 2  # none of them reached the backend
     s = t.stats()
     assert s.skipped == 4 and s.faults_by_kind["connection"] == 1 and s.get_seconds.count == 1
     flaky.fault = None
-    time.sleep(0.25)
+    clock.advance(0.01)  # the cooldown is over
     assert t.get(key(1)) == b"v" and flaky.calls == 3
     assert t.stats().hits == 1 and t.stats().skipped == 4
     assert tier_warnings(caplog) == ["tier host:1MiB: get failed (connection fault; not used for 0.2 s): "
@@ -160,9 +161,10 @@ def test_only_connection_faults_pause_the_backend():
     assert flaky.calls == 6 and t.stats().skipped == 0 and t.stats().faults == 6
 
 
-def test_faults_are_logged_once_per_kind_per_interval(tmp_path, monkeypatch, caplog):
+def test_faults_are_logged_once_per_kind_per_interval(caplog):
     flaky = FlakyTier()
-    t = MeteredTier(flaky)
+    clock = FakeClock()
+    t = MeteredTier(flaky, clock=clock)
     flaky.fault = OSError(errno.ENOSPC, "No space left on device")
     for _ in range(3):
         t.put(key(1), b"v")
@@ -173,12 +175,15 @@ def test_faults_are_logged_once_per_kind_per_interval(tmp_path, monkeypatch, cap
         "tier host:1MiB: put failed (full fault): OSError: [Errno 28] No space left on device",
         "tier host:1MiB: put failed (permission fault): PermissionError: [Errno 13] Permission denied",
     ]
-    monkeypatch.setattr(metered_module, "LOG_INTERVAL_S", 0.0)  # the interval has passed
+    clock.advance(metered_module.LOG_INTERVAL_S - 0.1)
     flaky.fault = OSError(errno.ENOSPC, "No space left on device")
     t.get(key(1))
+    assert len(tier_warnings(caplog)) == 2
+    clock.advance(0.1)  # the interval has passed
+    t.get(key(1))
     assert tier_warnings(caplog)[-1] == ("tier host:1MiB: get failed (full fault): OSError: [Errno 28] No space "
-                                         "left on device (2 more full faults since the last line)")
-    assert t.stats().faults == 6
+                                         "left on device (3 more full faults since the last line)")
+    assert t.stats().faults == 7
 
 
 def test_a_fault_classifier_that_raises_counts_the_fault_as_other():

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from kvforge.cache.tiers import MeteredTier, RedisTier
-from tests.cache.tiers.conftest import key
+from tests.cache.tiers.conftest import FakeClock, key
 from tests.redis_server import free_port
 
 
@@ -104,7 +104,8 @@ def test_an_unreachable_server_is_a_fault_at_first_use_not_at_construction():
 
 
 def test_a_killed_server_turns_ops_into_misses_and_its_restart_is_used_again(redis_server):
-    t = MeteredTier(RedisTier(redis_server.url), cooldown_s=0.3)
+    clock = FakeClock()
+    t = MeteredTier(RedisTier(redis_server.url), cooldown_s=1.0, clock=clock)
     t.put(key(1), b"before the crash")
     assert t.get(key(1)) == b"before the crash"
     redis_server.stop(kill=True)
@@ -115,11 +116,12 @@ def test_a_killed_server_turns_ops_into_misses_and_its_restart_is_used_again(red
     assert not t.contains(key(1)) and t.get_many([key(1), key(2)]) == [None, None]
     assert t.stats().skipped == 3 and t.stats().faults == 1
     redis_server.restart()  # same port, empty (no persistence)
-    time.sleep(0.35)
+    assert t.get(key(2)) is None and t.stats().skipped == 4  # still cooling down
+    clock.advance(1.0)
     t.put(key(2), b"after the restart")
     assert t.get(key(2)) == b"after the restart" and t.get(key(1)) is None
     s = t.stats()
-    assert s.faults == 1 and s.skipped == 3 and s.puts == 2 and s.hits == 2
+    assert s.faults == 1 and s.skipped == 4 and s.puts == 2 and s.hits == 2
 
 
 def test_a_server_at_maxmemory_refuses_puts_as_full_faults_and_keeps_its_config(make_redis):
