@@ -243,14 +243,15 @@ class DiskTier(Tier):
 
 
 def _remove_if_abandoned(path: str, name: str, now: float) -> None:
-    """Remove the temp file `path` unless its writer (the pid in its name) is alive and it is recent."""
+    """Remove the temp file `path` unless its writer (the pid in its name) is alive and it is recent.
+    Best effort: a temp file that cannot be removed is left."""
     pid_text = name[len(TEMP_PREFIX):].partition("-")[0]
     pid = int(pid_text) if pid_text.isdigit() else 0
     try:
         if pid > 0 and _pid_alive(pid) and now - os.stat(path).st_mtime < STALE_TEMP_SECONDS:
             return
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 

@@ -182,16 +182,18 @@ class MeteredTier(Tier):
             with self._lock:
                 self._skipped += 1
             return _FAILED
+        fault = None
         start = time.perf_counter()
         try:
             result = fn(*args)
         except Exception as exc:  # a tier fault must never reach the engine
-            self._fault(op, exc)
-            result = _FAILED
+            fault, result = exc, _FAILED
         if timer is not None:
             elapsed = time.perf_counter() - start
             with self._lock:
                 timer.observe(elapsed)
+        if fault is not None:
+            self._fault(op, fault)
         return result
 
     def _fault(self, op: str, exc: Exception) -> None:
