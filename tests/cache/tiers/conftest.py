@@ -30,9 +30,11 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         try:
             server = start_redis(tmp_path, **config)
         except RuntimeError as e:
-            pytest.fail(str(e), pytrace=False)
-        started.append(server)
-        return server
+            message = str(e)
+        else:
+            started.append(server)
+            return server
+        pytest.fail(message, pytrace=False)  # outside the except: one clear line, no chained traceback
 
     yield factory
     for server in started:
