@@ -33,7 +33,7 @@ def _add_fields(parser: argparse.ArgumentParser, klass: type, names: typing.Iter
             continue
         args = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
         scalar = next((t for t in args if t in (int, float, str)), str)
-        nargs = "+" if f.name == "stop" else None
+        nargs = "+" if f.name == "stop" or typing.get_origin(kind) is tuple else None
         parser.add_argument(flag, dest=dest, type=scalar, default=default, nargs=nargs,
                             help=f"(default: {default})")
 

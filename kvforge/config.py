@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")  # "auto": the model's dtype
+TIER_POLICIES = ("write_back", "write_through")  # when blocks reach the kv_tiers: on eviction, or as cached
 CPU_KV_CACHE_MEMORY = 1 << 30  # the arena's size on CPU when neither num_blocks nor kv_cache_memory is given
 
 
@@ -90,6 +91,13 @@ class CacheConfig:
     `kv_quality_sample`: with a quantized format, the fraction of decode steps of each request that
     are also computed from full-precision K/V (a recompute of the request's tokens) to measure the
     KL divergence between the two next-token distributions (`EngineStats.kv_quality_kl`).
+    `kv_tiers`: storage below the arena, top first: "host:4GiB" (process memory), "disk:PATH:50GiB" (a
+    directory) and "redis://HOST:PORT/DB" (a Redis or Valkey server; `?ttl=SECONDS` optional). Evicted
+    cached blocks are written to them (`kv_tier_policy="write_back"`), or every block as it is cached
+    ("write_through", for sharing with other processes at once); a prompt's blocks found there are
+    loaded instead of recomputed (see `kvforge.cache.tiered`).
+    `load_cache`: a directory written by `LLM.save_cache`, restored at start (cached prefixes, pins
+    and registered chunks).
     """
 
     block_size: int = 16
@@ -101,8 +109,19 @@ class CacheConfig:
     max_chunk_fraction: float = 0.25
     kv_cache_dtype: str = "auto"
     kv_quality_sample: float = 0.0
+    kv_tiers: tuple[str, ...] = ()
+    kv_tier_policy: str = "write_back"
+    load_cache: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.kv_tiers, str) or not all(isinstance(t, str) and t for t in self.kv_tiers):
+            raise ValueError(f"kv_tiers must be a list of tier specs such as ['host:4GiB', 'disk:/var/cache/kvforge:"
+                             f"50GiB', 'redis://127.0.0.1:6379/0'], got {self.kv_tiers!r}")
+        object.__setattr__(self, "kv_tiers", tuple(self.kv_tiers))
+        if self.kv_tier_policy not in TIER_POLICIES:
+            raise ValueError(f"kv_tier_policy must be one of {', '.join(TIER_POLICIES)}, got {self.kv_tier_policy!r}")
+        if self.load_cache is not None and (not isinstance(self.load_cache, str) or not self.load_cache):
+            raise ValueError(f"load_cache must be the path of a saved cache directory, got {self.load_cache!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if isinstance(self.kv_quality_sample, bool) or not 0 <= self.kv_quality_sample <= 1:

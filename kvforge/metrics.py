@@ -72,6 +72,28 @@ class CacheStatsLike(Protocol):
     num_chunk_blocks: int  # blocks holding their KV
 
 
+class TierStatsLike(Protocol):
+    spec: str  # how the tier was configured ("host:4GiB", "redis://...")
+    hits: int
+    misses: int
+    bytes_read: int
+    bytes_written: int
+    skipped: int  # operations not tried while a tier that lost its connection cools down
+    faults_by_kind: dict[str, int]
+    get_seconds: HistogramSnapshot
+    put_seconds: HistogramSnapshot
+
+
+class StoreStatsLike(Protocol):
+    tiers: tuple[TierStatsLike, ...]
+    blocks_written: int
+    writes_dropped: int
+    pending_writes: int
+    blocks_loaded: int
+    bytes_loaded: int
+    rejected_by_reason: dict[str, int]
+
+
 class EngineStatsLike(Protocol):
     num_running: int
     num_waiting: int
@@ -81,6 +103,8 @@ class EngineStatsLike(Protocol):
     kv_bytes_per_token: float  # K and V of one token over all layers, in the cache's format
     capacity_tokens: int  # token slots of the KV arena
     kv_quality_kl: HistogramSnapshot | None  # sampled decode steps' KL to full-precision K/V, if sampling
+    tiers: StoreStatsLike | None  # with kv_tiers
+    restored_tokens: int  # prompt tokens loaded from the tiers instead of computed
 
 
 class ServerMetrics:
@@ -177,6 +201,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("kvforge_kv_cache_bytes_per_token", "Bytes of K and V per token over all layers, "
                                 "in the cache's KV format (scales included)", s.kv_bytes_per_token)
         yield GaugeMetricFamily("kvforge_kv_cache_capacity_tokens", "Token slots of the KV cache", s.capacity_tokens)
+        if s.tiers is not None:
+            yield from _tier_metrics(s.tiers, s.restored_tokens)
         kl = s.kv_quality_kl
         if kl is not None:
             h = HistogramMetricFamily("kvforge_kv_quality_kl", "KL divergence (nats) of the next-token distribution "
@@ -184,3 +210,50 @@ class _EngineCollector(Collector):
                                       "on sampled decode steps (--kv-quality-sample)")
             h.add_metric([], [(repr(le), n) for le, n in zip(kl.buckets, kl.counts)] + [("+Inf", kl.count)], kl.sum)
             yield h
+
+
+def _histogram(name: str, doc: str, label: str, values: list[tuple[str, HistogramSnapshot]]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=[label])
+    for value, snap in values:
+        h.add_metric([value], [(repr(le), n) for le, n in zip(snap.buckets, snap.counts)] + [("+Inf", snap.count)],
+                     snap.sum)
+    return h
+
+
+def _tier_metrics(store: StoreStatsLike, restored_tokens: int) -> Iterator[Metric]:
+    """The kv_tiers' counters: per tier (label `tier`, its spec) and for the store."""
+    per_tier = [("kvforge_kv_tier_hits", "Blocks found in the tier", "hits"),
+                ("kvforge_kv_tier_misses", "Blocks looked up and not found in the tier", "misses"),
+                ("kvforge_kv_tier_read_bytes", "Bytes read from the tier", "bytes_read"),
+                ("kvforge_kv_tier_written_bytes", "Bytes written to the tier", "bytes_written"),
+                ("kvforge_kv_tier_skipped", "Operations not tried while the tier cooled down after a "
+                 "connection fault", "skipped")]
+    for name, doc, attr in per_tier:
+        c = CounterMetricFamily(name, doc, labels=["tier"])
+        for t in store.tiers:
+            c.add_metric([t.spec], getattr(t, attr))
+        yield c
+    faults = CounterMetricFamily("kvforge_kv_tier_faults", "Tier operations that failed (the block was "
+                                 "recomputed or not kept), by kind: connection, full, permission, io, other",
+                                 labels=["tier", "kind"])
+    for t in store.tiers:
+        for kind, n in sorted(t.faults_by_kind.items()):
+            faults.add_metric([t.spec, kind], n)
+    yield faults
+    yield _histogram("kvforge_kv_tier_get_seconds", "Latency of reads from the tier", "tier",
+                     [(t.spec, t.get_seconds) for t in store.tiers])
+    yield _histogram("kvforge_kv_tier_put_seconds", "Latency of writes to the tier", "tier",
+                     [(t.spec, t.put_seconds) for t in store.tiers])
+    rejected = CounterMetricFamily("kvforge_kv_tier_rejected_blocks", "Stored blocks refused at load (another "
+                                   "model or format, bad checksum, truncated...) and recomputed", labels=["reason"])
+    for reason, n in sorted(store.rejected_by_reason.items()):
+        rejected.add_metric([reason], n)
+    yield rejected
+    yield CounterMetricFamily("kvforge_kv_tier_blocks_written", "Blocks written to the tiers", store.blocks_written)
+    yield CounterMetricFamily("kvforge_kv_tier_writes_dropped", "Blocks not written because too many writes "
+                              "were pending", store.writes_dropped)
+    yield GaugeMetricFamily("kvforge_kv_tier_pending_writes", "Blocks waiting to be written", store.pending_writes)
+    yield CounterMetricFamily("kvforge_kv_tier_blocks_loaded", "Blocks loaded from the tiers into the KV cache",
+                              store.blocks_loaded)
+    yield CounterMetricFamily("kvforge_kv_tier_restored_tokens", "Prompt tokens whose K/V was loaded from the "
+                              "tiers instead of computed", restored_tokens)

@@ -16,6 +16,8 @@ Every block is in exactly one state, and this class moves it between them:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvforge.cache.blocks import Block, BlockPool, NoFreeBlocksError
 from kvforge.cache.events import BlockRemoved, KVEventBuffer
 from kvforge.cache.radix import RadixNode, RadixTree
@@ -28,6 +30,9 @@ class BlockAllocator:
     def __init__(self, pool: BlockPool, tree: RadixTree, events: KVEventBuffer):
         self.pool, self.tree, self.events = pool, tree, events
         self.num_evictions = 0
+        # Called with the evicted nodes (hash, tokens and block kept) before their blocks are handed
+        # out: the last moment their K/V can be read (the manager writes them back to its tiers).
+        self.on_evict: Callable[[list[RadixNode]], None] | None = None
 
     @property
     def num_available(self) -> int:
@@ -47,7 +52,10 @@ class BlockAllocator:
                                     f"or evictable ({free} free, {self.tree.num_evictable} cached)")
         blocks = self.pool.allocate(free)
         hashes: list[bytes] = []
-        for node in self.tree.evict(short):
+        evicted = self.tree.evict(short)
+        if self.on_evict is not None:
+            self.on_evict(evicted)
+        for node in evicted:
             block = node.block
             block.ref_cnt = 1
             blocks.append(block)

@@ -96,6 +96,47 @@ class KVCache:
                      self.k_scale[layer], self.v_scale[layer])
 
 
+    def _parts(self) -> list[torch.Tensor]:
+        """Every tensor indexed by block id, in the order a block's bytes are laid out: per layer K, V,
+        then their scales (if any)."""
+        return [t for parts in zip(self.k, self.v, self.k_scale, self.v_scale) for t in parts if t is not None]
+
+    def export_blocks(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy the blocks' bytes out of the arena: a uint8 tensor `[len(block_ids), bytes_per_block]`
+        on the CPU (`out` if given, e.g. pinned memory), row i holding block `block_ids[i]` laid out as
+        per layer K, V and their scales. The arena is not changed; on a GPU the copy is queued on the
+        current stream (synchronize before reading `out` from another thread)."""
+        n = len(block_ids)
+        if out is None:
+            out = torch.empty((n, self.bytes_per_block), dtype=torch.uint8)
+        if tuple(out.shape) != (n, self.bytes_per_block) or out.dtype != torch.uint8:
+            raise ValueError(f"export_blocks needs out [{n}, {self.bytes_per_block}] uint8, got "
+                             f"{list(out.shape)} {out.dtype}")
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        at = 0
+        for part in self._parts():
+            rows = part.index_select(0, ids).view(n, -1).view(torch.uint8)
+            out[:, at:at + rows.shape[1]].copy_(rows, non_blocking=True)
+            at += rows.shape[1]
+        assert at == self.bytes_per_block, (at, self.bytes_per_block)
+        return out
+
+    def import_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Write blocks' bytes (uint8 `[len(block_ids), bytes_per_block]`, as `export_blocks` lays them
+        out; any device) into the arena at `block_ids` (distinct), every layer."""
+        n = len(block_ids)
+        if tuple(data.shape) != (n, self.bytes_per_block) or data.dtype != torch.uint8:
+            raise ValueError(f"import_blocks needs data [{n}, {self.bytes_per_block}] uint8, got "
+                             f"{list(data.shape)} {data.dtype}")
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        data = data.to(self.device, non_blocking=True)
+        at = 0
+        for part in self._parts():
+            raw = part.view(torch.uint8)  # bytes, whatever the dtype (index_copy_ has no float8 kernel)
+            size = raw[0].numel()
+            raw.index_copy_(0, ids, data[:, at:at + size].reshape(n, *raw.shape[1:]))
+            at += size
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s K/V into block `dst`, every layer (a fork's partial last block)."""
         if not (0 <= src < self.num_blocks and 0 <= dst < self.num_blocks):

@@ -21,10 +21,13 @@ from kvforge.cache.pins import PinTable
 from kvforge.cache.prefix import PrefixCaching
 from kvforge.cache.radix import PrefixMatch, RadixTree, stored_event
 from kvforge.cache.sequence import CacheOverflowError, SeqState, UnknownSequenceError, slots
+from kvforge.cache.snapshot import Snapshots
 from kvforge.cache.stats import CacheStats, block_map, render_stats
+from kvforge.cache.tiered import TieredCaching
+from kvforge.cache.tiers.store import TieredStore
 
 
-class KVCacheManager(PrefixCaching):
+class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
     """Owns the block pool, the prefix index and every sequence's block table.
 
     Every mutating method either succeeds or raises having changed nothing. Errors that are the
@@ -38,12 +41,16 @@ class KVCacheManager(PrefixCaching):
     until an allocation evicts them (least recently used leaf first). Without it, `match_prefix`
     matches nothing and `commit` only advances a counter: the manager behaves as a plain pager.
     KV events are kept in a bounded buffer of the newest `max_kv_events` (see `events.py`).
+    With a `store` (tiers below the arena, `tiers/store.py`), evicted cached blocks are written back to
+    it (or, with `write_policy="write_through"`, every block as it is committed) and `read_through`
+    loads a prompt's blocks from it (see `tiered.py`).
     `pool` and `tree` are exposed for inspection and tests; the engine should not touch them.
     """
 
     def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int = 0,
                  enable_prefix_caching: bool = True, max_pinned_fraction: float = 0.5,
-                 max_kv_events: int = 10_000, max_chunk_fraction: float = 0.25):
+                 max_kv_events: int = 10_000, max_chunk_fraction: float = 0.25,
+                 store: TieredStore | None = None, write_policy: str = "write_back"):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if bytes_per_block < 0:
@@ -61,6 +68,7 @@ class KVCacheManager(PrefixCaching):
         self._pins = PinTable(max_pinned_fraction, self._blocks)
         self._chunks = ChunkTable(max_chunk_fraction, self._blocks, block_size)
         self._query_tokens = self._hit_tokens = 0
+        self._init_tiers(store, write_policy)
 
     # ---- sizes --------------------------------------------------------------------------------
 
@@ -358,6 +366,7 @@ class KVCacheManager(PrefixCaching):
         seq.caching = not result.collided
         for run in result.stored:
             self._events.record(stored_event, run, bs)
+        self._written_through(result.stored)
 
     # ---- chunk pages --------------------------------------------------------------------------
 

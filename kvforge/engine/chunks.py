@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvforge.cache import ChunkBudgetError, KVCacheManager, NoFreeBlocksError
+from kvforge.cache import ChunkBudgetError, KVCacheManager, NoFreeBlocksError, extra_keys
 from kvforge.types import (
     CHUNK_KINDS,
     Chunk,
@@ -109,6 +109,10 @@ class ChunkRequests:
             raise InvalidRequestError(f"chunk id {chunk_id!r} is being registered by another request; "
                                       f"retry once it is registered", "id")
         try:
+            pages = self.cache.restore_chunk(chunk_id, ids, self.chunk_extra(kind), max_blocks)
+            if pages is not None:  # computed before, by this process or another: no prefill
+                chunk = self._chunks[chunk_id] = self._chunk(chunk_id, ids, kind, pages.block_ids)
+                return ChunkRegistration(chunk_id, chunk)
             self.cache.allocate_chunk(chunk_id, len(ids), max_blocks)
         except ChunkBudgetError as e:
             raise InvalidRequestError(str(e), "prompt", "chunk_budget_exceeded") from None
@@ -129,6 +133,16 @@ class ChunkRequests:
         """`tokenize` for a chunk's content. A text chunk reads as a piece of a longer prompt: only
         a system chunk, always first, starts with BOS (for tokenizers that add one)."""
         return self.tokenize(prompt, add_special_tokens=kind == "system")
+
+    def chunk_extra(self, kind: str) -> bytes:
+        """The extra keys a chunk's blocks are stored under in the tiers: the model, the KV format and
+        the kind (its tokens and their order are in the chained hashes; its id is not: the same content
+        registered under another id, by this process or another, finds them)."""
+        return extra_keys(self.fingerprint, self.kv_format_name, "chunk", kind)
+
+    def _chunk(self, chunk_id: str, token_ids, kind: str, block_ids: tuple[int, ...]) -> Chunk:
+        return Chunk(chunk_id, tuple(token_ids), kind, block_ids, len(token_ids), self.fingerprint,
+                     kv_format=self.kv_format_name)
 
     def default_chunk_id(self, token_ids: list[int], kind: str) -> str:
         """The id `register_chunk` gives content registered without one: it names the model, the
@@ -237,8 +251,8 @@ class ChunkRequests:
         """A chunk registration's prefill is done: the chunk is registered (its pages stay held)."""
         chunk_id = seq.fills_chunk
         pages = self.cache.chunk_pages(chunk_id)
-        self._chunks[chunk_id] = Chunk(chunk_id, tuple(seq.token_ids), seq.chunk_kind, pages.block_ids,
-                                       seq.num_prompt_tokens, self.fingerprint, kv_format=self.kv_format_name)
+        self._chunks[chunk_id] = self._chunk(chunk_id, seq.token_ids, seq.chunk_kind, pages.block_ids)
+        self.cache.store_chunk(chunk_id, seq.token_ids, self.chunk_extra(seq.chunk_kind))
         del self._filling[chunk_id]
         self.scheduler.finish(seq, "stop")
         self._forget(seq)

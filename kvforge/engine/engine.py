@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from kvforge.cache import CacheStats, KVCache, KVCacheManager, PinHandle, PrefixMatch, extra_keys
-from kvforge.config import EngineConfig, ceil_div
+from kvforge.cache import CacheStats, KVCache, KVCacheManager, NoFreeBlocksError, PinHandle, PrefixMatch, extra_keys
+from kvforge.cache.snapshot import LoadedCache, SavedCache, SnapshotChunk
+from kvforge.cache.tiers import BlockFormat, StoreStats, TieredStore, open_tier, validate_tier_spec
+from kvforge.config import CacheConfig, EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
@@ -35,6 +39,7 @@ from kvforge.types import (
 )
 
 PromptType = str | Mapping[str, object]
+log = logging.getLogger("kvforge")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +62,8 @@ class EngineStats:
     kv_bytes_per_token: float = 0.0  # K and V of one token over all layers, scales included
     capacity_tokens: int = 0  # token slots of the arena
     kv_quality_kl: HistogramSnapshot | None = None  # with kv_quality_sample: KL to full-precision K/V (nats)
+    tiers: StoreStats | None = None  # with kv_tiers: the store's and each tier's counters
+    restored_tokens: int = 0  # prompt tokens whose K/V was loaded from the tiers instead of computed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,6 +178,13 @@ class LLMEngine(ChunkRequests):
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        for spec in config.cache.kv_tiers:
+            validate_tier_spec(spec)
+        if config.cache.kv_tiers and not config.cache.enable_prefix_caching:
+            raise ValueError("kv_tiers keep cached prefix blocks below the arena: they need enable_prefix_caching")
+        if config.cache.load_cache is not None and not Path(config.cache.load_cache, "manifest.json").is_file():
+            raise ValueError(f"load_cache={config.cache.load_cache!r} holds no saved cache (no manifest.json): pass "
+                             f"a directory written by LLM.save_cache")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
@@ -197,7 +211,9 @@ class LLMEngine(ChunkRequests):
         self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
                                     enable_prefix_caching=config.cache.enable_prefix_caching,
                                     max_pinned_fraction=config.cache.max_pinned_fraction,
-                                    max_chunk_fraction=config.cache.max_chunk_fraction)
+                                    max_chunk_fraction=config.cache.max_chunk_fraction,
+                                    store=self._open_store(config.cache),
+                                    write_policy=config.cache.kv_tier_policy)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size,
                                   k_scales=self.kv_cache.k_scale, v_scales=self.kv_cache.v_scale,
                                   cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
@@ -215,6 +231,55 @@ class LLMEngine(ChunkRequests):
         self._filling: dict[str, Sequence] = {}  # chunk id -> its registration, until its prefill is done
         self._unreturned: list[RequestOutput] = []  # outputs of steps run inside register_chunk
         self._steps = self._prompt_tokens = self._generation_tokens = 0
+        self.loaded_cache: LoadedCache | None = None  # what load_cache restored
+        if config.cache.load_cache is not None:
+            self.loaded_cache = self._load_cache(config.cache.load_cache)
+
+    @property
+    def block_format(self) -> BlockFormat:
+        """What this engine's blocks are, as the tiers and saved caches record them."""
+        kv = self.kv_cache
+        return BlockFormat(self.fingerprint, self.kv_format_name, kv.block_size, kv.num_layers, kv.bytes_per_block)
+
+    def _open_store(self, cache: CacheConfig) -> TieredStore | None:
+        """The tiers of `cache.kv_tiers` over this engine's arena (None without any)."""
+        if not cache.kv_tiers:
+            return None
+        return TieredStore(self.kv_cache, [open_tier(spec) for spec in cache.kv_tiers], self.block_format)
+
+    def save_cache(self, path: str) -> SavedCache:
+        """Write the cached prefixes, the pins and the registered chunks to the directory `path`
+        (`KVCacheManager.save_snapshot`: incremental, atomic manifest). Changes nothing here."""
+        chunks = [SnapshotChunk(c.chunk_id, c.kind, c.token_ids, self.chunk_extra(c.kind), c.page_indices)
+                  for c in self._chunks.values()]
+        return self.cache.save_snapshot(self.kv_cache, self.block_format, path, chunks)
+
+    def _load_cache(self, path: str) -> LoadedCache:
+        """Restore a saved cache: its blocks and pins (`KVCacheManager.load_snapshot`), then its chunks,
+        each from its saved pages or, when they are missing or rejected, recomputed."""
+        loaded = self.cache.load_snapshot(self.kv_cache, self.block_format, path)
+        for c in loaded.chunks:
+            try:
+                pages = self.cache.load_snapshot_chunk(self.kv_cache, self.block_format, path, c)
+                if pages is not None:
+                    self._chunks[c.chunk_id] = self._chunk(c.chunk_id, c.token_ids, c.kind, pages.block_ids)
+                else:
+                    self.register_chunk({"prompt_token_ids": list(c.token_ids)}, c.kind, c.chunk_id)
+            except (ValueError, NoFreeBlocksError) as e:  # no room in this (smaller) cache
+                log.warning("kvforge: chunk %r of the saved cache %s is not restored: %s", c.chunk_id, path, e)
+        log.info("kvforge: restored %d blocks, %d pins and %d chunks from %s (%d blocks skipped: %s)",
+                 loaded.blocks_loaded, loaded.pins_restored, len(self._chunks), path, loaded.blocks_skipped,
+                 loaded.rejected_by_reason or "none rejected")
+        return loaded
+
+    def close(self) -> None:
+        """Write the cached blocks back to the tiers (under write_back: every resident one, so a later
+        process finds them), wait for the writes, and stop the tiers' threads. Idempotent; the engine
+        serves on without tiers afterwards."""
+        store = self.cache.store
+        if store is not None:
+            self.cache.flush_to_tiers(timeout=120)
+            store.close()
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -283,6 +348,8 @@ class LLMEngine(ChunkRequests):
         lookup = None if seq.composition else (lambda: self.cache.match_prefix([*seq.token_ids, 0], seq.cache_extra))
         self._check_fits(seq.total_len, seq.params, len(seq.token_ids), lookup)
         generator = self._generator(seq.params.seed, 0)
+        if not seq.composition and not computes_whole_prompt(seq):
+            self.cache.prefetch(seq.token_ids, seq.cache_extra)  # from the tiers, while it waits
         # Nothing below can fail.
         self.cache.acquire_chunks(prepared.chunk_ids)
         self._requests[seq.request_id] = seq
@@ -717,6 +784,8 @@ class LLMEngine(ChunkRequests):
             kv_bytes_per_token=self.kv_cache.bytes_per_token,
             capacity_tokens=self.kv_cache.num_slots,
             kv_quality_kl=None if self._quality_kl is None else self._quality_kl.snapshot(),
+            tiers=self.cache.store_stats(),
+            restored_tokens=self.cache.restored_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from kvforge.cache import KVEvent, PinHandle
 from kvforge.config import EngineConfig
-from kvforge.engine.engine import EngineStats, LLMEngine, PromptType
+from kvforge.engine.engine import EngineStats, LLMEngine, PromptType, SavedCache
 from kvforge.model.tokenizer import Tokenizer
 from kvforge.types import Chunk, OutputKind, RequestOutput, SamplingParams
 
@@ -22,8 +22,9 @@ Message = Mapping[str, str]
 class LLM:
     """`LLM(model="smollm2-135m", device="auto", dtype=None, load_format="auto", block_size=16,
     kv_cache_memory=None, num_blocks=None, gpu_memory_utilization=0.9, enable_prefix_caching=True,
-    max_pinned_fraction=0.5, kv_cache_dtype="auto", kv_quality_sample=0.0, max_num_seqs=...,
-    max_num_batched_tokens=..., max_model_len=..., seed=0)`.
+    max_pinned_fraction=0.5, kv_cache_dtype="auto", kv_quality_sample=0.0, kv_tiers=(),
+    kv_tier_policy="write_back", load_cache=None, max_num_seqs=..., max_num_batched_tokens=...,
+    max_model_len=..., seed=0)`.
 
     `model` is the alias of the embedded model, a .gguf path or a HF model directory (with
     `load_format="dummy"`: a HF config.json or its directory, random weights). `device` "auto" takes
@@ -32,6 +33,10 @@ class LLM:
     step, unless `num_blocks` or `kv_cache_memory` fix it (on the CPU it defaults to 1 GiB).
     `kv_cache_dtype` "int8", "int4", "fp8_e4m3" or "fp8_e5m2" quantizes the KV cache (the same bytes
     then hold 2-4x the tokens of float16); `kv_quality_sample` measures what that costs as it serves.
+    `kv_tiers` (e.g. `["host:4GiB", "disk:/var/cache/kvforge:50GiB", "redis://127.0.0.1:6379/0"]`) keep
+    evicted blocks below the arena and load them back instead of recomputing; `load_cache` restores a
+    directory written by `save_cache`. Call `close()` (or use `with LLM(...) as llm:`) to write the
+    cached blocks back to the tiers before the process ends.
     See `EngineConfig`, `CacheConfig`, `SchedulerConfig`.
     """
 
@@ -158,6 +163,24 @@ class LLM:
                                       _with_kind(sampling_params or SamplingParams(), OutputKind.FINAL_ONLY),
                                       recompute_ratio, recompute_rule)
         return self._wait([request_id], use_tqdm=False)[0]
+
+    # ---- tiers and saved caches ------------------------------------------------------------------
+
+    def save_cache(self, path: str) -> SavedCache:
+        """Write the cached prefixes, pins and registered chunks to the directory `path` (created if
+        missing), to be restored by `LLM(..., load_cache=path)`. Incremental: blocks the directory holds
+        already are not written again. See `LLMEngine.save_cache`."""
+        return self.engine.save_cache(path)
+
+    def close(self) -> None:
+        """Write cached blocks back to the kv_tiers and stop their threads (`LLMEngine.close`)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- visibility -----------------------------------------------------------------------------
 

@@ -431,6 +431,7 @@ class EngineLoop:
             elif kind == "call" and not payload[1].done():
                 payload[1].set_exception(_shutting_down())
         self._flush()
+        self._guarded(self.engine.close)  # cached blocks to the tiers, their threads stopped
 
 
 def _invalid(e: ValueError, prompt_param: str) -> ApiError:
