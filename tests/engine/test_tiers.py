@@ -77,6 +77,14 @@ def test_blocks_evicted_to_the_host_tier_are_loaded_back_instead_of_recomputed(r
         llm.engine.check_integrity()
 
 
+def test_quantized_blocks_are_stored_in_their_own_format_and_loaded_back():
+    with make_llm(kv_cache_dtype="int8", kv_tiers=["host:64MiB"]) as llm:
+        expected = tokens(llm)
+        drop_from_arena(llm)
+        assert tokens(llm) == expected and llm.stats().restored_tokens > 0
+        assert llm.engine.block_format.kv_format == "int8/float32"
+
+
 def test_tier_metrics_are_rendered_with_the_engine_metrics(reference):
     with make_llm(kv_tiers=["host:64MiB"]) as llm:
         tokens(llm)
