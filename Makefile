@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/serve_load.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kv_quant.py
+	$(PY) bench/tiers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

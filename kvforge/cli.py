@@ -67,6 +67,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         print(f"\nsteps {s.num_steps}, prompt tokens {s.prompt_tokens}, generated tokens {s.generation_tokens}, "
               f"preemptions {s.num_preemptions}")
         print(llm.dump_stats())
+    llm.close()  # cached blocks to the kv_tiers, if any
     return 0
 
 

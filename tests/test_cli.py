@@ -57,3 +57,14 @@ def test_generate_batches_several_prompts(capsys):
 def test_errors_are_reported_without_a_traceback(capsys):
     assert main(["generate", "hi", "--max-tokens", "-1"]) == 2
     assert "max_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_with_a_disk_tier_leaves_the_prompt_for_the_next_run(tmp_path, capsys):
+    prompt = "Paris, the capital of France, lies on the Seine; its museums, bridges and cafes make it"
+    argv = ["generate", prompt, "--max-tokens", "4", "--temperature", "0",
+            "--kv-cache-memory", str(32 << 20), "--kv-tiers", f"disk:{tmp_path}:1GiB", "host:64MiB"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert list(tmp_path.rglob("*.kvb"))  # written back when the run closed its LLM
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first
