@@ -86,8 +86,8 @@ def test_read_through_never_loads_the_block_of_the_last_token_and_keeps_the_cach
     m.store.close()
 
 
-def test_a_corrupted_record_is_rejected_counted_deleted_and_ends_the_run():
-    tier = HostTier(1 << 20)
+def test_a_corrupted_record_is_rejected_counted_deleted_and_ends_the_run(tmp_path):
+    tier = DiskTier(str(tmp_path), 1 << 20)
     kv, m = make([tier], policy="write_through")
     prompt = list(range(1, 13))
     run(kv, m, 0, prompt)

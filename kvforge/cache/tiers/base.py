@@ -37,6 +37,9 @@ class Tier(ABC):
 
     kind: str
     spec: str
+    # Values never leave this process's memory (nothing outside can damage them): readers may skip
+    # the integrity checks meant for bytes that crossed a disk or a network.
+    in_process: bool = False
 
     @abstractmethod
     def contains(self, key: bytes) -> bool:

@@ -88,9 +88,12 @@ def encode_block(fmt: BlockFormat, token_ids: Sequence[int], payload) -> bytes:
     return bytes(out)
 
 
-def decode_block(fmt: BlockFormat, record, token_ids: Sequence[int] | None = None) -> DecodedBlock:
+def decode_block(fmt: BlockFormat, record, token_ids: Sequence[int] | None = None,
+                 verify_checksum: bool = True) -> DecodedBlock:
     """The block in `record` (bytes-like), checked against `fmt` and, when given, the `token_ids` the
-    reader expects. Raises BlockRejected naming the first mismatch. Pure; the payload is a view."""
+    reader expects. Raises BlockRejected naming the first mismatch. Pure; the payload is a view.
+    `verify_checksum=False` skips the crc32 (a third of the cost), for records that never left this
+    process's memory (`Tier.in_process`); every other check still applies."""
     data = memoryview(record).cast("B")
     if len(data) < _PREFIX.size + _CRC.size:
         raise BlockRejected("truncated", f"{len(data)} bytes is shorter than any record")
@@ -102,7 +105,7 @@ def decode_block(fmt: BlockFormat, record, token_ids: Sequence[int] | None = Non
     end = len(data) - _CRC.size
     if _PREFIX.size + header_len > end:
         raise BlockRejected("truncated", f"the header of {header_len} bytes runs past the record's end")
-    if _CRC.unpack_from(data, end)[0] != zlib.crc32(data[:end]):
+    if verify_checksum and _CRC.unpack_from(data, end)[0] != zlib.crc32(data[:end]):
         raise BlockRejected("checksum", "the crc32 does not match the record's bytes (damaged or truncated)")
     try:
         header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))

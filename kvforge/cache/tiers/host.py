@@ -18,6 +18,7 @@ class HostTier(Tier):
     """
 
     kind = "host"
+    in_process = True
 
     def __init__(self, capacity_bytes: int) -> None:
         """Raises ValueError unless `capacity_bytes` is a positive int."""

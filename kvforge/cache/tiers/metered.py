@@ -90,6 +90,7 @@ class MeteredTier(Tier):
         self.tier = tier
         self.kind = tier.kind
         self.spec = tier.spec
+        self.in_process = tier.in_process
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes_read = self._bytes_written = 0

@@ -54,3 +54,12 @@ def test_encoding_validates_its_inputs():
         encode_block(FMT, TOKENS, PAYLOAD[:-1])
     with pytest.raises(ValueError, match="tokens"):
         encode_block(FMT, tuple(range(5)), PAYLOAD)
+
+
+def test_an_in_process_reader_may_skip_only_the_checksum():
+    record = encode_block(FMT, TOKENS, PAYLOAD)
+    assert bytes(decode_block(FMT, record, TOKENS, verify_checksum=False).payload) == PAYLOAD
+    with pytest.raises(BlockRejected, match="tokens"):
+        decode_block(FMT, record, (1, 2, 3, 4), verify_checksum=False)
+    with pytest.raises(BlockRejected, match="fingerprint"):
+        decode_block(dataclasses.replace(FMT, fingerprint="model-b"), record, TOKENS, verify_checksum=False)
