@@ -13,8 +13,9 @@ def check_manager(m: KVCacheManager) -> None:
     """Raise RuntimeError naming the first broken invariant of `m`; return None when all hold:
 
     - each sequence: length in [0, capacity], ceil(length / block_size) blocks from the pool,
-      committed blocks within its length, its chain hashes naming its own cached blocks, and its
-      tip the node of its last hash;
+      committed blocks within its length, its chain hashes naming its own cached blocks (with prefix
+      caching on, fewer than its committed blocks exactly while a hash collision stops its caching),
+      and its tip the node of its last hash;
     - token and block-table counters equal the sums over sequences;
     - the pin table: per-block pin counts match the live handles, and pinned blocks are cached;
     - the free queue is well linked, holds no block twice, and only uncached blocks with ref_cnt 0;
@@ -44,6 +45,9 @@ def check_manager(m: KVCacheManager) -> None:
                                                    and m.enable_prefix_caching):
             raise RuntimeError(f"sequence {seq_id}: {len(seq.hashes)} chain hashes for {seq.num_committed} "
                                f"committed blocks")
+        if not seq.caching and len(seq.hashes) >= seq.num_committed:
+            raise RuntimeError(f"sequence {seq_id}: caching is stopped but none of its {seq.num_committed} committed "
+                               f"blocks is past its chain hashes (a hash collision)")
         for i, block_hash in enumerate(seq.hashes):
             if seq.blocks[i].block_hash != block_hash:
                 raise RuntimeError(f"sequence {seq_id}: block {i} (id {seq.blocks[i].block_id}) is not cached "

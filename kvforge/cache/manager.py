@@ -4,8 +4,9 @@ It maps sequences (int `seq_id`) to blocks of the pool and positions to flat are
 touches a tensor. A sequence is registered with a capacity in tokens (optionally starting from a
 cached prefix), grows by `append` (which allocates blocks lazily, one block per `block_size`
 positions, evicting cached blocks when the free queue runs short), caches its finished full blocks
-with `commit`, and gives everything back on `free`. Positions and slots are drawn in `sequence.py`,
-block states (used | evictable | free) in `allocator.py`.
+with `commit`, may be copied by `fork` or cut back by `rollback` (both copy-on-write for a shared
+partial last block), and gives everything back on `free`. Positions and slots are drawn in
+`sequence.py`, block states (used | evictable | free) in `allocator.py`.
 """
 
 from __future__ import annotations
@@ -178,6 +179,50 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         self._num_tokens += child.length
         self._num_seq_blocks += len(child.blocks)
         return copy
+
+    def rollback(self, seq_id: int, num_tokens: int) -> tuple[int, int] | None:
+        """Truncate the last `num_tokens` appended positions of `seq_id` (speculative decoding's
+        rejected drafts, "regenerate from here"); 0 is a no-op. Blocks left holding no position are
+        released tail first (an uncached one to the free queue, a cached one stays cached, evictable
+        once unheld). Only full blocks within the new length stay committed (its chain hashes cut to
+        match); the blocks it keeps stay cached and shared. Prefix hit statistics are unchanged.
+
+        If the new last block is partial and cached or shared (committed, a prefix hit, pinned,
+        forked), the sequence must not write into it again: a new block takes its place (allocated
+        once the emptied blocks are released, evicting like any allocation) and the sequence lets
+        the old one go. Returns (old block id, new block id): the caller copies the old block's K/V
+        (its first new_length % block_size slots; `KVCache.copy_block` copies it all) into the new
+        one at once, before anything else allocates (the old block may now be evictable); None when
+        there is nothing to copy. Raises, changing nothing: UnknownSequenceError, ValueError
+        (num_tokens outside [0, length]), NoFreeBlocksError (no block for the copy)."""
+        seq = self._get(seq_id)
+        if not 0 <= num_tokens <= seq.length:
+            raise ValueError(f"sequence {seq_id}: cannot roll back {num_tokens} tokens: num_tokens must be in "
+                             f"[0, {seq.length}] (its length)")
+        if num_tokens == 0:
+            return None
+        bs = self._block_size
+        length = seq.length - num_tokens
+        keep = (length + bs - 1) // bs
+        old = seq.blocks[keep - 1] if length % bs else None
+        if old is not None and old.block_hash is None and old.ref_cnt == 1:
+            old = None  # its own uncached block: written over in place
+        if old is not None:
+            freed = sum(1 for block in seq.blocks[keep:] if block.ref_cnt == 1)
+            if self._blocks.num_available + freed < 1:
+                raise NoFreeBlocksError(f"rolling back sequence {seq_id} to {length} tokens needs a block for "
+                                        f"its cached or shared partial last block but only {self._available_text()}")
+        dropped = seq.truncate(length, bs)
+        self._blocks.release(dropped[::-1])
+        self._num_tokens -= num_tokens
+        self._num_seq_blocks -= len(dropped)
+        if old is None:
+            return None
+        [own] = self._blocks.allocate(1)
+        seq.blocks[-1] = own
+        seq.next_slot = own.block_id * bs + length % bs
+        self._blocks.release([old])
+        return old.block_id, own.block_id
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._seqs

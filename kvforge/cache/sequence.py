@@ -44,9 +44,10 @@ class SeqState:
 
     Invariants: len(blocks) == ceil(length / block_size); length <= capacity;
     num_committed * block_size <= length; `hashes[i]` names block i's content for
-    i < len(hashes) <= num_committed (fewer only after a hash collision set `caching` False);
-    `tip` is the radix node of hashes[-1] (the root when empty) and blocks[i] is cached under
-    hashes[i]. The sequence holds one reference on each block of `blocks`.
+    i < len(hashes) <= num_committed (fewer only after a hash collision set `caching` False, and
+    `caching` is False only while fewer); `tip` is the radix node of hashes[-1] (the root when
+    empty) and blocks[i] is cached under hashes[i]. The sequence holds one reference on each block
+    of `blocks`.
     """
 
     __slots__ = ("length", "capacity", "blocks", "extra", "hashes", "num_committed", "tip", "caching",
@@ -67,6 +68,35 @@ class SeqState:
         # Only meaningful while the last block is partial: a multiple of block_size (e.g. 0 for a
         # new sequence) means the next position needs a new block.
         self.next_slot = 0
+
+    def truncate(self, length: int, block_size: int) -> list[Block]:
+        """Forget the positions from `length` on (0 <= length <= self.length, unchecked) and return
+        the blocks that no longer hold any, position order: they have left `blocks` and the caller
+        drops the sequence's reference on each. Only full blocks within `length` stay committed:
+        `hashes` and `num_committed` are cut to min(num_committed, length // block_size) and `tip`
+        climbs back to the node of the last hash kept (the blocks kept stay cached). Caching resumes
+        when the cut removes every committed block past a hash collision. `next_slot` follows the
+        last block kept; a caller that puts another block in its place sets it again.
+
+            block size 4, length 10, 2 committed blocks -> truncate(5) returns [b2]:
+            position   0 1 2 3      | 4 5 6 7      | 8 9
+            before     b0 committed | b1 committed | b2 partial
+            after      b0 committed | b1 partial   |              num_committed 1, hashes[:1]
+        """
+        keep = (length + block_size - 1) // block_size
+        dropped = self.blocks[keep:]
+        del self.blocks[keep:]
+        self.length = length
+        committed = min(self.num_committed, length // block_size)
+        tip = self.tip
+        for _ in range(len(self.hashes) - committed):  # a chain: each node's parent is the block before
+            tip = tip.parent
+        del self.hashes[committed:]
+        self.tip, self.num_committed = tip, committed
+        if len(self.hashes) == committed:
+            self.caching = True
+        self.next_slot = self.blocks[-1].block_id * block_size + (length - 1) % block_size + 1 if keep else 0
+        return dropped
 
 
 def slots(blocks: list[Block], block_size: int, start: int, end: int) -> list[int]:
