@@ -1,5 +1,6 @@
-"""Random add / match / append / commit / decode / fork / free / pin / reset sequences keep every
-invariant (hypothesis state machines), with prefixes shared between sequences, salts, and evictions.
+"""Random add / match / append / commit / decode / fork / rollback / free / pin / reset sequences
+keep every invariant (hypothesis state machines), with prefixes shared between sequences, salts, and
+evictions.
 
 The oracle for "a hit never serves wrong KV": an arena that records, for every slot a sequence
 writes, what its KV would depend on (the extra keys and every token up to that position). A
@@ -71,8 +72,12 @@ class ManagerMachine(RuleBasedStateMachine):
             self.arena[slot] = (extra, tuple(tokens[:first + i + 1]))
         self.slots[seq_id].extend(slots)
 
+    def free_ids(self) -> list[int]:
+        return [block.block_id for block in self.m.pool.free_queue.get_all_free_blocks()]
+
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
-        """What the engine copies for a fork: the first `num_tokens` slots of block `src` into `dst`."""
+        """What the engine copies for a fork or a rollback's copy-on-write: the first `num_tokens`
+        slots of block `src` into `dst`."""
         for o in range(num_tokens):
             self.arena[dst * BLOCK_SIZE + o] = self.arena[src * BLOCK_SIZE + o]
 
@@ -232,6 +237,52 @@ class ManagerMachine(RuleBasedStateMachine):
         self.tokens[child], self.slots[child] = list(self.tokens[parent]), slots
         self.capacity[child], self.extra[child] = self.capacity[parent], self.extra[parent]
 
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def rollback(self, data):
+        m, unknown = self.m, min(set(range(9)) - self.tokens.keys())
+        before = m.stats()
+        with pytest.raises(UnknownSequenceError):
+            m.rollback(unknown, 0)
+        assert m.stats() == before
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        tokens, table = self.tokens[seq_id], m.block_table(seq_id)
+        length, available, queue, before = len(tokens), m.num_available_blocks, self.free_ids(), m.stats()
+        n = data.draw(st.integers(-1, length + 1))
+        if not 0 <= n <= length:
+            with pytest.raises(ValueError, match="cannot roll back"):
+                m.rollback(seq_id, n)
+            assert m.stats() == before and m.block_table(seq_id) == table and self.free_ids() == queue
+            return
+        new, blocks = length - n, m.pool.blocks
+        keep = self.blocks_for(new)
+        last = blocks[table[keep - 1]] if n and new % BLOCK_SIZE else None
+        copies = last is not None and (last.block_hash is not None or last.ref_cnt > 1)
+        last_refs = last.ref_cnt if last is not None else 0
+        # Emptied blocks only this sequence holds become available; uncached ones join the queue, tail first.
+        emptied = [blocks[bid] for bid in table[keep:][::-1]]
+        freed = sum(1 for block in emptied if block.ref_cnt == 1)
+        queued = queue + [block.block_id for block in emptied if block.ref_cnt == 1 and block.block_hash is None]
+        try:
+            copy = m.rollback(seq_id, n)
+        except NoFreeBlocksError:
+            assert copies and available + freed == 0
+            assert m.stats() == before and m.block_table(seq_id) == table and self.free_ids() == queue
+            return
+        assert (copy is not None) == copies
+        slots = self.slots[seq_id][:new]
+        if copy is None:
+            assert m.block_table(seq_id) == table[:keep] and self.free_ids() == queued
+            assert m.num_available_blocks == available + freed
+        else:  # the new block is the head of the queue (or an evicted one); the copy is the engine's
+            src, dst = copy
+            assert src == table[keep - 1] and m.block_table(seq_id) == table[:keep - 1] + [dst]
+            assert self.free_ids() == queued[1:] and (not queued or dst == queued[0])
+            assert m.num_available_blocks == available + freed - 1 + (last_refs == 1)
+            self.copy_block(src, dst, new % BLOCK_SIZE)
+            slots = [dst * BLOCK_SIZE + s % BLOCK_SIZE if s // BLOCK_SIZE == src else s for s in slots]
+        self.tokens[seq_id], self.slots[seq_id] = tokens[:new], slots
+
     @rule(seq_id=SEQ_IDS)
     def free_again(self, seq_id):
         if seq_id not in self.tokens:
@@ -376,6 +427,8 @@ class QuantizedArenaMachine(ManagerMachine):
     @invariant()
     def every_sequence_reads_back_its_own_kv_within_the_formats_error(self):
         for seq_id, tokens in self.tokens.items():
+            if not tokens:  # rolled back to nothing
+                continue
             table = torch.tensor(self.m.block_table(seq_id))
             k = ops.gather_seq_kv(self.kv.k[0], table, len(tokens), self.kv.k_scale[0])
             v = ops.gather_seq_kv(self.kv.v[0], table, len(tokens), self.kv.v_scale[0])
