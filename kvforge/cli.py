@@ -39,13 +39,16 @@ def _add_fields(parser: argparse.ArgumentParser, klass: type, names: typing.Iter
 
 
 def _engine_kwargs(ns: argparse.Namespace) -> dict:
-    names = {f.name for k in _ENGINE_GROUPS for f in dataclasses.fields(k)}
+    names = {f.name for k in _ENGINE_GROUPS for f in dataclasses.fields(k)} | {"speculative_config"}
     return {k: v for k, v in vars(ns).items() if k in names and v is not None}
 
 
 def _engine_parser(parser: argparse.ArgumentParser) -> None:
     for klass in _ENGINE_GROUPS:
         _add_fields(parser, klass)
+    parser.add_argument("--speculative-config", dest="speculative_config", default=None,
+                        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             "(see SpeculativeConfig; default: off)")
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:

@@ -6,12 +6,14 @@ Derived values are properties, never stored twice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")  # "auto": the model's dtype
+SPECULATIVE_METHODS = ("ngram",)
 TIER_POLICIES = ("write_back", "write_through")  # when blocks reach the kv_tiers: on eviction, or as cached
 CPU_KV_CACHE_MEMORY = 1 << 30  # the arena's size on CPU when neither num_blocks nor kv_cache_memory is given
 
@@ -185,6 +187,35 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): each step, a decoding sequence proposes up
+    to `num_speculative_tokens` tokens and one forward verifies them all.
+
+    `method` "ngram" is prompt lookup: the longest suffix of the sequence (between `prompt_lookup_min`
+    and `prompt_lookup_max` tokens) found earlier in its prompt or output proposes the tokens that
+    followed it there; no extra model. Greedy requests keep exactly their plain output; sampled ones
+    keep their output distribution (rejection sampling).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
+                             f"{self.method!r} (a draft model is not supported yet)")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative {name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an LLMEngine needs; composes the room configs.
 
@@ -206,6 +237,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -225,9 +257,26 @@ class EngineConfig:
         Unknown names raise ValueError listing the accepted ones.
         """
         groups = {"cache": CacheConfig, "scheduler": SchedulerConfig}
-        top = {f.name for f in fields(cls)} - set(groups)
+        top = {f.name for f in fields(cls)} - set(groups) - {"speculative"}
         parts: dict[str, dict] = {g: {} for g in groups}
         own: dict = {}
+        spec = kwargs.pop("speculative_config", None)  # vLLM's name: a dict or a SpeculativeConfig
+        if spec is not None:
+            if isinstance(spec, str):
+                try:
+                    spec = json.loads(spec)
+                except ValueError as e:
+                    raise ValueError(f"speculative_config must be JSON such as "
+                                     f"'{{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}' ({e})") from None
+            if isinstance(spec, dict):
+                unknown = set(spec) - {f.name for f in fields(SpeculativeConfig)}
+                if unknown:
+                    raise ValueError(f"unknown speculative_config keys {sorted(unknown)}; allowed: "
+                                     f"{', '.join(f.name for f in fields(SpeculativeConfig))}")
+                spec = SpeculativeConfig(**spec)
+            if not isinstance(spec, SpeculativeConfig):
+                raise ValueError(f"speculative_config must be a dict or a SpeculativeConfig, got {type(spec).__name__}")
+            own["speculative"] = spec
         for key, value in kwargs.items():
             if key in top:
                 own[key] = value
@@ -237,7 +286,7 @@ class EngineConfig:
                     parts[group][key] = value
                     break
             else:
-                allowed = sorted(top | {f.name for k in groups.values() for f in fields(k)})
+                allowed = sorted(top | {"speculative_config"} | {f.name for k in groups.values() for f in fields(k)})
                 raise ValueError(f"unknown engine option {key!r}; allowed: {', '.join(allowed)}")
         return cls(**own, **{g: groups[g](**p) for g, p in parts.items()})
 

@@ -105,6 +105,8 @@ class EngineStatsLike(Protocol):
     kv_quality_kl: HistogramSnapshot | None  # sampled decode steps' KL to full-precision K/V, if sampling
     tiers: StoreStatsLike | None  # with kv_tiers
     restored_tokens: int  # prompt tokens loaded from the tiers instead of computed
+    spec_draft_tokens: int  # speculative decoding: drafted tokens verified
+    spec_accepted_tokens: int  # of which accepted
 
 
 class ServerMetrics:
@@ -201,6 +203,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("kvforge_kv_cache_bytes_per_token", "Bytes of K and V per token over all layers, "
                                 "in the cache's KV format (scales included)", s.kv_bytes_per_token)
         yield GaugeMetricFamily("kvforge_kv_cache_capacity_tokens", "Token slots of the KV cache", s.capacity_tokens)
+        yield CounterMetricFamily("kvforge_spec_draft_tokens", "Speculative decoding: drafted tokens verified",
+                                  s.spec_draft_tokens)
+        yield CounterMetricFamily("kvforge_spec_accepted_tokens", "Speculative decoding: drafted tokens accepted",
+                                  s.spec_accepted_tokens)
         if s.tiers is not None:
             yield from _tier_metrics(s.tiers, s.restored_tokens)
         kl = s.kv_quality_kl

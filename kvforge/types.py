@@ -350,6 +350,7 @@ class Sequence:
     group: list[Sequence] | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)  # with params.prompt_logprobs
+    draft: list[int] = field(default_factory=list)  # speculative tokens proposed for this step (computed after the last)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

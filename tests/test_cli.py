@@ -68,3 +68,14 @@ def test_generate_with_a_disk_tier_leaves_the_prompt_for_the_next_run(tmp_path, 
     assert list(tmp_path.rglob("*.kvb"))  # written back when the run closed its LLM
     assert main(argv) == 0
     assert capsys.readouterr().out == first
+
+
+def test_generate_with_speculative_decoding_prints_the_same_text(capsys):
+    prompt = "Repeat exactly: one two three four five six seven eight. Repeat exactly: one two three"
+    argv = ["generate", prompt, "--max-tokens", "12", "--temperature", "0", "--kv-cache-memory", str(32 << 20)]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*argv, "--speculative-config", '{"method": "draft"}']) != 0
+    assert "speculative method" in capsys.readouterr().err

@@ -20,11 +20,12 @@ from kvforge.config import CacheConfig, EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
+from kvforge.engine.spec import propose_ngram
 from kvforge.metrics import KL_BUCKETS, HistogramCounter, HistogramSnapshot
 from kvforge.model.loader import build_model, load_model
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
-from kvforge.model.sampler import SamplingRow, sample, token_logprobs
+from kvforge.model.sampler import SamplingRow, sample, token_logprobs, verify_draft
 from kvforge.model.tokenizer import Tokenizer
 from kvforge.types import (
     Chunk,
@@ -64,6 +65,8 @@ class EngineStats:
     kv_quality_kl: HistogramSnapshot | None = None  # with kv_quality_sample: KL to full-precision K/V (nats)
     tiers: StoreStats | None = None  # with kv_tiers: the store's and each tier's counters
     restored_tokens: int = 0  # prompt tokens whose K/V was loaded from the tiers instead of computed
+    spec_draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    spec_accepted_tokens: int = 0  # of which accepted
 
 
 def resolve_device(name: str) -> torch.device:
@@ -231,6 +234,8 @@ class LLMEngine(ChunkRequests):
         self._filling: dict[str, Sequence] = {}  # chunk id -> its registration, until its prefill is done
         self._unreturned: list[RequestOutput] = []  # outputs of steps run inside register_chunk
         self._steps = self._prompt_tokens = self._generation_tokens = 0
+        self.speculative = config.speculative
+        self._spec_drafted = self._spec_accepted = 0
         self.loaded_cache: LoadedCache | None = None  # what load_cache restored
         if config.cache.load_cache is not None:
             self.loaded_cache = self._load_cache(config.cache.load_cache)
@@ -563,6 +568,8 @@ class LLMEngine(ChunkRequests):
         return outputs
 
     def _step(self) -> list[RequestOutput]:
+        if self.speculative is not None:
+            self._propose_drafts()
         sched = self.scheduler.schedule()
         if not sched.runs:
             return []
@@ -579,6 +586,10 @@ class LLMEngine(ChunkRequests):
         items = []
         for r in runs:
             seq, start = r.seq, r.seq.num_computed
+            if seq.draft:  # its last token and the drafted ones, each one's logits verifying the next
+                items.append(TokenRun([seq.token_ids[-1], *seq.draft], start, r.slots,
+                                      self.cache.block_table(seq.seq_id), True, all_logits=True))
+                continue
             if seq.fills_chunk is None:
                 table, logits = self.cache.block_table(seq.seq_id), start + r.num_tokens == len(seq.token_ids)
             else:
@@ -590,9 +601,14 @@ class LLMEngine(ChunkRequests):
         outputs = []
         sampling: list[Sequence] = []
         rows: list[int] = []  # the logits row each sampled sequence draws from
+        speculated: list[tuple[Sequence, torch.Tensor]] = []  # with the logits rows verifying its draft
         at = 0
         for r, item in zip(runs, items):
             seq = r.seq
+            if seq.draft:
+                speculated.append((seq, logits[at:at + item.num_logits]))
+                at += item.num_logits
+                continue
             if item.all_logits:
                 self._add_prompt_logprobs(seq, item.start_pos, logits[at:at + item.num_logits])
             at += item.num_logits
@@ -638,7 +654,56 @@ class LLMEngine(ChunkRequests):
             out = self._group_output(members)
             if out is not None:
                 outputs.append(out)
+        for seq, verifying in speculated:
+            out = self._accept_draft(seq, verifying)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    # ---- speculative decoding -------------------------------------------------------------------
+
+    def _propose_drafts(self) -> None:
+        """Give each running sequence that decodes plainly (one token, no logits processors, log-
+        probabilities or sibling samples, not composed from chunks) a prompt-lookup draft that fits its
+        max_tokens and capacity; clear every other sequence's."""
+        spec = self.speculative
+        for seq in self.scheduler.running:
+            seq.draft = []
+            p = seq.params
+            if (seq.num_uncomputed != 1 or seq.fills_chunk is not None or seq.composition is not None
+                    or seq.group is not None or p.processes_logits or p.logprobs is not None):
+                continue
+            room = min(spec.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
+                       self.cache.remaining(seq.seq_id) - 1, self.max_model_len - seq.total_len - 1)
+            seq.draft = propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def _accept_draft(self, seq: Sequence, verifying: torch.Tensor) -> RequestOutput | None:
+        """The verifying forward of `seq`'s draft ran: keep the accepted tokens' K/V (roll the cache back
+        past them), cache the blocks they filled, append the accepted tokens and the one the sampler
+        adds (stopping where the sequence finishes), and return its output."""
+        draft, seq.draft = seq.draft, []
+        tokens = verify_draft(verifying, draft, self._sampling_row(seq))
+        accepted = len(tokens) - 1
+        self._spec_drafted += len(draft)
+        self._spec_accepted += accepted
+        before = seq.num_computed
+        seq.num_computed += 1 + accepted
+        if accepted < len(draft):
+            copy = self.cache.rollback(seq.seq_id, len(draft) - accepted)
+            if copy is not None:
+                self.kv_cache.copy_block(*copy)
+        bs = self.cache.block_size
+        if seq.num_computed // bs > before // bs:
+            self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]][:seq.num_computed])
+        for token in tokens:
+            self._generation_tokens += 1
+            self.outputs.append_token(seq, token, self.max_model_len)
+            if seq.finished:
+                break
+        out = self.outputs.output(seq)
+        if seq.finished:
+            self._forget(seq)
+        return out
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Start the other samples of `parent`'s request (its prompt is computed, its first token not
@@ -786,6 +851,8 @@ class LLMEngine(ChunkRequests):
             kv_quality_kl=None if self._quality_kl is None else self._quality_kl.snapshot(),
             tiers=self.cache.store_stats(),
             restored_tokens=self.cache.restored_tokens,
+            spec_draft_tokens=self._spec_drafted,
+            spec_accepted_tokens=self._spec_accepted,
         )
 
     def check_integrity(self) -> None:

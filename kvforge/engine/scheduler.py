@@ -14,6 +14,10 @@ served), except that preempted sequences go back to the very front, ahead of eve
 
     waiting = [preempted..., then by (priority, arrival)]
 
+A decoding sequence with a speculative `draft` asks for 1 + len(draft) tokens (its last token and the
+drafted ones, verified in one forward); without budget or blocks for them the draft is dropped,
+never a sequence preempted for it.
+
 A chunk registration (`seq.fills_chunk`) is scheduled like any prefill, but its K/V goes to the
 chunk's pages, which it holds from the start: it needs no block and is never preempted.
 """
@@ -95,7 +99,11 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
                     continue
-                n = min(seq.num_uncomputed, budget)
+                n = min(seq.num_uncomputed + len(seq.draft), budget)
+                if seq.draft and (n == seq.num_uncomputed or not self._can_reserve(seq, n)):
+                    seq.draft = []  # no room to verify a draft: decode plainly rather than preempt
+                    n = min(seq.num_uncomputed, budget)
+                seq.draft = seq.draft[:n - seq.num_uncomputed]
                 while not self._can_reserve(seq, n):
                     victim = self._victim()
                     self._preempt(victim)
@@ -168,7 +176,7 @@ class Scheduler:
         per-sequence path then preempts as needed)."""
         running = self.running
         if not running or len(running) > self.config.max_num_batched_tokens \
-                or any(seq.num_uncomputed != 1 or seq.fills_chunk is not None for seq in running):
+                or any(seq.num_uncomputed != 1 or seq.fills_chunk is not None or seq.draft for seq in running):
             return []
         try:
             slots = self.cache.append_decode([seq.seq_id for seq in running])
@@ -205,6 +213,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft = []
         self.cache.free(seq.seq_id)
         seq.num_computed = 0
         seq.num_preemptions += 1

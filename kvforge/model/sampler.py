@@ -75,6 +75,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
 
 def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from a row `[vocab]` of (processed) logits: temperature, min_p, top_k, top_p, then a draw."""
+    return int(torch.multinomial(_probabilities(x, p), 1, generator=gen))
+
+
+def _probabilities(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: (processed) logits `[vocab]` after temperature, min_p,
+    top_k and top_p, softmaxed. A new tensor."""
     x = torch.nan_to_num_(x / p.temperature, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
     if p.min_p > 0:  # p < min_p * p_max, in logits: x < x_max + log(min_p)
         x.masked_fill_(x < x.max() + math.log(p.min_p), float("-inf"))  # x: a new tensor
@@ -88,7 +94,43 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> in
         drop = (probs.cumsum(-1) - probs) >= p.top_p
         drop[0] = False  # a top_p below float32's smallest value compares as 0: the first must stay
         x = x.scatter(0, idx, sorted_x.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(x.softmax(-1), 1, generator=gen))
+    return x.softmax(-1)
+
+
+def verify_draft(logits: torch.Tensor, draft: Sequence[int], row: SamplingRow) -> list[int]:
+    """Speculative decoding's acceptance for one sequence whose params process no logits: `logits`
+    `[len(draft) + 1, vocab]` are the target model's at the sequence's last token and at each drafted
+    token. Returns the tokens to append: the accepted prefix of `draft` and one more token (the
+    correction at the first rejection, or a bonus token after the last draft), so 1 to len(draft) + 1.
+
+    Greedy: a drafted token is accepted while it equals the argmax, and the argmax follows: exactly
+    the tokens plain greedy decoding gives. Sampled: the draft is a point proposal (q = 1 at the
+    drafted token), so the drafted token d is accepted with probability p(d) and a rejection draws from
+    p with d removed, renormalized (the standard rule: each emitted token is distributed as p). Draws
+    use the row's generator."""
+    p = row.params
+    assert logits.shape[0] == len(draft) + 1 and not p.processes_logits, (tuple(logits.shape), len(draft))
+    if p.greedy:
+        targets = logits.argmax(dim=-1).tolist()
+        out = []
+        for d, t in zip(draft, targets):
+            if d != t:
+                break
+            out.append(d)
+        return out + [targets[len(out)]]
+    out = []
+    for i, d in enumerate(draft):
+        probs = _probabilities(logits[i], p)
+        u = float(torch.rand((), generator=row.generator, device=logits.device))
+        if u < float(probs[d]):
+            out.append(d)
+            continue
+        rest = probs.clone()
+        rest[d] = 0
+        if float(rest.sum()) <= 0:  # p was all on d: cannot happen after a rejection, but never divide by 0
+            return out + [d]
+        return out + [int(torch.multinomial(rest, 1, generator=row.generator))]
+    return out + [_draw(logits[len(draft)], p, row.generator)]
 
 
 def process_logits(logits: torch.Tensor, index: Sequence[int], rows: Sequence[SamplingRow]) -> torch.Tensor:

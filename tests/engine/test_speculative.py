@@ -1,0 +1,141 @@
+"""Speculative decoding (prompt lookup): greedy output equal to plain decoding token for token, the
+cache holding exactly the accepted tokens after every step, preemption and prefix caching alongside,
+and the rejection-sampling rule keeping the sampled distribution."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from kvforge import SamplingParams
+from kvforge.config import EngineConfig
+from kvforge.engine.spec import propose_ngram
+from kvforge.model.sampler import SamplingRow, verify_draft
+from tests.conftest import PROMPTS, assert_engine_idle, make_llm
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
+        "step. All that glitters is not gold. Actions speak louder than words.")
+EDIT = f"Repeat the following text exactly, word for word:\n\n{TEXT}\n\nRepeated text:\n\n{TEXT[:40]}"
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+SPEC = {"method": "ngram", "num_speculative_tokens": 4}
+
+
+def run_checked(llm, prompts, params):
+    """Generate step by step, checking after every step that each running sequence's cache holds
+    exactly its computed tokens (a rejected draft rolled back) and every block is accounted for."""
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        engine.check_integrity()
+        for seq in engine.scheduler.running:
+            if seq.fills_chunk is None:
+                assert engine.cache.length(seq.seq_id) == seq.num_computed
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return make_llm()
+
+
+@pytest.fixture(scope="module")
+def speculating():
+    return make_llm(speculative_config=SPEC)
+
+
+def test_greedy_output_is_plain_greedy_token_for_token(plain, speculating):
+    prompts = [EDIT, *PROMPTS, TEXT * 2]
+    expected = run_checked(plain, prompts, GREEDY)
+    before = speculating.stats()
+    assert run_checked(speculating, prompts, GREEDY) == expected
+    after = speculating.stats()
+    drafted = after.spec_draft_tokens - before.spec_draft_tokens
+    accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+    assert drafted > 0 and 0 < accepted <= drafted
+    assert_engine_idle(speculating.engine)
+
+
+def test_the_editing_prompt_accepts_most_drafts_and_needs_fewer_steps(plain, speculating):
+    steps = plain.stats().num_steps
+    run_checked(plain, [EDIT], GREEDY)
+    plain_steps = plain.stats().num_steps - steps
+    before = speculating.stats()
+    run_checked(speculating, [EDIT], GREEDY)
+    after = speculating.stats()
+    assert after.num_steps - before.num_steps < plain_steps / 2
+    assert (after.spec_accepted_tokens - before.spec_accepted_tokens) > 0.6 * (
+        after.spec_draft_tokens - before.spec_draft_tokens)
+
+
+def test_speculation_survives_preemption_and_a_small_cache():
+    prompts = [EDIT, TEXT, *PROMPTS]
+    with make_llm(kv_cache_memory=None, num_blocks=16, speculative_config=SPEC) as llm:
+        got = run_checked(llm, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        assert_engine_idle(llm.engine)
+    with make_llm(kv_cache_memory=None, num_blocks=16) as llm:
+        assert got == run_checked(llm, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+
+
+def test_sampled_requests_with_a_seed_are_reproducible_and_end_cleanly(speculating):
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=7)
+    first = run_checked(speculating, [EDIT, TEXT], params)
+    assert run_checked(speculating, [EDIT, TEXT], params) == first
+    assert_engine_idle(speculating.engine)
+
+
+def test_requests_that_process_logits_or_want_logprobs_decode_plainly(plain, speculating):
+    params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.2, logprobs=2)
+    assert run_checked(speculating, [EDIT], params) == run_checked(plain, [EDIT], params)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 1, 3) == [7, 1]
+    assert propose_ngram([5, 6, 7, 5, 6], 4, 2, 2) == [7, 5, 6]
+    assert propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
+    assert propose_ngram([1, 1], 0, 1, 1) == []
+
+
+def test_speculative_config_is_validated():
+    assert EngineConfig.from_kwargs(speculative_config=SPEC).speculative.num_speculative_tokens == 4
+    for bad in ({"method": "draft"}, {"num_speculative_tokens": 0}, {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
+                {"k": 3}, "not json"):
+        with pytest.raises(ValueError, match="speculative"):
+            EngineConfig.from_kwargs(speculative_config=bad)
+
+
+# ---------------------------------------------------------------- the acceptance rule, on a tiny model
+def test_rejection_sampling_keeps_each_emitted_token_distributed_as_the_target():
+    """A 5-token "model" with fixed next-token logits at two positions; drafts [2, 0]. Over many
+    seeded trials the first emitted token follows p1 and, when the first draft was accepted, the second
+    follows p2 (the draft is a point proposal, so a rejection draws from p without the drafted token)."""
+    logits = torch.tensor([[0.5, -1.0, 1.2, 0.0, -0.3], [1.5, 0.2, -0.7, 0.3, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4]])
+    p1, p2 = logits[0].softmax(-1), logits[1].softmax(-1)
+    params = SamplingParams(temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    row = SamplingRow(params, gen)
+    trials = 20000
+    first, second = Counter(), Counter()
+    for _ in range(trials):
+        out = verify_draft(logits, [2, 0], row)
+        first[out[0]] += 1
+        if out[0] == 2:
+            second[out[1]] += 1
+    n2 = sum(second.values())
+    for t in range(5):
+        assert abs(first[t] / trials - float(p1[t])) < 0.012, (t, first)
+        assert abs(second[t] / n2 - float(p2[t])) < 0.02, (t, second)
+
+
+def test_greedy_acceptance_stops_at_the_first_mismatch():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    row = SamplingRow(SamplingParams(temperature=0))
+    assert verify_draft(logits, [1, 0], row) == [1, 0, 2]  # both accepted, then the bonus token
+    assert verify_draft(logits, [1, 2], row) == [1, 0]  # the second rejected: the argmax instead
+    assert verify_draft(logits, [2, 0], row) == [1]
