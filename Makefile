@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/sampling.py
 	$(PY) bench/kv_quant.py
 	$(PY) bench/tiers.py
+	$(PY) bench/speculative.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
