@@ -164,6 +164,25 @@ class LLM:
                                       recompute_ratio, recompute_rule)
         return self._wait([request_id], use_tqdm=False)[0]
 
+    def fork(self, output: RequestOutput, n: int = 2, sampling_params: SamplingParams | None = None,
+             at: int | None = None, index: int = 0) -> RequestOutput:
+        """Continue a finished generation `n` ways ("regenerate from here"): the context is `output`'s
+        prompt followed by the first `at` tokens (all by default) of its completion `index`, and each
+        continuation is generated from it with `sampling_params` (n set to `n`). The continuations share
+        the context's KV: its full blocks through the prefix cache (computed by `output`'s request, if
+        still cached, so only the context's last, partly filled block is computed again) and that last
+        block by forking (`KVCacheManager.fork`: copied once per continuation). Returns one
+        RequestOutput whose `prompt_token_ids` is the context and whose `n` completions are the tokens
+        after it. ValueError for an `at` or `index` outside `output`."""
+        if not 0 <= index < len(output.outputs):
+            raise ValueError(f"index {index} names no completion of the output (it has {len(output.outputs)})")
+        generated = list(output.outputs[index].token_ids)
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(generated)):
+            raise ValueError(f"at must be a token count in [0, {len(generated)}], got {at!r}")
+        params = dataclasses.replace(sampling_params or SamplingParams(), n=n)
+        context = list(output.prompt_token_ids) + generated[:at]
+        return self.generate({"prompt_token_ids": context}, params, use_tqdm=False)[0]
+
     # ---- tiers and saved caches ------------------------------------------------------------------
 
     def save_cache(self, path: str) -> SavedCache:
