@@ -82,7 +82,8 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_blocks_at_once(serve
 
 def test_metrics_parse_and_counters_move_with_requests(server, client, http):
     before = _metrics(http)
-    client.completions.create(model="smollm2-135m", prompt=PROMPTS[1], max_tokens=5, temperature=0,
+    # long enough to fill a block, so the prefix cache holds one whatever ran before
+    client.completions.create(model="smollm2-135m", prompt=" ".join(PROMPTS), max_tokens=5, temperature=0,
                               extra_body={"ignore_eos": True})
     list(client.completions.create(model="smollm2-135m", prompt=PROMPTS[2], max_tokens=5, stream=True,
                                    extra_body={"ignore_eos": True}))
