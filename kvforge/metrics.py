@@ -209,20 +209,19 @@ class _EngineCollector(Collector):
                                   s.spec_accepted_tokens)
         if s.tiers is not None:
             yield from _tier_metrics(s.tiers, s.restored_tokens)
-        kl = s.kv_quality_kl
-        if kl is not None:
-            h = HistogramMetricFamily("kvforge_kv_quality_kl", "KL divergence (nats) of the next-token distribution "
-                                      "from quantized K/V to the one from full-precision K/V of the same request, "
-                                      "on sampled decode steps (--kv-quality-sample)")
-            h.add_metric([], [(repr(le), n) for le, n in zip(kl.buckets, kl.counts)] + [("+Inf", kl.count)], kl.sum)
-            yield h
+        if s.kv_quality_kl is not None:
+            yield _histogram("kvforge_kv_quality_kl", "KL divergence (nats) of the next-token distribution from "
+                             "quantized K/V to the one from full-precision K/V of the same request, on sampled "
+                             "decode steps (--kv-quality-sample)", [], [([], s.kv_quality_kl)])
 
 
-def _histogram(name: str, doc: str, label: str, values: list[tuple[str, HistogramSnapshot]]) -> HistogramMetricFamily:
-    h = HistogramMetricFamily(name, doc, labels=[label])
-    for value, snap in values:
-        h.add_metric([value], [(repr(le), n) for le, n in zip(snap.buckets, snap.counts)] + [("+Inf", snap.count)],
-                     snap.sum)
+def _histogram(name: str, doc: str, labels: list[str],
+               values: list[tuple[list[str], HistogramSnapshot]]) -> HistogramMetricFamily:
+    """A Prometheus histogram of snapshots, one per set of label values."""
+    h = HistogramMetricFamily(name, doc, labels=labels)
+    for label_values, snap in values:
+        h.add_metric(label_values, [(repr(le), n) for le, n in zip(snap.buckets, snap.counts)]
+                     + [("+Inf", snap.count)], snap.sum)
     return h
 
 
@@ -246,10 +245,10 @@ def _tier_metrics(store: StoreStatsLike, restored_tokens: int) -> Iterator[Metri
         for kind, n in sorted(t.faults_by_kind.items()):
             faults.add_metric([t.spec, kind], n)
     yield faults
-    yield _histogram("kvforge_kv_tier_get_seconds", "Latency of reads from the tier", "tier",
-                     [(t.spec, t.get_seconds) for t in store.tiers])
-    yield _histogram("kvforge_kv_tier_put_seconds", "Latency of writes to the tier", "tier",
-                     [(t.spec, t.put_seconds) for t in store.tiers])
+    yield _histogram("kvforge_kv_tier_get_seconds", "Latency of reads from the tier", ["tier"],
+                     [([t.spec], t.get_seconds) for t in store.tiers])
+    yield _histogram("kvforge_kv_tier_put_seconds", "Latency of writes to the tier", ["tier"],
+                     [([t.spec], t.put_seconds) for t in store.tiers])
     rejected = CounterMetricFamily("kvforge_kv_tier_rejected_blocks", "Stored blocks refused at load (another "
                                    "model or format, bad checksum, truncated...) and recomputed", labels=["reason"])
     for reason, n in sorted(store.rejected_by_reason.items()):

@@ -143,9 +143,7 @@ class TieredCaching:
             blocks = self._blocks.allocate(n)
             self._store.load(payloads[:n], [b.block_id for b in blocks])
             tip = nodes[-1] if nodes else self.tree.root
-            start = len(nodes) * self._block_size
-            tokens = [t for b in missing[:n] for t in b.token_ids]
-            result = self.tree.insert_chain(tip, blocks, [0] * start + tokens, start, extra)
+            result = self.tree.insert_chain(tip, blocks, token_ids, len(nodes) * self._block_size, extra)
             for run in result.stored:
                 self._events.record(stored_event, run, self._block_size)
             self._blocks.release(blocks[::-1])

@@ -99,11 +99,12 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
                     continue
-                n = min(seq.num_uncomputed + len(seq.draft), budget)
-                if seq.draft and (n == seq.num_uncomputed or not self._can_reserve(seq, n)):
-                    seq.draft = []  # no room to verify a draft: decode plainly rather than preempt
-                    n = min(seq.num_uncomputed, budget)
-                seq.draft = seq.draft[:n - seq.num_uncomputed]
+                n = min(seq.num_uncomputed, budget)
+                if seq.draft:  # a decoding sequence (one uncomputed token): as much of it as fits
+                    n = min(1 + len(seq.draft), budget)
+                    seq.draft = seq.draft[:n - 1]
+                    if not seq.draft or not self._can_reserve(seq, n):
+                        seq.draft, n = [], 1  # no room to verify a draft: decode plainly rather than preempt
                 while not self._can_reserve(seq, n):
                     victim = self._victim()
                     self._preempt(victim)

@@ -43,6 +43,16 @@ def run(kv: KVCache, m: KVCacheManager, seq_id: int, tokens: list[int]) -> None:
     m.commit(seq_id, tokens)
 
 
+def only_in_tier(tier, prompt: list[int]):
+    """A write-through manager over `tier` that ran `prompt`; its blocks are now in the tier only."""
+    kv, m = make([tier], policy="write_through")
+    run(kv, m, 0, prompt)
+    m.store.flush()
+    m.free(0)
+    m.reset_prefix_cache()
+    return kv, m
+
+
 def block_bytes(kv: KVCache, block_id: int) -> torch.Tensor:
     return kv.export_blocks([block_id])[0]
 
@@ -72,13 +82,9 @@ def test_evicted_blocks_are_written_back_and_read_through_with_the_same_bytes():
 
 def test_read_through_never_loads_the_block_of_the_last_token_and_keeps_the_cached_prefix():
     tier = HostTier(1 << 20)
-    kv, m = make([tier], policy="write_through")
     prompt = list(range(1, 13))
-    run(kv, m, 0, prompt)
-    m.store.flush()
+    kv, m = only_in_tier(tier, prompt)
     assert all(tier.contains(b.key) for b in chain(None, prompt, 0, 12, BS, EXTRA))  # written at commit
-    m.free(0)
-    m.reset_prefix_cache()
     assert m.read_through(prompt, EXTRA) == 2  # the block holding the last token is computed
     assert m.read_through(prompt, EXTRA) == 0  # cached now: nothing to load
     assert m.match_prefix(prompt, EXTRA).num_tokens == 8
@@ -88,12 +94,8 @@ def test_read_through_never_loads_the_block_of_the_last_token_and_keeps_the_cach
 
 def test_a_corrupted_record_is_rejected_counted_deleted_and_ends_the_run(tmp_path):
     tier = DiskTier(str(tmp_path), 1 << 20)
-    kv, m = make([tier], policy="write_through")
     prompt = list(range(1, 13))
-    run(kv, m, 0, prompt)
-    m.store.flush()
-    m.free(0)
-    m.reset_prefix_cache()
+    kv, m = only_in_tier(tier, prompt)
     second = chain(None, prompt, 0, 12, BS, EXTRA)[1].key
     record = bytearray(tier.get(second))
     record[-20] ^= 0xFF
@@ -108,10 +110,8 @@ def test_a_corrupted_record_is_rejected_counted_deleted_and_ends_the_run(tmp_pat
 
 def test_records_of_another_model_are_never_loaded():
     tier = HostTier(1 << 20)
-    kv, m = make([tier], policy="write_through")
     prompt = list(range(1, 13))
-    run(kv, m, 0, prompt)
-    m.store.flush()
+    kv, m = only_in_tier(tier, prompt)
     m.store.close()
     other = arena()
     store = TieredStore(other, [tier], BlockFormat("another-model", "float32", BS, 2, other.bytes_per_block))
