@@ -49,6 +49,7 @@ def _engine_parser(parser: argparse.ArgumentParser) -> None:
         _add_fields(parser, klass)
     parser.add_argument("--speculative-config", dest="speculative_config", default=None,
                         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             'or \'{"method": "draft", "model": "smollm2-135m", "num_speculative_tokens": 4}\' '
                              "(see SpeculativeConfig; default: off)")
 
 
