@@ -12,7 +12,7 @@ from kvforge.model.llama import Linear, LlamaForCausalLM
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 32, 300])
+@pytest.mark.parametrize("rows", [1, 2, 7, 32, 256, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_the_reference(rows, bias):
     g = torch.Generator().manual_seed(rows)
