@@ -21,12 +21,13 @@ def _add_fields(parser: argparse.ArgumentParser, klass: type, names: typing.Iter
                 dest_prefix: str = "") -> None:
     hints = typing.get_type_hints(klass)
     for f in dataclasses.fields(klass):
-        if (names is not None and f.name not in names) or dataclasses.is_dataclass(hints[f.name]):
+        kind = hints[f.name]
+        if (names is not None and f.name not in names) or any(  # a nested config has options of its own
+                dataclasses.is_dataclass(t) for t in (kind, *typing.get_args(kind))):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
         dest = dest_prefix + f.name
-        kind = hints[f.name]
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {default})")
@@ -48,6 +49,7 @@ def _engine_parser(parser: argparse.ArgumentParser) -> None:
         _add_fields(parser, klass)
     parser.add_argument("--speculative-config", dest="speculative_config", default=None,
                         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             'or \'{"method": "draft", "model": "smollm2-135m", "num_speculative_tokens": 4}\' '
                              "(see SpeculativeConfig; default: off)")
 
 

@@ -13,7 +13,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")  # "auto": the model's dtype
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
+_METHOD_ALIASES = {"draft_model": "draft"}  # vLLM's name for "draft"
 TIER_POLICIES = ("write_back", "write_through")  # when blocks reach the kv_tiers: on eviction, or as cached
 CPU_KV_CACHE_MEMORY = 1 << 30  # the arena's size on CPU when neither num_blocks nor kv_cache_memory is given
 
@@ -189,23 +190,43 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (vLLM's `speculative_config`): each step, a decoding sequence proposes up
-    to `num_speculative_tokens` tokens and one forward verifies them all.
+    to `num_speculative_tokens` tokens and one forward of the model verifies them all. Greedy requests
+    keep exactly their plain output; sampled ones keep their output distribution (rejection sampling).
 
     `method` "ngram" is prompt lookup: the longest suffix of the sequence (between `prompt_lookup_min`
     and `prompt_lookup_max` tokens) found earlier in its prompt or output proposes the tokens that
-    followed it there; no extra model. Greedy requests keep exactly their plain output; sampled ones
-    keep their output distribution (rejection sampling).
+    followed it there; no extra model.
+
+    `method` "draft" (vLLM also spells it "draft_model"; inferred when `model` is given without a
+    method) runs a draft model, `model` (anything the engine loads: "smollm2-135m", a .gguf path, a HF
+    directory, or with `load_format="dummy"` a config.json), greedily for `num_speculative_tokens`
+    tokens; it must share the target's vocabulary. It runs in the target's dtype and KV format over its
+    own paged KV cache: with `draft_kv_cache_memory` None that cache holds as many blocks as the
+    target's and the KV budget (`kv_cache_memory`, the CPU default, or a GPU's profiled budget) is
+    shared between the two arenas in proportion to their bytes per block (`num_blocks` fixes both);
+    `draft_kv_cache_memory` (bytes) sizes it on its own, beyond the target's budget.
+    The `prompt_lookup_*` fields are ngram's; `model`, `load_format` and `draft_kv_cache_memory` the
+    draft's.
     """
 
-    method: str = "ngram"
+    method: str | None = None  # None: "draft" when a model is given, else "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    model: str | None = None
+    load_format: str = "auto"
+    draft_kv_cache_memory: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in SPECULATIVE_METHODS:
+        method = self.method
+        if method is None:
+            method = "ngram" if self.model is None else "draft"
+        if isinstance(method, str):
+            method = _METHOD_ALIASES.get(method, method)
+        if method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
-                             f"{self.method!r} (a draft model is not supported yet)")
+                             f"{self.method!r}")
+        object.__setattr__(self, "method", method)
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -213,6 +234,24 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
                              f"({self.prompt_lookup_max})")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"speculative load_format must be one of {', '.join(LOAD_FORMATS)}, got "
+                             f"{self.load_format!r}")
+        memory = self.draft_kv_cache_memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+            raise ValueError(f"speculative draft_kv_cache_memory must be a positive number of bytes or None, got "
+                             f"{memory!r}")
+        if method == "draft":
+            if not isinstance(self.model, str) or not self.model.strip():
+                raise ValueError(f"speculative method 'draft' needs model: the draft model, e.g. 'smollm2-135m', a "
+                                 f".gguf path or a HF directory, got {self.model!r}")
+        else:
+            given = [name for name in ("model", "draft_kv_cache_memory") if getattr(self, name) is not None]
+            given += ["load_format"] if self.load_format != "auto" else []
+            if given:
+                raise ValueError(f"speculative method 'ngram' takes no {given[0]} (an option of method 'draft', "
+                                 f"which runs a draft model); ngram takes num_speculative_tokens, "
+                                 f"prompt_lookup_min and prompt_lookup_max")
 
 
 @dataclass(frozen=True)

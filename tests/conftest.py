@@ -35,6 +35,25 @@ def assert_engine_idle(engine) -> None:
     assert stats.cache.num_used_blocks == held, stats.cache
 
 
+def run_checked(llm, prompts, params):
+    """Generate step by step, checking after every step that each running sequence's cache holds
+    exactly its computed tokens (a rejected draft rolled back) and every block is accounted for (a
+    draft model's cache too); the output token ids of each prompt, in order."""
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        engine.check_integrity()
+        for seq in engine.scheduler.running:
+            if seq.fills_chunk is None:
+                assert engine.cache.length(seq.seq_id) == seq.num_computed
+    return [done[str(i)] for i in range(len(prompts))]
+
+
 def engine_kwargs(**kwargs) -> dict:
     """Engine options for a test: a 64 MiB arena on the test device (float32 unless given)."""
     kwargs.setdefault("kv_cache_memory", 64 << 20)

@@ -77,5 +77,28 @@ def test_generate_with_speculative_decoding_prints_the_same_text(capsys):
     plain = capsys.readouterr().out
     assert main([*argv, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
     assert capsys.readouterr().out == plain
+    assert main([*argv, "--speculative-config", '{"method": "draft", "model": "smollm2-135m", '
+                                                 '"num_speculative_tokens": 3, "draft_kv_cache_memory": 8388608}']) == 0
+    assert capsys.readouterr().out == plain
     assert main([*argv, "--speculative-config", '{"method": "draft"}']) != 0
-    assert "speculative method" in capsys.readouterr().err
+    assert "speculative method 'draft' needs model" in capsys.readouterr().err
+
+
+def test_serve_passes_a_draft_model_speculative_config_to_the_engine(monkeypatch):
+    from kvforge.server.serve import Server
+
+    started = []
+
+    class Started:
+        def run(self):
+            pass
+
+    def from_config(engine_config, server_config):
+        started.append(engine_config)
+        return Started()
+
+    monkeypatch.setattr(Server, "from_config", from_config)
+    spec = '{"method": "draft", "model": "smollm2-135m", "num_speculative_tokens": 2, "draft_kv_cache_memory": 4096}'
+    assert main(["serve", "--speculative-config", spec]) == 0
+    assert started[0].speculative.method == "draft" and started[0].speculative.model == "smollm2-135m"
+    assert (started[0].speculative.num_speculative_tokens, started[0].speculative.draft_kv_cache_memory) == (2, 4096)

@@ -18,6 +18,7 @@ from kvforge.cache.snapshot import LoadedCache, SavedCache, SnapshotChunk
 from kvforge.cache.tiers import BlockFormat, StoreStats, TieredStore, open_tier, validate_tier_spec
 from kvforge.config import CacheConfig, EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
+from kvforge.engine.draft import DraftProposer, load_draft_model
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
 from kvforge.engine.spec import propose_ngram
@@ -204,13 +205,26 @@ class LLMEngine(ChunkRequests):
                              f"{cfg.max_position_embeddings}")
         self.max_model_len = limit or cfg.max_position_embeddings
         dtype = self.dtype
+        spec = config.speculative
+        draft = None if spec is None or spec.method != "draft" else load_draft_model(spec, cfg, self.device, dtype,
+                                                                                     config.seed)
         self.model = build_model(loaded, self.device, dtype, config.seed)
         del loaded  # the checkpoint's CPU tensors: the model holds its own copies
         block_size = config.cache.block_size
         kv_format = config.cache.kv_cache_dtype
         bytes_per_block = KVCache.block_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                                               kv_format)
-        num_blocks, profile = plan_kv_cache(self.model, config.cache, config.scheduler, bytes_per_block)
+        draft_bytes = 0 if draft is None else KVCache.block_bytes(draft.cfg.num_layers, block_size,
+                                                                  draft.cfg.num_kv_heads, draft.cfg.head_dim, dtype,
+                                                                  kv_format)
+        # The draft's arena: block for block with the target's, the budget shared, unless sized on its own.
+        draft_memory = None if draft is None else spec.draft_kv_cache_memory
+        if draft_memory is not None and draft_memory < draft_bytes:
+            raise ValueError(f"speculative draft_kv_cache_memory={draft_memory} bytes holds no block of the draft "
+                             f"model's KV ({draft_bytes} bytes); raise it to at least {draft_bytes}")
+        num_blocks, profile = plan_kv_cache(self.model, config.cache, config.scheduler,
+                                            bytes_per_block + (draft_bytes if draft_memory is None else 0),
+                                            reserved_bytes=draft_memory or 0)
         self.memory_profile: MemoryProfile | None = profile
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                                 self.device, kv_format)
@@ -220,10 +234,17 @@ class LLMEngine(ChunkRequests):
                                     max_chunk_fraction=config.cache.max_chunk_fraction,
                                     store=self._open_store(config.cache),
                                     write_policy=config.cache.kv_tier_policy)
+        cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size,
                                   k_scales=self.kv_cache.k_scale, v_scales=self.kv_cache.v_scale,
-                                  cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
+                                  cuda_graphs=cuda_graphs,
                                   max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
+        self.drafter: DraftProposer | None = None  # with speculative method "draft"
+        if draft is not None:
+            draft_blocks = num_blocks if draft_memory is None else draft_memory // draft_bytes
+            self.drafter = DraftProposer(draft, draft_blocks, block_size, kv_format, self.max_model_len,
+                                         config.scheduler.max_num_batched_tokens, cuda_graphs,
+                                         config.scheduler.max_num_seqs)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self._quality_sample = config.cache.kv_quality_sample
@@ -573,17 +594,29 @@ class LLMEngine(ChunkRequests):
     def _step(self) -> list[RequestOutput]:
         if self.speculative is not None:
             self._propose_drafts()
-        sched = self.scheduler.schedule()
-        if not sched.runs:
-            return []
-        self._steps += 1
         try:
-            return self._run(sched.runs)
-        except Exception as e:
-            failed = list(dict.fromkeys(r.seq.request_id for r in sched.runs))
-            for request_id in failed:
-                self.abort_request(request_id)
-            raise StepError(failed, e) from e
+            sched = self.scheduler.schedule()
+            if self.drafter is not None:
+                for seq in sched.preempted:
+                    self.drafter.free(seq.seq_id)
+            if not sched.runs:
+                return []
+            self._steps += 1
+            try:
+                return self._run(sched.runs)
+            except Exception as e:
+                raise self._fail([r.seq for r in sched.runs], e) from e
+        finally:
+            if self.drafter is not None:
+                self.drafter.settle()
+
+    def _fail(self, seqs: list[Sequence], cause: Exception) -> StepError:
+        """End the requests of `seqs`, whose computation failed in this step (their blocks are freed),
+        and return the StepError naming them, for the caller to raise."""
+        failed = list(dict.fromkeys(seq.request_id for seq in seqs))
+        for request_id in failed:
+            self.abort_request(request_id)
+        return StepError(failed, cause)
 
     def _run(self, runs: list[ScheduledRun]) -> list[RequestOutput]:
         items = []
@@ -667,9 +700,11 @@ class LLMEngine(ChunkRequests):
 
     def _propose_drafts(self) -> None:
         """Give each running sequence that decodes plainly (one token, no logits processors, log-
-        probabilities or sibling samples, not composed from chunks) a prompt-lookup draft that fits its
-        max_tokens and capacity; clear every other sequence's."""
+        probabilities or sibling samples, not composed from chunks) a draft that fits its max_tokens and
+        capacity (prompt lookup, or the draft model's); clear every other sequence's. When the draft
+        model's forward fails, the requests of the sequences it was drafting for are ended (StepError)."""
         spec = self.speculative
+        eligible: list[tuple[Sequence, int]] = []  # with the most tokens each may draft
         for seq in self.scheduler.running:
             seq.draft = []
             p = seq.params
@@ -678,7 +713,18 @@ class LLMEngine(ChunkRequests):
                 continue
             room = min(spec.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
                        self.cache.remaining(seq.seq_id) - 1, self.max_model_len - seq.total_len - 1)
-            seq.draft = propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            if room > 0:
+                eligible.append((seq, room))
+        if self.drafter is None:
+            for seq, room in eligible:
+                seq.draft = propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            return
+        try:
+            drafts = self.drafter.propose(eligible)
+        except Exception as e:
+            raise self._fail([seq for seq, _ in eligible], e) from e
+        for (seq, _), draft in zip(eligible, drafts):
+            seq.draft = draft
 
     def _accept_draft(self, seq: Sequence, verifying: torch.Tensor) -> RequestOutput | None:
         """The verifying forward of `seq`'s draft ran: keep the accepted tokens' K/V (roll the cache back
@@ -816,8 +862,10 @@ class LLMEngine(ChunkRequests):
                            seq.bad_words_ids)
 
     def _forget(self, seq: Sequence) -> None:
-        """Drop what the engine keeps for a finished sequence: its chunk users, or the pages of a
-        registration that did not complete; its request too once no sample of it is left."""
+        """Drop what the engine keeps for a finished sequence: its draft sequence, its chunk users, or
+        the pages of a registration that did not complete; its request too once no sample of it is left."""
+        if self.drafter is not None:
+            self.drafter.free(seq.seq_id)
         if not self._owns(seq) or seq.seq_id not in self.outputs and seq.fills_chunk is None:
             return
         if seq.composition is not None:
@@ -863,8 +911,11 @@ class LLMEngine(ChunkRequests):
         queues: the cache holds exactly the running sequences (not chunk registrations, whose pages
         are chunk pages), each request id, generator and detokenizer belongs to an unfinished
         sequence, and every chunk's user count is the number of unfinished requests composed from it.
+        With a draft model, its cache holds only running sequences, none past its computed tokens.
         Raises RuntimeError naming the first disagreement. Changes nothing."""
         self.cache.check_integrity()
+        if self.drafter is not None:
+            self.drafter.check_integrity(self.scheduler.running)
         queued = [*self.scheduler.running, *self.scheduler.waiting]
         for seq in self.scheduler.running:
             if seq.fills_chunk is None and self.cache.length(seq.seq_id) < seq.num_computed:

@@ -11,6 +11,8 @@ taken out.
                                  (total - free - torch.cuda.memory_reserved(), after the forward):
                                  the CUDA context, library workspaces, and other processes on the
                                  device (counted against us: the arena never takes their memory)
+             - reserved          what the caller allocates after the arena (a draft model's own
+                                 KV arena of a fixed size)
     num_blocks = budget // bytes_per_block
 
 The profiling forward runs through the public `ModelRunner.run` only, so it measures what a real
@@ -81,13 +83,15 @@ def profile_peak_memory(model: LlamaForCausalLM, block_size: int, num_tokens: in
 
 
 def plan_kv_cache(model: LlamaForCausalLM, cache: CacheConfig, scheduler: SchedulerConfig,
-                  bytes_per_block: int) -> tuple[int, MemoryProfile | None]:
+                  bytes_per_block: int, reserved_bytes: int = 0) -> tuple[int, MemoryProfile | None]:
     """(num_blocks, profile) of the arena for `model` where it lives.
 
     `num_blocks` or `kv_cache_memory` given, or a CPU model: `cache.resolve_num_blocks`, no profile.
     Else (a GPU): profile one forward of `scheduler.max_num_batched_tokens` tokens over up to
-    `scheduler.max_num_seqs` sequences and size the arena by the module's formula; call it after the
-    weights are loaded and before anything else is allocated on the device. Empties torch's CUDA cache
+    `scheduler.max_num_seqs` sequences and size the arena by the module's formula, leaving
+    `reserved_bytes` of the budget for what the caller allocates afterwards; call it after the
+    weights (every model's: a draft model's too) are loaded and before anything else is allocated on
+    the device. Empties torch's CUDA cache
     and resets its peak statistics. Raises ValueError saying how much is missing when the budget holds
     no block.
     """
@@ -103,14 +107,15 @@ def plan_kv_cache(model: LlamaForCausalLM, cache: CacheConfig, scheduler: Schedu
     free, total = torch.cuda.mem_get_info(device)
     non_torch = max(0, total - free - torch.cuda.memory_reserved(device))
     util = cache.gpu_memory_utilization
-    budget = int(total * util) - weights - peak - non_torch
+    budget = int(total * util) - weights - peak - non_torch - reserved_bytes
     if budget < bytes_per_block:
         gib = 1 << 30
         raise ValueError(
             f"no room for the KV cache on {device}: gpu_memory_utilization={util} of {total / gib:.2f} GiB "
             f"is {total * util / gib:.2f} GiB, and the weights take {weights / gib:.2f} GiB, the activations "
             f"of the largest step (max_num_batched_tokens={scheduler.max_num_batched_tokens}) "
-            f"{peak / gib:.2f} GiB, memory outside torch {non_torch / gib:.2f} GiB; one KV block needs "
+            f"{peak / gib:.2f} GiB, memory outside torch {non_torch / gib:.2f} GiB, reserved beside the arena "
+            f"{reserved_bytes / gib:.2f} GiB; one KV block needs "
             f"{bytes_per_block} bytes, {bytes_per_block - budget} bytes ({(bytes_per_block - budget) / gib:.2f} "
             f"GiB) are missing. Raise gpu_memory_utilization, lower max_num_batched_tokens, or set "
             f"kv_cache_memory / num_blocks")

@@ -13,31 +13,13 @@ from kvforge import SamplingParams
 from kvforge.config import EngineConfig
 from kvforge.engine.spec import propose_ngram
 from kvforge.model.sampler import SamplingRow, verify_draft
-from tests.conftest import PROMPTS, assert_engine_idle, make_llm
+from tests.conftest import PROMPTS, assert_engine_idle, make_llm, run_checked
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
         "step. All that glitters is not gold. Actions speak louder than words.")
 EDIT = f"Repeat the following text exactly, word for word:\n\n{TEXT}\n\nRepeated text:\n\n{TEXT[:40]}"
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SPEC = {"method": "ngram", "num_speculative_tokens": 4}
-
-
-def run_checked(llm, prompts, params):
-    """Generate step by step, checking after every step that each running sequence's cache holds
-    exactly its computed tokens (a rejected draft rolled back) and every block is accounted for."""
-    engine = llm.engine
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-        engine.check_integrity()
-        for seq in engine.scheduler.running:
-            if seq.fills_chunk is None:
-                assert engine.cache.length(seq.seq_id) == seq.num_computed
-    return [done[str(i)] for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module")
