@@ -1,9 +1,11 @@
-"""Speculative decoding (prompt lookup): decode speed-up and acceptance rate against plain decoding,
-one run, on a workload where prompt lookup shines and one where it does not.
+"""Speculative decoding: decode speed-up and acceptance rate against plain decoding, one run, on a
+workload where prompt lookup shines and one where it does not.
 
 Same run, same model (the embedded SmolLM2 GGUF; float32 on the CPU), two LLMs: plain decoding and
-`speculative_config={"method": "ngram", "num_speculative_tokens": k}`. Requests one at a time
-(batch 1), greedy, `--new-tokens` each (ignore_eos), through the chat template:
+`speculative_config={"method": "ngram", "num_speculative_tokens": k}` (prompt lookup, the default), or
+with `--method draft --draft-model M` `{"method": "draft", "model": M, "num_speculative_tokens": k}`
+(a draft model). Requests one at a time (batch 1), greedy, `--new-tokens` each (ignore_eos), through
+the chat template:
 
 - editing: "correct the spelling of this text" over passages of bench/data/rag_documents.json with a
   few words misspelt: the answer copies the passage;
@@ -15,6 +17,7 @@ engine step. `outputs_match`: every greedy output equal token for token. Target 
 >= 1.5x with identical output, open >= 0.95x. Prints one JSON line.
 
     .venv/bin/python bench/speculative.py [--device auto] [--k 4] [--new-tokens 128] [--requests 4]
+                                          [--method ngram | --method draft --draft-model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -81,12 +84,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--method", choices=("ngram", "draft"), default="ngram")
+    ap.add_argument("--draft-model", default=None, help="with --method draft: the draft model (a name or path)")
     args = ap.parse_args()
+    if (args.method == "draft") != (args.draft_model is not None):
+        ap.error("--draft-model goes with --method draft, and --method draft needs it")
     common = dict(model=args.model, device=args.device, kv_cache_memory=512 << 20)
     plain = LLM(**common)
-    spec = LLM(**common, speculative_config={"method": "ngram", "num_speculative_tokens": args.k})
-    line = {"bench": "speculative", "device": str(plain.engine.device), "model": args.model, "k": args.k,
-            "new_tokens": args.new_tokens, "requests": args.requests}
+    speculative = {"method": args.method, "num_speculative_tokens": args.k}
+    if args.draft_model is not None:
+        speculative["model"] = args.draft_model
+    spec = LLM(**common, speculative_config=speculative)
+    line = {"bench": "speculative", "device": str(plain.engine.device), "model": args.model, "method": args.method,
+            "draft_model": args.draft_model, "k": args.k, "new_tokens": args.new_tokens, "requests": args.requests}
     for name, prompts in workloads(args.requests).items():
         run(plain, prompts[:1], 8)  # warm-up
         run(spec, prompts[:1], 8)
