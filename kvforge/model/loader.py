@@ -131,7 +131,8 @@ def load_model(model: str, load_format: str = "auto", *, seed: int = 0,
 
 def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dtype,
                 seed: int = 0) -> LlamaForCausalLM:
-    """The model of `loaded` on `device` in `dtype`, in eval mode.
+    """The model of `loaded` on `device` in `dtype`, in eval mode, its float32 CPU projections packed
+    (`LlamaForCausalLM.pack_linears`).
 
     Checkpoint weights are copied in on the CPU, then the model moves (`.to(device, dtype)`). Dummy
     weights (`loaded.weights` None) are drawn where they live, in `dtype`, from a generator on `device`
@@ -143,7 +144,9 @@ def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dt
     if loaded.weights is not None:
         model = LlamaForCausalLM(loaded.config)
         model.load_weights(loaded.weights)
-        return model.to(device, dtype).eval()
+        model = model.to(device, dtype).eval()
+        model.pack_linears()
+        return model
     with torch.device(device):
         model = LlamaForCausalLM(loaded.config).to(device, dtype)  # .to also moves the inv_freq buffer
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -155,6 +158,7 @@ def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dt
                 param.zero_()
             else:
                 param.normal_(0.0, DUMMY_INIT_STD, generator=generator)
+    model.pack_linears()
     return model.eval()
 
 

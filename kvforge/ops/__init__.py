@@ -9,6 +9,7 @@ from kvforge.ops.cascade import (
     rerotate_keys,
 )
 from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
+from kvforge.ops.linear import can_pack, linear, pack_weight, packed_linear
 from kvforge.ops.quant import (
     KV_FORMATS,
     KVLayout,
@@ -25,6 +26,10 @@ from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "can_pack",
+    "linear",
+    "pack_weight",
+    "packed_linear",
     "KV_FORMATS",
     "KVLayout",
     "check_kv_format",
