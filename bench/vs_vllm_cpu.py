@@ -95,35 +95,35 @@ def build_workloads(repeats: int, seed: int) -> dict:
 
 # ---- the engines (each in its own process) -------------------------------------------------------
 
-class KvforgeEngine:
+class OfflineEngine:
+    """An engine with vLLM's offline API (`llm`, its `SamplingParams` class as `params`); the prefix
+    cache warms by serving the prefix once."""
+
+    llm: object
+    params: type
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
+        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+
+    def warm_prefix(self, prefix: list[int]) -> None:
+        self.generate([prefix], 1)
+
+
+class KvforgeEngine(OfflineEngine):
     def __init__(self, hf_dir: str):
         from kvforge import LLM, SamplingParams
 
         self.llm, self.params = LLM("smollm2-135m", device="cpu", dtype="float32"), SamplingParams
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
-        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
 
-    def warm_prefix(self, prefix: list[int]) -> None:
-        self.generate([prefix], 1)
-
-
-class VllmEngine:
+class VllmEngine(OfflineEngine):
     def __init__(self, hf_dir: str):
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(hf_dir, dtype="float32", max_model_len=4096, seed=0, enable_prefix_caching=True)
         self.params = SamplingParams
-
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
-        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-
-    def warm_prefix(self, prefix: list[int]) -> None:
-        self.generate([prefix], 1)
 
 
 class HfEngine:

@@ -54,6 +54,15 @@ def run_checked(llm, prompts, params):
     return [done[str(i)] for i in range(len(prompts))]
 
 
+def run_counted(llm, prompts, params):
+    """`run_checked`, plus the tokens drafted and accepted meanwhile: (outputs, drafted, accepted)."""
+    before = llm.stats()
+    outputs = run_checked(llm, prompts, params)
+    after = llm.stats()
+    return (outputs, after.spec_draft_tokens - before.spec_draft_tokens,
+            after.spec_accepted_tokens - before.spec_accepted_tokens)
+
+
 def engine_kwargs(**kwargs) -> dict:
     """Engine options for a test: a 64 MiB arena on the test device (float32 unless given)."""
     kwargs.setdefault("kv_cache_memory", 64 << 20)

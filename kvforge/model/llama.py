@@ -38,9 +38,7 @@ class Linear(nn.Linear):
         self.packed = ops.pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return ops.linear(x, self.weight, self.bias)
-        return ops.packed_linear(x, self.weight, self.bias, self.packed)
+        return ops.packed_linear(x, self.weight, self.bias, self.packed)  # F.linear while not packed
 
 
 class LlamaAttention(nn.Module):

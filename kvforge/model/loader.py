@@ -144,9 +144,15 @@ def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dt
     if loaded.weights is not None:
         model = LlamaForCausalLM(loaded.config)
         model.load_weights(loaded.weights)
-        model = model.to(device, dtype).eval()
-        model.pack_linears()
-        return model
+        model = model.to(device, dtype)
+    else:
+        model = _dummy_model(loaded, device, dtype, seed)
+    model.pack_linears()
+    return model.eval()
+
+
+def _dummy_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
+    """`loaded`'s model built on `device` in `dtype` with random weights (see `build_model`)."""
     with torch.device(device):
         model = LlamaForCausalLM(loaded.config).to(device, dtype)  # .to also moves the inv_freq buffer
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -158,8 +164,7 @@ def build_model(loaded: LoadedModel, device: torch.device | str, dtype: torch.dt
                 param.zero_()
             else:
                 param.normal_(0.0, DUMMY_INIT_STD, generator=generator)
-    model.pack_linears()
-    return model.eval()
+    return model
 
 
 # ------------------------------------------------------------------------------------------ GGUF

@@ -13,7 +13,7 @@ from kvforge import SamplingParams
 from kvforge.config import EngineConfig
 from kvforge.engine.spec import propose_ngram
 from kvforge.model.sampler import SamplingRow, verify_draft
-from tests.conftest import PROMPTS, assert_engine_idle, make_llm, run_checked
+from tests.conftest import PROMPTS, assert_engine_idle, make_llm, run_checked, run_counted
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
         "step. All that glitters is not gold. Actions speak louder than words.")
@@ -35,11 +35,8 @@ def speculating():
 def test_greedy_output_is_plain_greedy_token_for_token(plain, speculating):
     prompts = [EDIT, *PROMPTS, TEXT * 2]
     expected = run_checked(plain, prompts, GREEDY)
-    before = speculating.stats()
-    assert run_checked(speculating, prompts, GREEDY) == expected
-    after = speculating.stats()
-    drafted = after.spec_draft_tokens - before.spec_draft_tokens
-    accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+    outputs, drafted, accepted = run_counted(speculating, prompts, GREEDY)
+    assert outputs == expected
     assert drafted > 0 and 0 < accepted <= drafted
     assert_engine_idle(speculating.engine)
 
@@ -48,12 +45,10 @@ def test_the_editing_prompt_accepts_most_drafts_and_needs_fewer_steps(plain, spe
     steps = plain.stats().num_steps
     run_checked(plain, [EDIT], GREEDY)
     plain_steps = plain.stats().num_steps - steps
-    before = speculating.stats()
-    run_checked(speculating, [EDIT], GREEDY)
-    after = speculating.stats()
-    assert after.num_steps - before.num_steps < plain_steps / 2
-    assert (after.spec_accepted_tokens - before.spec_accepted_tokens) > 0.6 * (
-        after.spec_draft_tokens - before.spec_draft_tokens)
+    steps = speculating.stats().num_steps
+    _, drafted, accepted = run_counted(speculating, [EDIT], GREEDY)
+    assert speculating.stats().num_steps - steps < plain_steps / 2
+    assert accepted > 0.6 * drafted
 
 
 def test_speculation_survives_preemption_and_a_small_cache():
