@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # redis-server (the Debian package) runs the Redis tier's tests against a real server.
+# g++ compiles the native CPU kernels (kvforge/ops/cpu), once per machine, here rather than at first use.
 setup: $(STAMP)
 	command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+	command -v g++ >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++)
+	$(PY) -c 'from kvforge.ops import cpu; cpu.build()'
 
 HOST   ?= 127.0.0.1
 PORT   ?= 8000

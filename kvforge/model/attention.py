@@ -34,7 +34,7 @@ class DecodeGroup:
     start: int
     count: int
     block_tables: torch.Tensor  # [count, nb], padded with a valid block id
-    kv_bias: torch.Tensor  # [count, nb * block_size] additive: 0 on the sequence's positions, -inf past them
+    seq_lens: torch.Tensor  # [count] K/V positions of each sequence, this step's token included
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,13 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if meta.varlen is not None or meta.private is not None:
         return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale, quant)
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
+    kernels = ops_library.backend_for(q.device)
     k_scale, v_scale = quant.get("k_scale"), quant.get("v_scale")
     parts = []
     for group in meta.decodes:
         rows = slice(group.start, group.start + group.count)
-        parts.append(ops.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.kv_bias, scale, **quant))
+        parts.append(kernels.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.seq_lens,
+                                              scale, **quant))
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         if span.context_len == 0 and not quant:
@@ -174,7 +176,7 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             total = span.context_len + span.num_tokens
             seq_k = ops.gather_seq_kv(k_cache, span.block_table, total, k_scale)
             seq_v = ops.gather_seq_kv(v_cache, span.block_table, total, v_scale)
-        parts.append(ops.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
+        parts.append(kernels.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
     if meta.composed:
         parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, scale, k_scale, v_scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

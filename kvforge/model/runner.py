@@ -252,7 +252,6 @@ class ModelRunner:
             tables = torch.tensor([list(c.block_table) + [c.block_table[0]] * (nb - len(c.block_table))
                                    for c in members], dtype=torch.long)
             lengths = torch.tensor([c.start_pos + 1 for c in members], dtype=torch.long)
-            bias = ops.kv_bias_from_lengths(lengths, nb * self.block_size, torch.float32)
-            groups.append(DecodeGroup(start, end - start, tables, bias))
+            groups.append(DecodeGroup(start, end - start, tables, lengths))
             start = end
         return tuple(groups)

@@ -14,23 +14,24 @@ from kvforge.ops.kv import gather_kv, gather_seq_kv
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, kv_bias: torch.Tensor, scale: float,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (quantized pages dequantized with `k_scale` / `v_scale`).
 
     q: `[B, heads, head_dim]`; block_tables: `[B, nb]` (padded with any valid block id);
-    kv_bias: `[B, nb * block_size]` additive mask in q's dtype: 0 where the position holds this
-    sequence's K/V, -inf elsewhere (an additive mask keeps SDPA on its fast CPU path; a bool mask
-    is several times slower).
-    Returns `[B, heads, head_dim]`.
+    seq_lens: `[B]` each sequence's K/V positions (1 .. nb * block_size), this step's token included.
+    Returns `[B, heads, head_dim]`. Gathers each sequence's blocks into a copy (`gather_kv`); the
+    native CPU kernel (`kvforge.ops.cpu`) reads them in place.
     """
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     k = gather_kv(k_cache, block_tables, k_scale)  # [B, kv_heads, L, D]
     v = gather_kv(v_cache, block_tables, v_scale)
+    # An additive mask keeps SDPA on its fast CPU path (a bool mask is several times slower).
+    kv_bias = kv_bias_from_lengths(seq_lens, k.shape[2], k.dtype)
     # GQA without repeating K/V: the query heads of one group act as that group's query rows.
     qg = q.view(batch, kv_heads, heads // kv_heads, dim).to(k.dtype)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=kv_bias[:, None, None, :].to(k.dtype), scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=kv_bias[:, None, None, :], scale=scale)
     return out.reshape(batch, heads, dim).to(q.dtype)
 
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 
 
 @functools.cache
@@ -23,6 +23,8 @@ def backend(name: str) -> ModuleType:
     `merge_attention_states`, `rms_norm`, `add_rms_norm`, `silu_and_mul`, ...), by name."""
     if name == "torch":
         import kvforge.ops as module
+    elif name == "cpu":
+        import kvforge.ops.cpu as module
     elif name == "triton":
         import kvforge.ops.triton as module
     else:
@@ -31,9 +33,14 @@ def backend(name: str) -> ModuleType:
 
 
 def backend_for(device: torch.device) -> ModuleType:
-    """Triton on CUDA devices, the torch references elsewhere. Never falls back silently: on a
-    CUDA device without Triton this raises ImportError."""
-    return backend("triton" if device.type == "cuda" else "torch")
+    """Triton on CUDA devices; on the CPU the native kernels (`kvforge.ops.cpu`) where they are built
+    and not turned off, else the torch references. Never falls back silently: on a CUDA device without
+    Triton this raises ImportError, and a failed native build logs a warning."""
+    if device.type == "cuda":
+        return backend("triton")
+    if device.type == "cpu" and backend("cpu").available():
+        return backend("cpu")
+    return backend("torch")
 
 
 @torch.library.custom_op("kvforge::store_kv", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
