@@ -158,8 +158,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     quant = ctx.scales(layer)
     if meta.varlen is not None or meta.private is not None:
         return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale, quant)
-    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     kernels = ops_library.backend_for(q.device)
+    kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     k_scale, v_scale = quant.get("k_scale"), quant.get("v_scale")
     parts = []
     for group in meta.decodes:

@@ -32,10 +32,12 @@ def backend(name: str) -> ModuleType:
     return module
 
 
+@functools.cache
 def backend_for(device: torch.device) -> ModuleType:
     """Triton on CUDA devices; on the CPU the native kernels (`kvforge.ops.cpu`) where they are built
     and not turned off, else the torch references. Never falls back silently: on a CUDA device without
-    Triton this raises ImportError, and a failed native build logs a warning."""
+    Triton this raises ImportError, and a failed native build logs a warning. Cached per device: the
+    model asks on every call."""
     if device.type == "cuda":
         return backend("triton")
     if device.type == "cpu" and backend("cpu").available():

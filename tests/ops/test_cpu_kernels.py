@@ -51,6 +51,19 @@ def test_rope_equals_the_reference_on_a_strided_view(heads, dim):
     torch.testing.assert_close(cpu.apply_rope(x, cos, sin), ops.apply_rope(x, cos, sin))
 
 
+def test_store_kv_writes_rows_at_their_slots_and_skips_padding_like_the_reference():
+    kv = torch.randn(9, 6, 16)
+    k, v = kv[:, :3], kv[:, 3:]  # strided halves, as the fused projection gives them
+    slots = torch.tensor([5, 0, -1, 17, 3, 30, -1, 8, 12])
+    got = [torch.randn(4, 8, 3, 16) for _ in range(2)]
+    want = [t.clone() for t in got]
+    cpu.store_kv(k, v, *got, slots)
+    ops.store_kv(k, v, *want, slots)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="past the arena"):
+        cpu.store_kv(k, v, *got, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]))
+
+
 def _paged(lengths, block_size, kv_heads, dim, num_blocks):
     kc, vc = torch.randn(num_blocks, block_size, kv_heads, dim), torch.randn(num_blocks, block_size, kv_heads, dim)
     perm = torch.randperm(num_blocks).tolist()

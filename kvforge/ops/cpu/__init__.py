@@ -2,7 +2,7 @@
 `kvforge.ops` with the same signature.
 
 Fused where the references take several passes: RMSNorm with its residual add, SiLU-and-mul, RoPE,
-and decode attention that reads K/V in place from the paged arena (the reference gathers each
+the KV store (one pass, no host check for padding slots), and decode attention that reads K/V in place from the paged arena (the reference gathers each
 sequence's blocks into a copy first). Prefill attention stays on the reference (PyTorch's CPU flash
 kernel): a tiled C++ kernel measured no faster. They take float32; any other dtype, and quantized pages, go to
 the torch reference, which is exact for them. Every other op of the backend is the reference itself.
@@ -30,7 +30,6 @@ from kvforge.ops import (  # noqa: F401  (the rest of the backend is the referen
     merge_attention_states,
     paged_attention,
     prefill_attention,
-    store_kv,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,11 @@ def available() -> bool:
 
 
 def _native(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
+    """The kernels take these tensors: float32 on the CPU (checked per call, so cheaply)."""
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
+    return available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,6 +110,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if _native(x, cos, sin) and x.dim() == 3 and x.stride(-1) == 1:
         return torch.ops.kvforge_cpu.apply_rope(x, cos.contiguous(), sin.contiguous())
     return reference.apply_rope(x, cos, sin)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """`kvforge.ops.store_kv` (float32 pages in one pass; quantized pages: the reference)."""
+    if (k_scale is None and _native(k, v, k_cache, v_cache) and k.dim() == 3 and k.stride(-1) == v.stride(-1) == 1
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        torch.ops.kvforge_cpu.store_kv(k, v, k_cache, v_cache, slot_mapping.long().contiguous())
+        return
+    reference.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -260,6 +260,42 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return out;
 }
 
+// ---------------------------------------------------------------------------------------- KV store
+
+// k, v [T, K, D] (unit stride in D) into float32 pages [num_blocks, block_size, K, D] at slot_mapping [T]
+// (int64; a negative slot is skipped). In place.
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  check_float32(k, "k");
+  check_float32(v, "v");
+  check_float32(k_cache, "k_cache");
+  check_float32(v_cache, "v_cache");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "store_kv: k, v [T, kv_heads, D]; contiguous pages [num_blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0),
+              "store_kv: slot_mapping [T] int64, contiguous");
+  const int64_t rows = k.size(0), heads = k.size(1), dim = k.size(2);
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1), width = heads * dim;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < rows; ++t)
+    TORCH_CHECK(slots[t] < num_slots, "store_kv: slot ", slots[t], " past the arena's ", num_slots);
+  const float *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
+  float *ck = k_cache.data_ptr<float>(), *cv = v_cache.data_ptr<float>();
+  const int64_t sk0 = k.stride(0), sk1 = k.stride(1), sv0 = v.stride(0), sv1 = v.stride(1);
+  at::parallel_for(0, rows, row_grain(2 * width), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] < 0) continue;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::copy_n(pk + t * sk0 + h * sk1, dim, ck + slots[t] * width + h * dim);
+        std::copy_n(pv + t * sv0 + h * sv1, dim, cv + slots[t] * width + h * dim);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------- decode attention
 
 // Keys per task of one (sequence, KV head): a long sequence is split so both cores share it, and the
@@ -397,6 +433,7 @@ TORCH_LIBRARY(kvforge_cpu, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale) -> Tensor");
 }
@@ -407,4 +444,5 @@ TORCH_LIBRARY_IMPL(kvforge_cpu, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("apply_rope", &apply_rope);
   m.impl("decode_attention", &decode_attention);
+  m.impl("store_kv", &store_kv);
 }
