@@ -205,14 +205,14 @@ class SpeculativeConfig:
     target's and the KV budget (`kv_cache_memory`, the CPU default, or a GPU's profiled budget) is
     shared between the two arenas in proportion to their bytes per block (`num_blocks` fixes both);
     `draft_kv_cache_memory` (bytes) sizes it on its own, beyond the target's budget.
-    The `prompt_lookup_*` fields are ngram's; `model`, `load_format` and `draft_kv_cache_memory` the
-    draft's.
+    The `prompt_lookup_*` fields are ngram's (default 2 and 4); `model`, `load_format` and
+    `draft_kv_cache_memory` the draft's. Giving one method another's option is a ValueError.
     """
 
     method: str | None = None  # None: "draft" when a model is given, else "ngram"
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 2
-    prompt_lookup_max: int = 4
+    prompt_lookup_min: int | None = None  # ngram's; None: 2
+    prompt_lookup_max: int | None = None  # ngram's; None: 4
     model: str | None = None
     load_format: str = "auto"
     draft_kv_cache_memory: int | None = None
@@ -227,11 +227,20 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
                              f"{self.method!r}")
         object.__setattr__(self, "method", method)
-        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+        if method == "draft":
+            given = [name for name in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"speculative method 'draft' takes no {given[0]} (an option of method 'ngram', "
+                                 f"prompt lookup); the draft model proposes the tokens")
+        else:
+            for name, default in (("prompt_lookup_min", 2), ("prompt_lookup_max", 4)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+        for name in ("num_speculative_tokens", *(("prompt_lookup_min", "prompt_lookup_max") if method == "ngram" else ())):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative {name} must be an integer >= 1, got {value!r}")
-        if self.prompt_lookup_min > self.prompt_lookup_max:
+        if method == "ngram" and self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
                              f"({self.prompt_lookup_max})")
         if self.load_format not in LOAD_FORMATS:

@@ -23,6 +23,7 @@ from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
 from kvforge.engine.spec import propose_ngram
 from kvforge.metrics import KL_BUCKETS, HistogramCounter, HistogramSnapshot
+from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.loader import build_model, load_model
 from kvforge.model.cpu import tune_allocator
 from kvforge.model.memory import MemoryProfile, plan_kv_cache
@@ -100,8 +101,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def model_info(config: EngineConfig) -> dict:
     """What `kvforge info` shows: the model's config, device and dtype, KV bytes per token and the
-    cache's capacity. On the CPU (or when num_blocks / kv_cache_memory fix the arena) it loads the
-    model's metadata and weights but builds no model and allocates no cache. On a GPU with the arena
+    cache's capacity (with a draft model, the target's arena as the engine sizes it beside the draft's,
+    and the draft's under "draft"). On the CPU (or when num_blocks / kv_cache_memory fix the arena) it
+    loads the model's metadata and weights but builds no model and allocates no cache. On a GPU with the arena
     left to profiling it builds the model on the device and runs the profiling forward (see
     `kvforge.model.memory`), then reports the measured `memory_profile`; still no arena."""
     device = resolve_device(config.device)
@@ -110,14 +112,21 @@ def model_info(config: EngineConfig) -> dict:
     cfg = loaded.config
     per_block = KVCache.block_bytes(cfg.num_layers, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                                     config.cache.kv_cache_dtype)
-    profile = None
+    spec = config.speculative
+    draft = None
+    if spec is not None and spec.method == "draft":  # its arena shares the budget (see plan_arenas)
+        draft = load_model(spec.model, spec.load_format, seed=config.seed, device=device)
+    draft_per_block = 0 if draft is None else KVCache.block_bytes(
+        draft.config.num_layers, config.cache.block_size, draft.config.num_kv_heads, draft.config.head_dim, dtype,
+        config.cache.kv_cache_dtype)
     if device.type == "cuda" and not config.cache.sized_explicitly:
-        model = build_model(loaded, device, dtype, config.seed)
-        blocks, profile = plan_kv_cache(model, config.cache, config.scheduler, per_block)
-        del model
+        models = [build_model(m, device, dtype, config.seed) for m in (loaded, draft) if m is not None]
+        plan = plan_arenas(models[0], config, per_block, draft_per_block)
+        del models
         torch.cuda.empty_cache()
     else:
-        blocks = config.cache.resolve_num_blocks(per_block)
+        plan = plan_arenas(None, config, per_block, draft_per_block)
+    blocks, profile = plan.num_blocks, plan.profile
     return {
         "model": loaded.name,
         "path": str(loaded.path),
@@ -135,7 +144,40 @@ def model_info(config: EngineConfig) -> dict:
         "capacity_tokens": blocks * config.cache.block_size,
         "gpu_memory_utilization": config.cache.gpu_memory_utilization,
         "memory_profile": None if profile is None else dataclasses.asdict(profile),
+        "draft": None if draft is None else {
+            "model": draft.name, "kv_bytes_per_block": draft_per_block, "num_blocks": plan.draft_blocks,
+            "kv_cache_bytes": plan.draft_blocks * draft_per_block},
     }
+
+
+@dataclass(frozen=True)
+class ArenaPlan:
+    """How the KV budget splits between the target's arena and a draft model's (speculative method
+    "draft"): block for block from one budget, or the draft sized on its own by
+    `draft_kv_cache_memory` (reserved beside the target's budget on a GPU)."""
+
+    num_blocks: int
+    draft_blocks: int  # 0 without a draft model
+    profile: MemoryProfile | None
+
+
+def plan_arenas(model: LlamaForCausalLM | None, config: EngineConfig, bytes_per_block: int,
+                draft_bytes_per_block: int) -> ArenaPlan:
+    """The arenas' sizes for `model` (the target, built, weights and any draft's already loaded; None
+    when no model is built, off the GPU); `draft_bytes_per_block` 0 without a draft. ValueError when
+    a budget holds no block."""
+    spec = config.speculative
+    draft_memory = spec.draft_kv_cache_memory if draft_bytes_per_block else None
+    if draft_memory is not None and draft_memory < draft_bytes_per_block:
+        raise ValueError(f"speculative draft_kv_cache_memory={draft_memory} bytes holds no block of the draft "
+                         f"model's KV ({draft_bytes_per_block} bytes); raise it to at least {draft_bytes_per_block}")
+    shared = draft_bytes_per_block if draft_memory is None else 0
+    num_blocks, profile = plan_kv_cache(model, config.cache, config.scheduler, bytes_per_block + shared,
+                                        reserved_bytes=draft_memory or 0)
+    if not draft_bytes_per_block:
+        return ArenaPlan(num_blocks, 0, profile)
+    return ArenaPlan(num_blocks, num_blocks if draft_memory is None else draft_memory // draft_bytes_per_block,
+                     profile)
 
 
 @dataclass(frozen=True)
@@ -217,15 +259,9 @@ class LLMEngine(ChunkRequests):
         draft_bytes = 0 if draft is None else KVCache.block_bytes(draft.cfg.num_layers, block_size,
                                                                   draft.cfg.num_kv_heads, draft.cfg.head_dim, dtype,
                                                                   kv_format)
-        # The draft's arena: block for block with the target's, the budget shared, unless sized on its own.
-        draft_memory = None if draft is None else spec.draft_kv_cache_memory
-        if draft_memory is not None and draft_memory < draft_bytes:
-            raise ValueError(f"speculative draft_kv_cache_memory={draft_memory} bytes holds no block of the draft "
-                             f"model's KV ({draft_bytes} bytes); raise it to at least {draft_bytes}")
-        num_blocks, profile = plan_kv_cache(self.model, config.cache, config.scheduler,
-                                            bytes_per_block + (draft_bytes if draft_memory is None else 0),
-                                            reserved_bytes=draft_memory or 0)
-        self.memory_profile: MemoryProfile | None = profile
+        plan = plan_arenas(self.model, config, bytes_per_block, draft_bytes)
+        num_blocks = plan.num_blocks
+        self.memory_profile: MemoryProfile | None = plan.profile
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                                 self.device, kv_format)
         self.cache = KVCacheManager(num_blocks, block_size, bytes_per_block,
@@ -241,8 +277,7 @@ class LLMEngine(ChunkRequests):
                                   max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
         self.drafter: DraftProposer | None = None  # with speculative method "draft"
         if draft is not None:
-            draft_blocks = num_blocks if draft_memory is None else draft_memory // draft_bytes
-            self.drafter = DraftProposer(draft, draft_blocks, block_size, kv_format, self.max_model_len,
+            self.drafter = DraftProposer(draft, plan.draft_blocks, block_size, kv_format, self.max_model_len,
                                          config.scheduler.max_num_batched_tokens, cuda_graphs,
                                          config.scheduler.max_num_seqs)
         self.scheduler = Scheduler(config.scheduler, self.cache)

@@ -82,11 +82,12 @@ def profile_peak_memory(model: LlamaForCausalLM, block_size: int, num_tokens: in
     return peak if tracked else 0
 
 
-def plan_kv_cache(model: LlamaForCausalLM, cache: CacheConfig, scheduler: SchedulerConfig,
+def plan_kv_cache(model: LlamaForCausalLM | None, cache: CacheConfig, scheduler: SchedulerConfig,
                   bytes_per_block: int, reserved_bytes: int = 0) -> tuple[int, MemoryProfile | None]:
     """(num_blocks, profile) of the arena for `model` where it lives.
 
-    `num_blocks` or `kv_cache_memory` given, or a CPU model: `cache.resolve_num_blocks`, no profile.
+    `num_blocks` or `kv_cache_memory` given, a CPU model, or no model built (None: `kvforge info` off
+    the GPU): `cache.resolve_num_blocks`, no profile.
     Else (a GPU): profile one forward of `scheduler.max_num_batched_tokens` tokens over up to
     `scheduler.max_num_seqs` sequences and size the arena by the module's formula, leaving
     `reserved_bytes` of the budget for what the caller allocates afterwards; call it after the
@@ -95,8 +96,8 @@ def plan_kv_cache(model: LlamaForCausalLM, cache: CacheConfig, scheduler: Schedu
     and resets its peak statistics. Raises ValueError saying how much is missing when the budget holds
     no block.
     """
-    device = model.embed_tokens.weight.device
-    if cache.sized_explicitly or device.type != "cuda":
+    device = None if model is None else model.embed_tokens.weight.device
+    if cache.sized_explicitly or device is None or device.type != "cuda":
         return cache.resolve_num_blocks(bytes_per_block), None
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

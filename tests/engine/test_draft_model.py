@@ -13,6 +13,7 @@ import torch
 
 from kvforge import SamplingParams
 from kvforge.cache import KVCache
+from kvforge.cli import main
 from kvforge.config import EngineConfig, SpeculativeConfig
 from kvforge.engine import StepError
 from tests.conftest import MODEL, PROMPTS, assert_engine_idle, make_llm, run_checked, run_counted
@@ -151,6 +152,21 @@ def test_a_draft_cache_too_small_for_a_block_is_refused(tmp_path):
         make_llm(speculative_config={**tiny_draft(tmp_path), "draft_kv_cache_memory": 1})
 
 
+def test_info_sizes_the_arena_beside_the_draft_as_the_engine_does(tmp_path, capsys):
+    spec = tiny_draft(tmp_path)
+    budget = 64 << 20
+    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config", json.dumps(spec)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    target, draft = info["kv_bytes_per_block"], info["draft"]["kv_bytes_per_block"]
+    assert info["num_blocks"] == budget // (target + draft) == info["draft"]["num_blocks"]  # block for block
+    llm = make_llm(speculative_config=spec, kv_cache_memory=budget)
+    assert llm.engine.cache.num_blocks == info["num_blocks"]
+    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config",
+                 json.dumps({**spec, "draft_kv_cache_memory": 10 * draft})]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["num_blocks"], info["draft"]["num_blocks"]) == (budget // target, 10)
+
+
 def test_speculative_config_for_a_draft_model_is_validated():
     spec = EngineConfig.from_kwargs(speculative_config=json.dumps(SAME)).speculative
     assert (spec.method, spec.model, spec.num_speculative_tokens) == ("draft", MODEL, 4)
@@ -164,7 +180,8 @@ def test_speculative_config_for_a_draft_model_is_validated():
            ({"model": MODEL, "load_format": "safetensors"}, "load_format must be one of"),
            ({"model": MODEL, "draft_kv_cache_memory": 0}, "draft_kv_cache_memory must be a positive"),
            ({"model": MODEL, "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer"),
-           ({"method": "eagle", "model": MODEL}, "method must be one of ngram, draft")]
+           ({"method": "eagle", "model": MODEL}, "method must be one of ngram, draft"),
+           ({"model": MODEL, "prompt_lookup_min": 2}, "'draft' takes no prompt_lookup_min")]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             EngineConfig.from_kwargs(speculative_config=kwargs)

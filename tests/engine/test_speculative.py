@@ -82,7 +82,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 def test_speculative_config_is_validated():
     assert EngineConfig.from_kwargs(speculative_config=SPEC).speculative.num_speculative_tokens == 4
     for bad in ({"method": "draft"}, {"num_speculative_tokens": 0}, {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
-                {"k": 3}, "not json"):
+                {"k": 3}, "not json", {"method": "draft", "model": "smollm2-135m", "prompt_lookup_max": 3}):
         with pytest.raises(ValueError, match="speculative"):
             EngineConfig.from_kwargs(speculative_config=bad)
 
