@@ -734,8 +734,8 @@ class LLMEngine(ChunkRequests):
     # ---- speculative decoding -------------------------------------------------------------------
 
     def _propose_drafts(self) -> None:
-        """Give each running sequence that decodes plainly (one token, no logits processors, log-
-        probabilities or sibling samples, not composed from chunks) a draft that fits its max_tokens and
+        """Give each running sequence that decodes plainly (one token, no logits processors or sibling
+        samples, not composed from chunks) a draft that fits its max_tokens and
         capacity (prompt lookup, or the draft model's); clear every other sequence's. When the draft
         model's forward fails, the requests of the sequences it was drafting for are ended (StepError)."""
         spec = self.speculative
@@ -744,7 +744,7 @@ class LLMEngine(ChunkRequests):
             seq.draft = []
             p = seq.params
             if (seq.num_uncomputed != 1 or seq.fills_chunk is not None or seq.composition is not None
-                    or seq.group is not None or p.processes_logits or p.logprobs is not None):
+                    or seq.group is not None or p.processes_logits):
                 continue
             room = min(spec.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
                        self.cache.remaining(seq.seq_id) - 1, self.max_model_len - seq.total_len - 1)
@@ -764,7 +764,8 @@ class LLMEngine(ChunkRequests):
     def _accept_draft(self, seq: Sequence, verifying: torch.Tensor) -> RequestOutput | None:
         """The verifying forward of `seq`'s draft ran: keep the accepted tokens' K/V (roll the cache back
         past them), cache the blocks they filled, append the accepted tokens and the one the sampler
-        adds (stopping where the sequence finishes), and return its output."""
+        adds (stopping where the sequence finishes) with their log-probabilities when asked (from the
+        verifying logits, as plain decoding takes them from its own), and return its output."""
         draft, seq.draft = seq.draft, []
         tokens = verify_draft(verifying, draft, self._sampling_row(seq))
         accepted = len(tokens) - 1
@@ -779,7 +780,12 @@ class LLMEngine(ChunkRequests):
         bs = self.cache.block_size
         if seq.num_computed // bs > before // bs:
             self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]][:seq.num_computed])
-        for token in tokens:
+        k = seq.params.logprobs
+        entries = [] if k is None else token_logprobs(verifying[:len(tokens)], tokens, k)  # row i emitted token i
+        for i, token in enumerate(tokens):
+            if entries:
+                seq.logprobs.append(entries[i])
+                seq.cumulative_logprob += entries[i][token].logprob
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
             if seq.finished:

@@ -67,9 +67,26 @@ def test_sampled_requests_with_a_seed_are_reproducible_and_end_cleanly(speculati
     assert_engine_idle(speculating.engine)
 
 
-def test_requests_that_process_logits_or_want_logprobs_decode_plainly(plain, speculating):
+def test_requests_that_process_logits_decode_plainly(plain, speculating):
     params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.2, logprobs=2)
     assert run_checked(speculating, [EDIT], params) == run_checked(plain, [EDIT], params)
+
+
+def test_speculated_tokens_carry_the_logprobs_plain_decoding_gives(plain, speculating):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    [want] = plain.generate([EDIT], params, use_tqdm=False)
+    drafted = speculating.stats().spec_draft_tokens
+    [got] = speculating.generate([EDIT], params, use_tqdm=False)
+    assert speculating.stats().spec_draft_tokens > drafted  # it did speculate
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.outputs[0].logprobs) == len(want.outputs[0].logprobs) == 24
+    for g, w in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+        assert g.keys() == w.keys()
+        for token in w:
+            assert g[token].rank == w[token].rank
+            assert abs(g[token].logprob - w[token].logprob) < 1e-3
+    assert abs(got.outputs[0].cumulative_logprob - want.outputs[0].cumulative_logprob) < 1e-2
+    assert_engine_idle(speculating.engine)
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
