@@ -227,16 +227,12 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
                              f"{self.method!r}")
         object.__setattr__(self, "method", method)
-        if method == "draft":
-            given = [name for name in ("prompt_lookup_min", "prompt_lookup_max") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"speculative method 'draft' takes no {given[0]} (an option of method 'ngram', "
-                                 f"prompt lookup); the draft model proposes the tokens")
-        else:
-            for name, default in (("prompt_lookup_min", 2), ("prompt_lookup_max", 4)):
+        lookup = ("prompt_lookup_min", "prompt_lookup_max")
+        if method == "ngram":
+            for name, default in zip(lookup, (2, 4)):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, default)
-        for name in ("num_speculative_tokens", *(("prompt_lookup_min", "prompt_lookup_max") if method == "ngram" else ())):
+        for name in ("num_speculative_tokens", *(lookup if method == "ngram" else ())):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative {name} must be an integer >= 1, got {value!r}")
@@ -250,10 +246,15 @@ class SpeculativeConfig:
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
             raise ValueError(f"speculative draft_kv_cache_memory must be a positive number of bytes or None, got "
                              f"{memory!r}")
+        # Each method refuses the other's options.
         if method == "draft":
             if not isinstance(self.model, str) or not self.model.strip():
                 raise ValueError(f"speculative method 'draft' needs model: the draft model, e.g. 'smollm2-135m', a "
                                  f".gguf path or a HF directory, got {self.model!r}")
+            given = [name for name in lookup if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"speculative method 'draft' takes no {given[0]} (an option of method 'ngram', "
+                                 f"prompt lookup); the draft model proposes the tokens")
         else:
             given = [name for name in ("model", "draft_kv_cache_memory") if getattr(self, name) is not None]
             given += ["load_format"] if self.load_format != "auto" else []

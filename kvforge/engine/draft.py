@@ -36,7 +36,7 @@ import torch
 from kvforge.cache import KVCache, KVCacheManager, NoFreeBlocksError
 from kvforge.config import ModelConfig, SpeculativeConfig
 from kvforge.model.llama import LlamaForCausalLM
-from kvforge.model.loader import build_model, load_model
+from kvforge.model.loader import LoadedModel, build_model, load_model
 from kvforge.model.runner import ModelRunner, TokenRun
 from kvforge.types import Sequence
 
@@ -46,12 +46,19 @@ def load_draft_model(spec: SpeculativeConfig, target: ModelConfig, device: torch
     """The draft model `spec.model` (loaded like the engine's, `spec.load_format`, dummy weights drawn
     with `seed`) on `device` in `dtype`. ValueError when it cannot be loaded or its vocabulary is not
     the target's (drafted token ids would mean other tokens)."""
+    return build_model(load_draft_checkpoint(spec, target, device, seed), device, dtype, seed)
+
+
+def load_draft_checkpoint(spec: SpeculativeConfig, target: ModelConfig, device: torch.device,
+                          seed: int) -> LoadedModel:
+    """The draft model's checkpoint (config and weights, no model built); ValueError as
+    `load_draft_model`."""
     loaded = load_model(spec.model, spec.load_format, seed=seed, device=device)
     if loaded.config.vocab_size != target.vocab_size:
         raise ValueError(f"speculative model {spec.model!r} has a vocabulary of {loaded.config.vocab_size} tokens, "
                          f"the target's has {target.vocab_size}: a draft model must share the target's vocabulary "
                          f"(tokenizer)")
-    return build_model(loaded, device, dtype, seed)
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from kvforge.cache.snapshot import LoadedCache, SavedCache, SnapshotChunk
 from kvforge.cache.tiers import BlockFormat, StoreStats, TieredStore, open_tier, validate_tier_spec
 from kvforge.config import CacheConfig, EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
-from kvforge.engine.draft import DraftProposer, load_draft_model
+from kvforge.engine.draft import DraftProposer, load_draft_checkpoint, load_draft_model
 from kvforge.engine.output import OutputProcessor
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
 from kvforge.engine.spec import propose_ngram
@@ -103,9 +103,9 @@ def model_info(config: EngineConfig) -> dict:
     """What `kvforge info` shows: the model's config, device and dtype, KV bytes per token and the
     cache's capacity (with a draft model, the target's arena as the engine sizes it beside the draft's,
     and the draft's under "draft"). On the CPU (or when num_blocks / kv_cache_memory fix the arena) it
-    loads the model's metadata and weights but builds no model and allocates no cache. On a GPU with the arena
-    left to profiling it builds the model on the device and runs the profiling forward (see
-    `kvforge.model.memory`), then reports the measured `memory_profile`; still no arena."""
+    loads the models' metadata and weights but builds no model and allocates no cache. On a GPU with
+    the arena left to profiling it builds the models on the device and runs the profiling forward
+    (see `kvforge.model.memory`), then reports the measured `memory_profile`; still no arena."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(config.model, config.load_format, seed=config.seed, device=device)
@@ -115,7 +115,7 @@ def model_info(config: EngineConfig) -> dict:
     spec = config.speculative
     draft = None
     if spec is not None and spec.method == "draft":  # its arena shares the budget (see plan_arenas)
-        draft = load_model(spec.model, spec.load_format, seed=config.seed, device=device)
+        draft = load_draft_checkpoint(spec, cfg, device, config.seed)
     draft_per_block = 0 if draft is None else KVCache.block_bytes(
         draft.config.num_layers, config.cache.block_size, draft.config.num_kv_heads, draft.config.head_dim, dtype,
         config.cache.kv_cache_dtype)

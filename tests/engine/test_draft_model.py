@@ -142,9 +142,12 @@ def test_a_failing_draft_forward_ends_only_the_drafting_requests(same_draft, mon
     assert_no_draft_sequences(same_draft)
 
 
-def test_a_draft_with_another_vocabulary_is_refused(tmp_path):
+def test_a_draft_with_another_vocabulary_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="vocabulary of 1000 tokens, the target's has 49152"):
         make_llm(speculative_config=tiny_draft(tmp_path, vocab_size=1000))
+    spec = json.dumps(tiny_draft(tmp_path, vocab_size=1000))
+    assert main(["info", "--kv-cache-memory", str(64 << 20), "--speculative-config", spec]) != 0
+    assert "vocabulary of 1000 tokens" in capsys.readouterr().err
 
 
 def test_a_draft_cache_too_small_for_a_block_is_refused(tmp_path):

@@ -1,11 +1,13 @@
 """The native CPU kernels (kvforge.ops.cpu) against their torch references, same signatures."""
 
+import logging
+
 import pytest
 import torch
 
 from kvforge import ops
 from kvforge.ops import cpu
-from kvforge.ops.library import backend_for
+from kvforge.ops.library import backend, backend_for
 
 pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="KVFORGE_CPU_KERNELS=0 turns the native kernels off")
 
@@ -13,6 +15,35 @@ pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="KVFORGE_CPU_KERNELS=0
 def test_native_kernels_build_and_serve_the_cpu():
     assert cpu.available(), "the native CPU kernels did not build (see the logged warning)"
     assert backend_for(torch.device("cpu")) is cpu
+
+
+@pytest.fixture
+def fresh_choice():
+    """Forget which backend was chosen, before and after (both are cached)."""
+    cpu.available.cache_clear()
+    backend_for.cache_clear()
+    yield
+    cpu.available.cache_clear()
+    backend_for.cache_clear()
+
+
+def test_turned_off_the_cpu_runs_the_references(monkeypatch, fresh_choice):
+    monkeypatch.setenv("KVFORGE_CPU_KERNELS", "0")
+    assert not cpu.available()
+    assert backend_for(torch.device("cpu")) is backend("torch")
+
+
+def test_a_failed_build_is_logged_and_the_references_serve(monkeypatch, caplog, fresh_choice):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu, "build", broken)
+    with caplog.at_level(logging.WARNING, logger="kvforge.ops.cpu"):
+        assert not cpu.available()
+    assert "no compiler here" in caplog.text
+    assert backend_for(torch.device("cpu")) is backend("torch")
+    x, w = torch.randn(3, 64), torch.randn(64)
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5), ops.rms_norm(x, w, 1e-5))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])

@@ -1,11 +1,12 @@
 """Native CPU kernels (`kernels.cpp`): the CPU backend of the ops, each beside its torch reference in
 `kvforge.ops` with the same signature.
 
-Fused where the references take several passes: RMSNorm with its residual add, SiLU-and-mul, RoPE,
-the KV store (one pass, no host check for padding slots), and decode attention that reads K/V in place from the paged arena (the reference gathers each
-sequence's blocks into a copy first). Prefill attention stays on the reference (PyTorch's CPU flash
-kernel): a tiled C++ kernel measured no faster. They take float32; any other dtype, and quantized pages, go to
-the torch reference, which is exact for them. Every other op of the backend is the reference itself.
+Fused where the references take several passes or copies: RMSNorm with its residual add, SiLU-and-
+mul, RoPE, the KV store (one pass, no host check for padding slots), and decode attention that reads
+K/V in place from the paged arena (the reference gathers each sequence's blocks into a copy first).
+They take float32; other dtypes and quantized pages go to the torch reference. Prefill attention,
+and every other op of the backend, is the reference itself (PyTorch's CPU flash kernel measured
+faster than a tiled C++ prefill kernel).
 
 The C++ is compiled once per machine at first use (torch.utils.cpp_extension, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions) for the vector ISA torch itself uses
@@ -40,8 +41,6 @@ _ISA_FLAGS = {  # torch's CPU capability -> ATen's vector macros and the compile
                "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
 }
-
-
 _MAX_GROUP, _LANES = 16, 16  # decode_attention: query heads per KV head, and head_dim a multiple of this
 
 
