@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import NamedTuple
 
@@ -40,16 +40,19 @@ _COMPACT_SLACK = 1024  # stale heap entries tolerated beyond 2x the evictable bl
 class PrefixMatch:
     """The longest cached run of full blocks that prefixes a token list, from `match_prefix`.
 
-    A plain value: it holds no reference, so its blocks may be evicted before it is used;
+    A plain value: it holds no reference on its blocks, so they may be evicted before it is used;
     `add_sequence` and `pin` re-check it and raise ValueError if it went stale.
     `num_tokens == len(block_ids) * block_size`; `num_query_tokens` is the length of the token list
-    that was looked up (what hit-rate statistics count as queried).
+    that was looked up (what hit-rate statistics count as queried). A match from `match_prefix` also
+    remembers its nodes, so that re-checking it costs nothing while no node has left the tree since.
     """
 
     block_ids: tuple[int, ...]
     block_hashes: tuple[bytes, ...]
     num_tokens: int
     num_query_tokens: int
+    # (tree, its removal count, extra keys, nodes) when match_prefix made it; not part of the value
+    found: tuple | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.block_ids) != len(self.block_hashes):
@@ -112,6 +115,7 @@ class RadixTree:
         self._heap: list[tuple[int, int, RadixNode]] = []  # (last_access, push number, node)
         self._pushes = 0
         self._clock = 0
+        self._removals = 0  # evict and clear calls that removed nodes: a match's nodes stay valid until it moves
         self.num_evictable = 0  # cached blocks with ref_cnt 0
 
     def __len__(self) -> int:
@@ -133,17 +137,16 @@ class RadixTree:
         the last token: at most (len(token_ids) - 1) // block_size blocks. A node matches only if its
         stored token ids and extra keys equal the query's, so the walk costs one dictionary lookup
         per matched block (no hash is computed). Pure: changes no access time, count or ref."""
-        ids: list[int] = []
-        hashes: list[bytes] = []
+        found: list[RadixNode] = []
         node, bs = self.root, self.block_size
         for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
             child = node.by_content.get((tuple(token_ids[start:start + bs]), extra))
             if child is None:
                 break
-            ids.append(child.block.block_id)
-            hashes.append(child.block_hash)
+            found.append(child)
             node = child
-        return PrefixMatch(tuple(ids), tuple(hashes), len(ids) * bs, len(token_ids))
+        return PrefixMatch(tuple(n.block.block_id for n in found), tuple(n.block_hash for n in found),
+                           len(found) * bs, len(token_ids), (self, self._removals, extra, found))
 
     def resolve(self, prefix: PrefixMatch, extra: bytes | None, who: str) -> list[RadixNode]:
         """The nodes of `prefix`, checked to still form the matched chain from the root (under
@@ -151,6 +154,10 @@ class RadixTree:
         if prefix.num_tokens != len(prefix.block_ids) * self.block_size:
             raise ValueError(f"{who}: the prefix covers {prefix.num_tokens} tokens but holds {len(prefix.block_ids)} "
                              f"blocks of {self.block_size}; pass a PrefixMatch from this manager's match_prefix()")
+        if prefix.found is not None:
+            tree, removals, matched_extra, found = prefix.found
+            if tree is self and removals == self._removals and (extra is None or extra == matched_extra):
+                return list(found)  # no node has left the tree since the match: the chain still stands
         nodes: list[RadixNode] = []
         parent = self.root
         for bid, block_hash in zip(prefix.block_ids, prefix.block_hashes):
@@ -260,6 +267,7 @@ class RadixTree:
                     or nodes.get(block_hash) is not node):
                 continue  # a stale entry
             del nodes[block_hash]
+            self._removals += 1
             parent = node.parent
             del parent.children[block_hash]
             del parent.by_content[(node.token_ids, node.extra)]
@@ -278,6 +286,7 @@ class RadixTree:
         for block in blocks:
             block.block_hash = None
         self._nodes.clear()
+        self._removals += 1
         self.root.children.clear()
         self.root.by_content.clear()
         self._heap.clear()
