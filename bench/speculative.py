@@ -1,7 +1,8 @@
 """Speculative decoding: decode speed-up and acceptance rate against plain decoding, one run, on a
 workload where prompt lookup shines and one where it does not.
 
-Same run, same model (the embedded SmolLM2 GGUF; float32 on the CPU), two LLMs: plain decoding and
+Same run, same model (the embedded SmolLM2 GGUF; the device's default dtype unless `--dtype`: float32
+on the CPU, bfloat16 on a GPU), two LLMs: plain decoding and
 `speculative_config={"method": "ngram", "num_speculative_tokens": k}` (prompt lookup, the default), or
 with `--method draft --draft-model M` `{"method": "draft", "model": M, "num_speculative_tokens": k}`
 (a draft model). Requests one at a time (batch 1), greedy, `--new-tokens` each (ignore_eos), through
@@ -16,7 +17,8 @@ speculative / plain; acceptance_rate = accepted / drafted tokens; tokens_per_ste
 engine step. `outputs_match`: every greedy output equal token for token. Target (issue 14): editing
 >= 1.5x with identical output, open >= 0.95x. Prints one JSON line.
 
-    .venv/bin/python bench/speculative.py [--device auto] [--k 4] [--new-tokens 128] [--requests 4]
+    .venv/bin/python bench/speculative.py [--device auto] [--dtype float32] [--k 4] [--new-tokens 128]
+                                          [--requests 4]
                                           [--method ngram | --method draft --draft-model smollm2-135m]
 """
 
@@ -80,6 +82,7 @@ def run(llm: LLM, prompts: list[list[dict]], new_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the device's)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -89,13 +92,14 @@ def main() -> None:
     args = ap.parse_args()
     if (args.method == "draft") != (args.draft_model is not None):
         ap.error("--draft-model goes with --method draft, and --method draft needs it")
-    common = dict(model=args.model, device=args.device, kv_cache_memory=512 << 20)
+    common = dict(model=args.model, device=args.device, dtype=args.dtype, kv_cache_memory=512 << 20)
     plain = LLM(**common)
     speculative = {"method": args.method, "num_speculative_tokens": args.k}
     if args.draft_model is not None:
         speculative["model"] = args.draft_model
     spec = LLM(**common, speculative_config=speculative)
-    line = {"bench": "speculative", "device": str(plain.engine.device), "model": args.model, "method": args.method,
+    line = {"bench": "speculative", "device": str(plain.engine.device), "dtype": str(plain.engine.dtype).removeprefix("torch."),
+            "model": args.model, "method": args.method,
             "draft_model": args.draft_model, "k": args.k, "new_tokens": args.new_tokens, "requests": args.requests}
     for name, prompts in workloads(args.requests).items():
         run(plain, prompts[:1], 8)  # warm-up

@@ -89,6 +89,9 @@ class _Drafted:
 class DraftProposer:
     """Owns a draft model, its KV arena (`kv_cache`), the arena's `KVCacheManager` (`cache`: one
     draft sequence per speculating sequence, under the same seq_id) and a `ModelRunner` over them.
+    With `enable_prefix_caching` the draft cache caches its full blocks of accepted tokens as the
+    target's does (under the sequence's extra keys), and a new sequence starts from the longest
+    cached prefix of its tokens: a shared prompt is caught up once.
 
     The engine calls `propose` before scheduling a step, `settle` once the step has run (or failed),
     and `free` when a sequence ends (finished, aborted, failed or preempted). Nothing here touches the
@@ -97,18 +100,20 @@ class DraftProposer:
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_format: str,
                  max_model_len: int, max_num_batched_tokens: int, cuda_graphs: bool = False,
-                 max_graph_batch: int = 256):
+                 max_graph_batch: int = 256, graph_query_lens: tuple[int, ...] = (1,),
+                 enable_prefix_caching: bool = True):
         cfg = model.cfg
         weight = model.embed_tokens.weight
         self.model = model
         self.max_model_len = min(max_model_len, cfg.max_position_embeddings)
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, weight.dtype,
                                 weight.device, kv_format)
-        self.cache = KVCacheManager(num_blocks, block_size, self.kv_cache.bytes_per_block, enable_prefix_caching=False)
+        self.cache = KVCacheManager(num_blocks, block_size, self.kv_cache.bytes_per_block,
+                                    enable_prefix_caching=enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache.k, self.kv_cache.v, block_size,
                                   k_scales=self.kv_cache.k_scale, v_scales=self.kv_cache.v_scale,
                                   cuda_graphs=cuda_graphs, max_graph_batch=max_graph_batch,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, graph_query_lens=graph_query_lens)
         self._budget = max_num_batched_tokens
         self._drafted: list[_Drafted] = []  # this step's drafts, until settle()
 
@@ -146,6 +151,8 @@ class DraftProposer:
             for p, token in zip(step, self.runner.run(runs).argmax(-1).tolist()):
                 drafts[p.index].append(token)
         self._drafted = [_Drafted(p.seq, len(p.seq.token_ids), drafts[p.index][:-1]) for p in drafting]
+        for p in plans:  # the caught-up blocks are final: cache the full ones
+            self.cache.commit(p.seq.seq_id, p.seq.token_ids[:p.start + p.catch_up])
         return drafts
 
     def _plan(self, seqs: list[tuple[Sequence, int]]) -> list[_Plan]:
@@ -159,8 +166,9 @@ class DraftProposer:
             if k < 1:  # past the draft model's length for good
                 cache.free(seq.seq_id)
                 continue
-            if not cache.has_sequence(seq.seq_id):
-                cache.add_sequence(seq.seq_id, capacity=min(seq.max_len, self.max_model_len))
+            if not cache.has_sequence(seq.seq_id):  # starts from the draft K/V its cache holds of the prefix
+                cache.add_sequence(seq.seq_id, capacity=min(seq.max_len, self.max_model_len),
+                                   prefix=cache.match_prefix(seq.token_ids, seq.cache_extra), extra=seq.cache_extra)
             start = cache.length(seq.seq_id)
             catch_up = total - start  # >= 1: the draft cache never holds the newest token
             if catch_up > budget:  # part of it now, the draft in a later step
@@ -193,6 +201,7 @@ class DraftProposer:
             copy = self.cache.rollback(seq_id, self.cache.length(seq_id) - kept)
             if copy is not None:
                 self.kv_cache.copy_block(*copy)
+            self.cache.commit(seq_id, d.seq.token_ids[:kept])
 
     def free(self, seq_id: int) -> None:
         """Drop `seq_id`'s draft sequence and its blocks; unknown ids are ignored."""

@@ -271,15 +271,18 @@ class LLMEngine(ChunkRequests):
                                     store=self._open_store(config.cache),
                                     write_policy=config.cache.kv_tier_policy)
         cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # with speculation, steps that verify k drafts per sequence (and the draft's catch-ups) replay graphs too
+        query_lens = (1,) if spec is None else (1, spec.num_speculative_tokens + 1)
         self.runner = ModelRunner(self.model, self.kv_cache.k, self.kv_cache.v, block_size,
                                   k_scales=self.kv_cache.k_scale, v_scales=self.kv_cache.v_scale,
-                                  cuda_graphs=cuda_graphs,
-                                  max_graph_batch=config.scheduler.max_num_seqs, max_model_len=self.max_model_len)
+                                  cuda_graphs=cuda_graphs, max_graph_batch=config.scheduler.max_num_seqs,
+                                  max_model_len=self.max_model_len, graph_query_lens=query_lens)
         self.drafter: DraftProposer | None = None  # with speculative method "draft"
         if draft is not None:
             self.drafter = DraftProposer(draft, plan.draft_blocks, block_size, kv_format, self.max_model_len,
                                          config.scheduler.max_num_batched_tokens, cuda_graphs,
-                                         config.scheduler.max_num_seqs)
+                                         config.scheduler.max_num_seqs, query_lens,
+                                         config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self._quality_sample = config.cache.kv_quality_sample
@@ -659,7 +662,7 @@ class LLMEngine(ChunkRequests):
             seq, start = r.seq, r.seq.num_computed
             if seq.draft:  # its last token and the drafted ones, each one's logits verifying the next
                 items.append(TokenRun([seq.token_ids[-1], *seq.draft], start, r.slots,
-                                      self.cache.block_table(seq.seq_id), True, all_logits=True))
+                                      self.cache.block_table(seq.seq_id), True, seq.composition, all_logits=True))
                 continue
             if seq.fills_chunk is None:
                 table, logits = self.cache.block_table(seq.seq_id), start + r.num_tokens == len(seq.token_ids)
@@ -672,12 +675,12 @@ class LLMEngine(ChunkRequests):
         outputs = []
         sampling: list[Sequence] = []
         rows: list[int] = []  # the logits row each sampled sequence draws from
-        speculated: list[tuple[Sequence, torch.Tensor]] = []  # with the logits rows verifying its draft
+        speculated: list[tuple[Sequence, int, int]] = []  # with the logits rows verifying its draft: [at, end)
         at = 0
         for r, item in zip(runs, items):
             seq = r.seq
             if seq.draft:
-                speculated.append((seq, logits[at:at + item.num_logits]))
+                speculated.append((seq, at, at + item.num_logits))
                 at += item.num_logits
                 continue
             if item.all_logits:
@@ -700,6 +703,9 @@ class LLMEngine(ChunkRequests):
                 for child in self._fork(seq):
                     sampling.append(child)
                     rows.append(row)
+        # the greedy speculating sequences' verifying argmax, read from the device once for all of them
+        verifying = logits
+        argmax = verifying.argmax(dim=-1).tolist() if any(s.params.greedy for s, _, _ in speculated) else None
         if rows != list(range(logits.shape[0])):
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
         if self._quality_kl is not None:
@@ -707,12 +713,15 @@ class LLMEngine(ChunkRequests):
         tokens = sample(logits, [self._sampling_row(s) for s in sampling])
         self._add_logprobs(logits, sampling, tokens)
         now = time.monotonic()
-        groups: dict[str, list[Sequence]] = {}  # request -> its samples that got a token now
         for seq, token in zip(sampling, tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
+        for seq, start, end in speculated:
+            self._accept_draft(seq, verifying[start:end], None if argmax is None else argmax[start:end])
+        groups: dict[str, list[Sequence]] = {}  # request -> its samples that got tokens now
+        for seq in [*sampling, *(seq for seq, _, _ in speculated)]:
             if seq.group is not None:
                 groups.setdefault(seq.request_id, []).append(seq)
                 continue
@@ -725,26 +734,24 @@ class LLMEngine(ChunkRequests):
             out = self._group_output(members)
             if out is not None:
                 outputs.append(out)
-        for seq, verifying in speculated:
-            out = self._accept_draft(seq, verifying)
-            if out is not None:
-                outputs.append(out)
         return outputs
 
     # ---- speculative decoding -------------------------------------------------------------------
 
     def _propose_drafts(self) -> None:
-        """Give each running sequence that decodes plainly (one token, no logits processors or sibling
-        samples, not composed from chunks) a draft that fits its max_tokens and
-        capacity (prompt lookup, or the draft model's); clear every other sequence's. When the draft
-        model's forward fails, the requests of the sequences it was drafting for are ended (StepError)."""
+        """Give each running sequence that decodes (one uncomputed token; not a request's first sample
+        before its siblings start) a draft that fits its max_tokens and capacity (prompt lookup, or the
+        draft model's; the draft model drafts only for sequences not composed from chunks, whose
+        positions its own cache does not follow); clear every other sequence's. When the draft model's
+        forward fails, the requests of the sequences it was drafting for are ended (StepError)."""
         spec = self.speculative
         eligible: list[tuple[Sequence, int]] = []  # with the most tokens each may draft
         for seq in self.scheduler.running:
             seq.draft = []
             p = seq.params
-            if (seq.num_uncomputed != 1 or seq.fills_chunk is not None or seq.composition is not None
-                    or seq.group is not None or p.processes_logits):
+            if (seq.num_uncomputed != 1 or seq.fills_chunk is not None
+                    or (seq.composition is not None and self.drafter is not None)
+                    or (seq.group is not None and len(seq.group) == 1)):
                 continue
             room = min(spec.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
                        self.cache.remaining(seq.seq_id) - 1, self.max_model_len - seq.total_len - 1)
@@ -761,13 +768,15 @@ class LLMEngine(ChunkRequests):
         for (seq, _), draft in zip(eligible, drafts):
             seq.draft = draft
 
-    def _accept_draft(self, seq: Sequence, verifying: torch.Tensor) -> RequestOutput | None:
+    def _accept_draft(self, seq: Sequence, verifying: torch.Tensor, argmax: list[int] | None) -> None:
         """The verifying forward of `seq`'s draft ran: keep the accepted tokens' K/V (roll the cache back
-        past them), cache the blocks they filled, append the accepted tokens and the one the sampler
-        adds (stopping where the sequence finishes) with their log-probabilities when asked (from the
-        verifying logits, as plain decoding takes them from its own), and return its output."""
+        past them), cache the blocks they filled (not for a composed sequence, whose blocks are private),
+        append the accepted tokens and the one the sampler adds (stopping where the sequence finishes)
+        with their log-probabilities when asked or ranked (from the verifying logits, as plain decoding
+        takes them from its own). The caller makes the output. `argmax`: the verifying rows' argmax when
+        the step read it for every greedy sequence at once, else None."""
         draft, seq.draft = seq.draft, []
-        tokens = verify_draft(verifying, draft, self._sampling_row(seq))
+        tokens = verify_draft(verifying, draft, self._sampling_row(seq), argmax)
         accepted = len(tokens) - 1
         self._spec_drafted += len(draft)
         self._spec_accepted += accepted
@@ -778,22 +787,21 @@ class LLMEngine(ChunkRequests):
             if copy is not None:
                 self.kv_cache.copy_block(*copy)
         bs = self.cache.block_size
-        if seq.num_computed // bs > before // bs:
+        if seq.composition is None and seq.num_computed // bs > before // bs:
             self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]][:seq.num_computed])
-        k = seq.params.logprobs
-        entries = [] if k is None else token_logprobs(verifying[:len(tokens)], tokens, k)  # row i emitted token i
+        p = seq.params
+        entries = []  # row i emitted token i; as _add_logprobs: for logprobs, or to rank best_of samples
+        if p.logprobs is not None or p.num_samples > p.n:
+            entries = token_logprobs(verifying[:len(tokens)], tokens, p.logprobs or 0)
         for i, token in enumerate(tokens):
             if entries:
-                seq.logprobs.append(entries[i])
+                if p.logprobs is not None:
+                    seq.logprobs.append(entries[i])
                 seq.cumulative_logprob += entries[i][token].logprob
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
             if seq.finished:
                 break
-        out = self.outputs.output(seq)
-        if seq.finished:
-            self._forget(seq)
-        return out
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Start the other samples of `parent`'s request (its prompt is computed, its first token not

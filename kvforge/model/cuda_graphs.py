@@ -1,17 +1,26 @@
-"""Decode steps captured in CUDA graphs, one per batch-size bucket (nano-vllm's scheme).
+"""Uniform steps captured in CUDA graphs, one per (query length, batch-size bucket) (nano-vllm's
+scheme, with vLLM's uniform-decode shape for speculative verification).
 
-Static input buffers hold the step's token ids, positions, slots, K/V lengths and block tables;
-a step of n decodes fills the first n rows, pads the bucket with rows that store nothing (slot -1)
-and attend to nothing (length 0), and replays the bucket's graph, which runs the whole model and
-the logits. Graphs are captured largest first into one memory pool.
+A graph of query length q and batch bs computes bs sequences of q new tokens each: sequence i owns
+rows i*q .. i*q + q - 1. Static input buffers hold the rows' token ids, positions and slots, the
+sequences' K/V lengths and block tables, and which rows' logits to return. A step of n runs of up
+to q tokens each fills them: a run of fewer than q tokens is padded with rows that store nothing
+(slot -1) and sit after its real tokens, so causality hides them from the real rows; the bucket's
+unused sequences store nothing and attend to nothing (length 0). q = 1 is the plain decode step
+(every row's logits); q = k + 1 verifies k drafted tokens per sequence (speculative decoding),
+where a plain decode or a short catch-up run rides along padded; the extend graphs (q in
+EXTEND_QUERY_LENS) run short prefills, a prompt's suffix after its cached prefix above all, with one
+logits row per sequence. Graphs are captured largest first into one memory pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
@@ -20,6 +29,17 @@ from kvforge.model.staging import num_splits_for
 if TYPE_CHECKING:
     from kvforge.model.runner import ModelRunner, TokenRun
 
+# Rows of the largest graph of query length > 1 (vLLM's default largest capture size, in tokens):
+# past it a step is compute-bound and runs eagerly at no loss.
+MAX_GRAPH_ROWS = 512
+# Query lengths of the extend graphs: short prefills (a prompt's suffix after a cached prefix, a short
+# prompt, a decode batch joined by one), which eagerly spend far longer launching kernels than running
+# them. One logits row per sequence (its last token's), so prompt log-probabilities run eagerly.
+EXTEND_QUERY_LENS = (32, 128)
+
+# Rows of the host/device input buffer (int32 [5, rows]).
+IDS, POSITIONS, SLOTS, LOGIT_ROWS, LENGTHS = range(5)
+
 
 def graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a graph: 1, 2, 4, 8, then multiples of 16, and `max_batch` itself."""
@@ -27,80 +47,137 @@ def graph_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-class DecodeGraphs:
-    """The captured decode graphs of one runner (whose arena they read and write)."""
+@dataclass(frozen=True)
+class GraphShape:
+    """The graph a step replays: `query_len` rows per sequence, `batch` sequences."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int):
+    query_len: int
+    batch: int
+
+
+def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray,
+                tables: np.ndarray) -> int:
+    """Write `runs` (each of 1..query_len tokens, at most `batch` of them) into a graph's host
+    buffers: `inputs` int32 [5, >= batch * query_len] (see IDS .. LENGTHS; LENGTHS uses the first
+    `batch` entries) and `tables` int32 [>= len(runs), >= every run's block table]. Returns the
+    number of logits rows: each run's last `num_logits` rows, in run order, are listed first in
+    LOGIT_ROWS. Padding rows get token 0, the positions after their run's, slot -1; the bucket's
+    unused sequences length 0. Only `tables[:len(runs)]` is written (a padding row reads nothing)."""
+    q, rows, k = query_len, batch * query_len, len(runs)
+    inputs[:, :rows] = 0
+    inputs[SLOTS, :rows] = -1
+    for i, r in enumerate(runs):
+        tables[i, :len(r.block_table)] = r.block_table
+    if q == 1:  # the hot decode path: one token and one logits row per run, no per-run numpy calls
+        inputs[IDS, :k] = [r.token_ids[0] for r in runs]
+        inputs[POSITIONS, :k] = [r.start_pos for r in runs]
+        inputs[SLOTS, :k] = [r.slots[0] for r in runs]
+        inputs[LENGTHS, :k] = [r.start_pos + 1 for r in runs]
+        inputs[LOGIT_ROWS, :k] = np.arange(k)
+        return k
+    at = 0
+    for i, r in enumerate(runs):
+        n, base = len(r.token_ids), i * q
+        inputs[IDS, base:base + n] = r.token_ids
+        inputs[POSITIONS, base:base + q] = np.arange(r.start_pos, r.start_pos + q)
+        inputs[SLOTS, base:base + n] = r.slots
+        inputs[LENGTHS, i] = r.start_pos + q
+        inputs[LOGIT_ROWS, at:at + r.num_logits] = np.arange(base + n - r.num_logits, base + n)
+        at += r.num_logits
+    return at
+
+
+class StepGraphs:
+    """The captured graphs of one runner (whose arena they read and write): query length 1 (decode)
+    up to `max_batch` sequences; each longer query length in `query_lens` (verification: every row's
+    logits) and in EXTEND_QUERY_LENS (one logits row per sequence) up to MAX_GRAPH_ROWS rows."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, query_lens: Sequence[int] = (1,)):
         if max_batch <= 0:
             raise ValueError(f"max_graph_batch must be positive, got {max_batch}")
-        self.buckets = graph_buckets(max_batch)
-        self.max_batch, self.max_blocks = max_batch, max_blocks
+        if any(q < 1 for q in query_lens):
+            raise ValueError(f"graph query lengths must be >= 1, got {list(query_lens)}")
+        # logits rows per sequence of each query length: q (verify: every row), or 1
+        self.logits_per_seq = {q: 1 for q in EXTEND_QUERY_LENS} | {q: q for q in query_lens} | {1: 1}
+        self.buckets: dict[int, list[int]] = {}
+        for q in sorted(self.logits_per_seq):
+            most = max_batch if q == 1 else min(max_batch, MAX_GRAPH_ROWS // q)
+            if most >= 1:
+                self.buckets[q] = graph_buckets(most)
+        self.max_blocks = max_blocks
+        self.max_positions = max_blocks * runner.block_size
         model, dev = runner.model, runner.device
         kv_heads = model.cfg.num_kv_heads
+        rows = max(q * b[-1] for q, b in self.buckets.items())
         with torch.inference_mode():
-            # One int32 buffer: ids, positions, slots, K/V lengths ([4, max_batch]), and the tables.
-            self.inputs = torch.zeros(4, max_batch, dtype=torch.int32, device=dev)
+            self.inputs = torch.zeros(5, rows, dtype=torch.int32, device=dev)
             self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
-            self.cu = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
-            self.host_inputs = torch.zeros(4, max_batch, dtype=torch.int32, pin_memory=True)
+            self.host_inputs = torch.zeros(5, rows, dtype=torch.int32, pin_memory=True)
             self.host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=True)
             self.copied: torch.cuda.Event | None = None
-            self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-            self.logits: dict[int, torch.Tensor] = {}
-            ids, positions, slots, lengths = self.inputs
+            self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+            self.logits: dict[GraphShape, torch.Tensor] = {}
+            # the query offsets of each query length: [0, q, 2q, ...], kept alive for the graphs to read
+            self.cu = {q: torch.arange(0, q * sizes[-1] + 1, q, dtype=torch.int32, device=dev)
+                       for q, sizes in self.buckets.items()}
+            ids, positions, slots, logit_rows, lengths = self.inputs
             slots.fill_(-1)
             pool = None
-            for bs in reversed(self.buckets):
+            shapes = [GraphShape(q, bs) for q, sizes in self.buckets.items() for bs in sizes]
+            for shape in sorted(shapes, key=lambda s: -s.query_len * s.batch):
+                q, bs = shape.query_len, shape.batch
+                n = q * bs
                 meta = AttentionMetadata(
-                    slot_mapping=slots[:bs], num_varlen_rows=bs,
-                    varlen=VarlenBatch(self.cu[:bs + 1], lengths[:bs], self.tables[:bs], 1,
-                                       num_splits_for(bs, kv_heads, max_blocks * runner.block_size, 1)))
+                    slot_mapping=slots[:n], num_varlen_rows=n,
+                    varlen=VarlenBatch(self.cu[q][:bs + 1], lengths[:bs], self.tables[:bs], q,
+                                       num_splits_for(bs, kv_heads, self.max_positions, q, n)))
                 ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
-                def step(ctx=ctx, bs=bs) -> torch.Tensor:
+                def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]) -> torch.Tensor:
                     with forward_context(ctx):
-                        return model.compute_logits(model(ids[:bs], positions[:bs]))
+                        hidden = model(ids[:n], positions[:n])
+                        return model.compute_logits(hidden if q == 1 else hidden.index_select(0, logit_rows[:k]))
 
                 step()  # compile and warm the kernels outside the capture
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.logits[bs] = step()
+                    self.logits[shape] = step()
                 pool = graph.pool()
-                self.graphs[bs] = graph
+                self.graphs[shape] = graph
             torch.cuda.synchronize(dev)
 
-    def serves(self, runs: Sequence[TokenRun]) -> bool:
-        """Whether a graph can run this step: only decodes of plain sequences that all need logits,
-        at most `max_batch` of them, and none with more blocks than the static tables hold."""
-        return len(runs) <= self.max_batch and all(
-            len(r.token_ids) == 1 and r.composition is None and r.num_logits == 1
-            and len(r.block_table) <= self.max_blocks for r in runs)
+    def shape_for(self, runs: Sequence[TokenRun]) -> GraphShape | None:
+        """The smallest graph that can run this step, or None: runs of plain sequences (no chunk
+        composition) of at most a captured query length each, within its largest bucket, none with more
+        blocks than the static tables hold or reaching past them once padded, and none needing more
+        logits rows than the graph gives a sequence (query length 1: exactly its one)."""
+        if any(r.composition is not None or len(r.block_table) > self.max_blocks for r in runs):
+            return None
+        longest = max(len(r.token_ids) for r in runs)
+        most_logits = max(r.num_logits for r in runs)
+        for q, sizes in self.buckets.items():
+            if q < longest or len(runs) > sizes[-1] or most_logits > self.logits_per_seq[q]:
+                continue
+            if q == 1 and any(r.num_logits != 1 for r in runs):
+                continue
+            if any(r.start_pos + q > self.max_positions for r in runs):
+                continue
+            return GraphShape(q, next(b for b in sizes if b >= len(runs)))
+        return None
 
-    def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
-        """Replay the smallest bucket that holds `runs`; logits `[len(runs), vocab]` in run order
-        (a view of the graph's output, valid until the next replay)."""
-        n = len(runs)
-        bs = next(b for b in self.buckets if b >= n)
+    def run(self, runs: Sequence[TokenRun], shape: GraphShape) -> torch.Tensor:
+        """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the logits rows of the
+        runs (`num_logits` each), in run order: a view of the graph's output, valid until the next
+        replay."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
-        host = self.host_inputs.numpy()
-        host[0, :n] = [r.token_ids[0] for r in runs]
-        host[1, :n] = [r.start_pos for r in runs]
-        host[2, :n] = [r.slots[0] for r in runs]
-        host[3, :n] = [r.start_pos + 1 for r in runs]
-        host[:, n:bs] = 0
-        host[2, n:bs] = -1
+        n = shape.query_len * shape.batch
+        num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy())
         nb = max(len(r.block_table) for r in runs)
-        tables = self.host_tables.numpy()
-        for i, r in enumerate(runs):
-            tables[i, :len(r.block_table)] = r.block_table
-        self.inputs[:, :bs].copy_(self.host_inputs[:, :bs], non_blocking=True)
-        self.tables[:n, :nb].copy_(self.host_tables[:n, :nb], non_blocking=True)
+        self.inputs[:, :n].copy_(self.host_inputs[:, :n], non_blocking=True)
+        self.tables[:len(runs), :nb].copy_(self.host_tables[:len(runs), :nb], non_blocking=True)
         self.copied = torch.cuda.Event()
         self.copied.record()
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
-
-
-
+        self.graphs[shape].replay()
+        return self.logits[shape][:num_logits]

@@ -20,7 +20,7 @@ from kvforge.model.attention import (
     forward_context,
     plan_cascade,
 )
-from kvforge.model.cuda_graphs import DecodeGraphs
+from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.staging import HostStaging
 from kvforge.types import Composition
@@ -66,14 +66,15 @@ class ModelRunner:
     host, copied in non-blocking copies from pinned memory, and every layer runs the Triton
     kernels (through the `kvforge::` custom ops when torch.compile traces it); with `cuda_graphs`, decode-only steps of up to
     `max_graph_batch` sequences replay a CUDA graph captured at construction (batch-size buckets,
-    largest first, one memory pool), and nothing in a step waits for the device except reading the
-    logits.
+    largest first, one memory pool), as do steps whose runs have at most q tokens each for every q in
+    `graph_query_lens` (speculative verification: q = k + 1; see `cuda_graphs.py`), and nothing in a
+    step waits for the device except reading the logits.
     """
 
     def __init__(self, model: LlamaForCausalLM, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                  block_size: int, cuda_graphs: bool = False, max_graph_batch: int = 256,
                  max_model_len: int | None = None, k_scales: list[torch.Tensor | None] | None = None,
-                 v_scales: list[torch.Tensor | None] | None = None):
+                 v_scales: list[torch.Tensor | None] | None = None, graph_query_lens: Sequence[int] = (1,)):
         self.model, self.k_caches, self.v_caches, self.block_size = model, k_caches, v_caches, block_size
         self.k_scales, self.v_scales = k_scales, v_scales  # quantized pages' scales (ops/quant.py), or None
         self.device = k_caches[0].device
@@ -84,7 +85,7 @@ class ModelRunner:
         self.graphs = None
         if cuda_graphs:
             max_len = max_model_len or model.cfg.max_position_embeddings
-            self.graphs = DecodeGraphs(self, max_graph_batch, ceil_div(max_len, block_size))
+            self.graphs = StepGraphs(self, max_graph_batch, ceil_div(max_len, block_size), graph_query_lens)
 
     @torch.inference_mode()
     def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
@@ -96,8 +97,9 @@ class ModelRunner:
         for i, c in enumerate(runs):
             if not c.token_ids or len(c.slots) != len(c.token_ids):
                 raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
-        if self.graphs is not None and self.graphs.serves(runs):
-            return self.graphs.run(runs)
+        shape = None if self.graphs is None else self.graphs.shape_for(runs)
+        if shape is not None:
+            return self.graphs.run(runs, shape)
         return self._forward(runs, self.pages())
 
     def pages(self) -> ForwardContext:

@@ -26,6 +26,7 @@ Order, for each row of logits (vLLM's):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,11 +98,18 @@ def _probabilities(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x.softmax(-1)
 
 
-def verify_draft(logits: torch.Tensor, draft: Sequence[int], row: SamplingRow) -> list[int]:
-    """Speculative decoding's acceptance for one sequence whose params process no logits: `logits`
-    `[len(draft) + 1, vocab]` are the target model's at the sequence's last token and at each drafted
-    token. Returns the tokens to append: the accepted prefix of `draft` and one more token (the
-    correction at the first rejection, or a bonus token after the last draft), so 1 to len(draft) + 1.
+def verify_draft(logits: torch.Tensor, draft: Sequence[int], row: SamplingRow,
+                 argmax: Sequence[int] | None = None) -> list[int]:
+    """Speculative decoding's acceptance for one sequence: `logits` `[len(draft) + 1, vocab]` are the
+    target model's at the sequence's last token and at each drafted token, `row` describes the
+    sequence before the draft. Returns the tokens to append: the accepted prefix of `draft` and one
+    more token (the correction at the first rejection, or a bonus token after the last draft), so 1 to
+    len(draft) + 1. `argmax`: the rows' argmax when the caller has read it already (one read from the
+    device for a whole batch's greedy rows), used when the params process no logits.
+
+    Row i is the distribution plain decoding would sample from after the draft's first i tokens: with
+    logits processors (module docstring, step 1) it is processed as if those tokens were already out
+    (penalties count them, bad words and min_tokens see them).
 
     Greedy: a drafted token is accepted while it equals the argmax, and the argmax follows: exactly
     the tokens plain greedy decoding gives. Sampled: the draft is a point proposal (q = 1 at the
@@ -109,9 +117,13 @@ def verify_draft(logits: torch.Tensor, draft: Sequence[int], row: SamplingRow) -
     p with d removed, renormalized (the standard rule: each emitted token is distributed as p). Draws
     use the row's generator."""
     p = row.params
-    assert logits.shape[0] == len(draft) + 1 and not p.processes_logits, (tuple(logits.shape), len(draft))
+    assert logits.shape[0] == len(draft) + 1, (tuple(logits.shape), len(draft))
+    if p.processes_logits:
+        logits = process_logits(logits, range(len(draft) + 1), _rows_along(row, draft))
+        argmax = None
     if p.greedy:
-        targets = logits.argmax(dim=-1).tolist()
+        targets = logits.argmax(dim=-1).tolist() if argmax is None else argmax
+        assert len(targets) == len(draft) + 1, (len(targets), len(draft))
         out = []
         for d, t in zip(draft, targets):
             if d != t:
@@ -131,6 +143,18 @@ def verify_draft(logits: torch.Tensor, draft: Sequence[int], row: SamplingRow) -
             return out + [d]
         return out + [int(torch.multinomial(rest, 1, generator=row.generator))]
     return out + [_draw(logits[len(draft)], p, row.generator)]
+
+
+def _rows_along(row: SamplingRow, draft: Sequence[int]) -> list[SamplingRow]:
+    """`row` after each prefix of `draft` (0 .. len(draft) tokens) were emitted: the tokens so far
+    extended, and the stop ids banned only while fewer than min_tokens tokens would be out."""
+    out_so_far = len(row.token_ids) - row.num_prompt_tokens
+    tokens = list(row.token_ids)
+    rows = []
+    for i in range(len(draft) + 1):
+        stop = row.stop_token_ids if out_so_far + i < row.params.min_tokens else frozenset()
+        rows.append(dataclasses.replace(row, token_ids=tokens + list(draft[:i]), stop_token_ids=stop))
+    return rows
 
 
 def process_logits(logits: torch.Tensor, index: Sequence[int], rows: Sequence[SamplingRow]) -> torch.Tensor:

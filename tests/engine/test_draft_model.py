@@ -68,6 +68,20 @@ def test_greedy_output_with_the_target_as_draft_is_plain_greedy_and_almost_all_a
     assert_no_draft_sequences(same_draft)
 
 
+def test_the_draft_cache_catches_a_shared_prompt_up_once(same_draft):
+    shared = PROMPTS_PLUS[-1] * 3  # several full blocks
+    prompts = [shared + " Eleven", shared + " Twelve"]
+    with make_llm() as plain_llm:
+        expected = run_checked(plain_llm, prompts, GREEDY)
+    drafter = same_draft.engine.drafter
+    hits = drafter.cache.stats().prefix_hit_tokens
+    assert run_checked(same_draft, prompts[:1], GREEDY) == expected[:1]
+    assert run_checked(same_draft, prompts[1:], GREEDY) == expected[1:]
+    # the second request's draft sequence started from the first one's cached blocks of the prompt
+    assert drafter.cache.stats().prefix_hit_tokens - hits >= 3 * 16
+    assert_no_draft_sequences(same_draft)
+
+
 def test_a_draft_that_is_nearly_always_wrong_still_gives_plain_greedy_output(plain, random_draft):
     expected, _ = plain
     outputs, drafted, accepted = run_counted(random_draft, PROMPTS_PLUS, GREEDY)

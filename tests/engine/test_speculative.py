@@ -67,9 +67,33 @@ def test_sampled_requests_with_a_seed_are_reproducible_and_end_cleanly(speculati
     assert_engine_idle(speculating.engine)
 
 
-def test_requests_that_process_logits_decode_plainly(plain, speculating):
-    params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.2, logprobs=2)
-    assert run_checked(speculating, [EDIT], params) == run_checked(plain, [EDIT], params)
+@pytest.mark.parametrize("processors", [
+    {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3},
+    {"min_tokens": 12, "bad_words": ["fox", " dog"], "logit_bias": {11: 2.0}},
+], ids=["penalties", "min_tokens-bad_words-bias"])
+def test_requests_with_logits_processors_speculate_and_keep_plain_greedy_output(plain, speculating, processors):
+    # each verified position is processed as if the drafts before it were out: penalties count them
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=2, **processors)
+    prompts = [EDIT, TEXT * 2]
+    expected = run_checked(plain, prompts, params)
+    outputs, drafted, accepted = run_counted(speculating, prompts, params)
+    assert outputs == expected
+    assert drafted > 0 and accepted > 0
+    assert_engine_idle(speculating.engine)
+
+
+def test_several_samples_of_a_request_speculate_each(plain, speculating):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=2)
+    want = [c.token_ids for c in plain.generate([EDIT], greedy, use_tqdm=False)[0].outputs]
+    drafted = speculating.stats().spec_draft_tokens
+    got = speculating.generate([EDIT], greedy, use_tqdm=False)[0]
+    assert speculating.stats().spec_draft_tokens > drafted
+    assert [c.token_ids for c in got.outputs] == want
+    best = SamplingParams(temperature=0.7, max_tokens=16, n=2, best_of=3, seed=5)
+    [out] = speculating.generate([EDIT], best, use_tqdm=False)
+    assert len(out.outputs) == 2 and out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
+    assert all(c.cumulative_logprob < 0 for c in out.outputs)  # ranked by the verifying logits' log-probabilities
+    assert_engine_idle(speculating.engine)
 
 
 def test_speculated_tokens_carry_the_logprobs_plain_decoding_gives(plain, speculating):
@@ -133,3 +157,22 @@ def test_greedy_acceptance_stops_at_the_first_mismatch():
     assert verify_draft(logits, [1, 0], row) == [1, 0, 2]  # both accepted, then the bonus token
     assert verify_draft(logits, [1, 2], row) == [1, 0]  # the second rejected: the argmax instead
     assert verify_draft(logits, [2, 0], row) == [1]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+def test_requests_composed_from_chunks_speculate_and_keep_plain_greedy_output(plain, speculating, ratio):
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    question = f"\n\nRepeat the text above exactly, word for word:\n\n{TEXT[:30]}"
+    outputs = []
+    for llm in (plain, speculating):
+        system = llm.register_chunk("You repeat texts.", kind="system")
+        doc = llm.register_chunk(TEXT)
+        drafted = llm.stats().spec_draft_tokens
+        outputs.append(llm.generate_from_chunks([system, doc], question, params, recompute_ratio=ratio)
+                       .outputs[0].token_ids)
+        if llm is speculating:
+            assert llm.stats().spec_draft_tokens > drafted
+        for chunk in (system, doc):
+            llm.unregister_chunk(chunk.chunk_id)
+        assert_engine_idle(llm.engine)
+    assert outputs[0] == outputs[1]

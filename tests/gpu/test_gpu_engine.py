@@ -156,3 +156,24 @@ def test_the_openai_server_serves_completions_on_cuda(tmp_path):
     finally:
         server.stop()
     assert_engine_idle(engine)
+
+
+def test_a_short_suffix_after_a_cached_prefix_replays_an_extend_graph_with_the_eager_logits(gpu_llm):
+    engine, runner = gpu_llm.engine, gpu_llm.engine.runner
+    ids = list(range(200, 500))
+    engine.cache.add_sequence(99_998, capacity=len(ids))
+    try:
+        prefix = TokenRun(ids[:270], 0, engine.cache.append(99_998, 270), engine.cache.block_table(99_998), False)
+        runner.run([prefix])
+        suffix = TokenRun(ids[270:], 270, engine.cache.append(99_998, 30), engine.cache.block_table(99_998), True)
+        shape = runner.graphs.shape_for([suffix])
+        assert shape is not None and shape.query_len == 32 and shape.batch == 1
+        graphed = runner.run([suffix]).clone()
+        eager = runner._forward([suffix], runner.pages())
+        assert graphed.shape == eager.shape == (1, engine.model_config.vocab_size)
+        torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
+        # prompt log-probabilities need every row's logits: eager
+        assert runner.graphs.shape_for([dataclasses.replace(suffix, all_logits=True)]) is None
+    finally:
+        engine.cache.free(99_998)
+    assert_engine_idle(engine)

@@ -1,0 +1,43 @@
+"""How a step's runs are packed into a CUDA graph's static inputs (host side, so it runs anywhere):
+each sequence owns query_len rows, short runs are padded with rows that store nothing and sit after
+their real tokens, the bucket's unused sequences attend to nothing, and the logits rows are listed
+in run order. The graphs themselves are tested on a GPU (tests/gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvforge.model.cuda_graphs import IDS, LENGTHS, LOGIT_ROWS, POSITIONS, SLOTS, pack_inputs
+from kvforge.model.runner import TokenRun
+
+
+def _buffers(rows: int, batch: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((5, rows), 7, dtype=np.int32), np.full((batch, blocks), 9, dtype=np.int32)
+
+
+def test_decode_runs_fill_one_row_each_and_pad_the_bucket():
+    inputs, tables = _buffers(8, 4, 3)
+    runs = [TokenRun([11], 5, [40], [2, 3], True), TokenRun([12], 0, [50], [6], True)]
+    assert pack_inputs(runs, 1, 4, inputs, tables) == 2
+    assert inputs[IDS, :4].tolist() == [11, 12, 0, 0]
+    assert inputs[POSITIONS, :4].tolist() == [5, 0, 0, 0]
+    assert inputs[SLOTS, :4].tolist() == [40, 50, -1, -1]
+    assert inputs[LENGTHS, :4].tolist() == [6, 1, 0, 0]
+    assert inputs[LOGIT_ROWS, :2].tolist() == [0, 1]
+    assert tables[0, :2].tolist() == [2, 3] and tables[1, 0] == 6
+
+
+def test_verify_runs_own_query_len_rows_and_short_runs_are_padded_after_their_tokens():
+    q, batch = 3, 4
+    inputs, tables = _buffers(q * batch, batch, 4)
+    runs = [TokenRun([1, 2, 3], 10, [100, 101, 102], [5, 6, 7], True, all_logits=True),  # a full verify run
+            TokenRun([4], 20, [200], [8, 9], True),  # a plain decode riding along
+            TokenRun([5, 6], 30, [300, 301], [1, 2], False)]  # a prefill piece needing no logits
+    assert pack_inputs(runs, q, batch, inputs, tables) == 4
+    assert inputs[IDS].tolist() == [1, 2, 3, 4, 0, 0, 5, 6, 0, 0, 0, 0]
+    assert inputs[POSITIONS].tolist() == [10, 11, 12, 20, 21, 22, 30, 31, 32, 0, 0, 0]
+    assert inputs[SLOTS].tolist() == [100, 101, 102, 200, -1, -1, 300, 301, -1, -1, -1, -1]
+    # each sequence's K/V length counts its q rows, so row j of a run sees keys up to start_pos + j
+    assert inputs[LENGTHS, :batch].tolist() == [13, 23, 33, 0]
+    assert inputs[LOGIT_ROWS, :4].tolist() == [0, 1, 2, 3]
+    assert tables[2, :2].tolist() == [1, 2] and tables[3].tolist() == [9, 9, 9, 9]  # unused rows untouched
