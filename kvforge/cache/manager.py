@@ -139,8 +139,7 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         if len(nodes) * self._block_size > capacity:
             raise ValueError(f"sequence {seq_id}: the prefix of {len(nodes) * self._block_size} tokens exceeds "
                              f"its capacity of {capacity} tokens")
-        for node in nodes:
-            self._blocks.acquire(node)
+        self._blocks.acquire(nodes)
         self._seqs[seq_id] = SeqState(capacity, extra, self.tree.root, nodes, self._block_size)
         self._num_tokens += len(nodes) * self._block_size
         self._num_seq_blocks += len(nodes)
@@ -403,7 +402,7 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         seq.num_committed = full
         for i, twin in result.twins:
             own = seq.blocks[first + i]
-            self._blocks.acquire(twin)
+            self._blocks.acquire((twin,))
             seq.blocks[first + i] = twin.block
             self._blocks.release([own])
         seq.hashes.extend(result.hashes)

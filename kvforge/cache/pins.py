@@ -58,8 +58,8 @@ class PinTable:
                              f"of {self.max_blocks} blocks (max_pinned_fraction {self.max_fraction} of "
                              f"{self.blocks.pool.num_blocks}); {pinned} blocks are pinned already: unpin a prefix "
                              f"first or raise max_pinned_fraction")
+        self.blocks.acquire(nodes)
         for node in nodes:
-            self.blocks.acquire(node)
             self.counts[node.block.block_id] = self.counts.get(node.block.block_id, 0) + 1
         handle = PinHandle(self._next_id, block_ids, num_tokens)
         self._next_id += 1

@@ -229,23 +229,27 @@ class RadixTree:
             runs.append(tuple(run))
         return ChainInsert(node, tuple(hashes), tuple(runs), tuple(twins), len(hashes) < len(blocks))
 
-    def touch(self, node: RadixNode) -> None:
-        """Make `node` the most recently used."""
-        self._clock += 1
-        node.last_access = self._clock
+    def touch(self, nodes: Sequence[RadixNode]) -> None:
+        """Make `nodes` the most recently used, the last one most."""
+        clock = self._clock
+        for node in nodes:
+            clock += 1
+            node.last_access = clock
+        self._clock = clock
 
     def mark_evictable(self, node: RadixNode) -> None:
         """The last reference to `node.block` was dropped: it stays cached, most recently used, and
         may be evicted once it is a leaf."""
         self.num_evictable += 1
-        self.touch(node)
+        self._clock += 1
+        node.last_access = self._clock
         if not node.children:
             self._push(node)
 
-    def mark_revived(self, node: RadixNode) -> None:
-        """A reference was taken on the ref-0 `node.block`: it is no longer evictable (its heap
-        entry goes stale)."""
-        self.num_evictable -= 1
+    def mark_revived(self, count: int) -> None:
+        """References were taken on `count` ref-0 cached blocks: they are no longer evictable (their
+        heap entries go stale)."""
+        self.num_evictable -= count
 
     def evict(self, n: int) -> list[RadixNode]:
         """Remove the `n` least recently used evictable leaves, one at a time (a parent whose last

@@ -134,8 +134,7 @@ class TieredCaching:
         if not missing:
             return 0
         payloads = self._store.fetch(missing)
-        for node in nodes:  # hold the matched prefix so that making room cannot evict it
-            self._blocks.acquire(node)
+        self._blocks.acquire(nodes)  # hold the matched prefix so that making room cannot evict it
         try:
             n = min(len(payloads), self._blocks.num_available)
             if not n:

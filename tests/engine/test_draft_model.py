@@ -16,7 +16,7 @@ from kvforge.cache import KVCache
 from kvforge.cli import main
 from kvforge.config import EngineConfig, SpeculativeConfig
 from kvforge.engine import StepError
-from tests.conftest import MODEL, PROMPTS, assert_engine_idle, make_llm, run_checked, run_counted
+from tests.conftest import DEVICE, MODEL, PROMPTS, assert_engine_idle, make_llm, run_checked, run_counted
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SAME = {"method": "draft", "model": MODEL, "num_speculative_tokens": 4}
@@ -172,7 +172,8 @@ def test_a_draft_cache_too_small_for_a_block_is_refused(tmp_path):
 def test_info_sizes_the_arena_beside_the_draft_as_the_engine_does(tmp_path, capsys):
     spec = tiny_draft(tmp_path)
     budget = 64 << 20
-    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config", json.dumps(spec)]) == 0
+    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config", json.dumps(spec),
+                 "--device", DEVICE, "--dtype", "float32"]) == 0  # as make_llm builds it
     info = json.loads(capsys.readouterr().out)
     target, draft = info["kv_bytes_per_block"], info["draft"]["kv_bytes_per_block"]
     assert info["num_blocks"] == budget // (target + draft) == info["draft"]["num_blocks"]  # block for block

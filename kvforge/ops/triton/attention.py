@@ -520,15 +520,19 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, group: int, max_query_len
     return AttentionTiles(block_m, block_m // group, block_n, num_warps, num_stages)
 
 
+# Programs per SM that split-K aims for when a batch alone cannot fill the GPU.
+PROGRAMS_PER_SM = 2
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int, num_sms: int = 132) -> int:
     """Key splits per (sequence, kv head) for a decode step, so a small batch still fills the GPU:
     1 when num_seqs * num_kv_heads programs already give every SM work, else enough splits for about
-    two programs per SM, with at least 256 keys per split (below that the merge costs more than
-    the parallelism gains), at most 64."""
+    PROGRAMS_PER_SM programs per SM, with at least 256 keys per split (below that the merge costs
+    more than the parallelism gains), at most 64."""
     programs = max(1, num_seqs * num_kv_heads)
     if programs >= num_sms:
         return 1
-    want = math.ceil(2 * num_sms / programs)
+    want = math.ceil(PROGRAMS_PER_SM * num_sms / programs)
     most = max(1, max_seq_len_hint // 256)
     return max(1, min(want, most, 64))
 
