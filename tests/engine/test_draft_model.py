@@ -172,15 +172,15 @@ def test_a_draft_cache_too_small_for_a_block_is_refused(tmp_path):
 def test_info_sizes_the_arena_beside_the_draft_as_the_engine_does(tmp_path, capsys):
     spec = tiny_draft(tmp_path)
     budget = 64 << 20
-    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config", json.dumps(spec),
-                 "--device", DEVICE, "--dtype", "float32"]) == 0  # as make_llm builds it
+    built_as = ["--device", DEVICE, "--dtype", "float32"]  # as make_llm builds it
+    assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config", json.dumps(spec), *built_as]) == 0
     info = json.loads(capsys.readouterr().out)
     target, draft = info["kv_bytes_per_block"], info["draft"]["kv_bytes_per_block"]
     assert info["num_blocks"] == budget // (target + draft) == info["draft"]["num_blocks"]  # block for block
     llm = make_llm(speculative_config=spec, kv_cache_memory=budget)
     assert llm.engine.cache.num_blocks == info["num_blocks"]
     assert main(["info", "--kv-cache-memory", str(budget), "--speculative-config",
-                 json.dumps({**spec, "draft_kv_cache_memory": 10 * draft})]) == 0
+                 json.dumps({**spec, "draft_kv_cache_memory": 10 * draft}), *built_as]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["num_blocks"], info["draft"]["num_blocks"]) == (budget // target, 10)
 
