@@ -719,6 +719,8 @@ class LLMEngine(ChunkRequests):
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
         for seq, start, end in speculated:
+            if seq.first_token_time is None:  # its prompt's last token was verified with a draft
+                seq.first_token_time = now
             self._accept_draft(seq, verifying[start:end], None if argmax is None else argmax[start:end])
         groups: dict[str, list[Sequence]] = {}  # request -> its samples that got tokens now
         for seq in [*sampling, *(seq for seq, _, _ in speculated)]:
@@ -781,6 +783,7 @@ class LLMEngine(ChunkRequests):
         self._spec_drafted += len(draft)
         self._spec_accepted += accepted
         before = seq.num_computed
+        self._prompt_tokens += max(0, seq.num_prompt_tokens - before)  # a prompt's last token verified a draft
         seq.num_computed += 1 + accepted
         if accepted < len(draft):
             copy = self.cache.rollback(seq.seq_id, len(draft) - accepted)

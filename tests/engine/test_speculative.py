@@ -176,3 +176,21 @@ def test_requests_composed_from_chunks_speculate_and_keep_plain_greedy_output(pl
             llm.unregister_chunk(chunk.chunk_id)
         assert_engine_idle(llm.engine)
     assert outputs[0] == outputs[1]
+
+
+def test_a_prompt_whose_last_token_verifies_a_draft_is_counted_and_timed():
+    # 16 tokens a step: the 17th prompt token is left alone for the next step, where prompt lookup
+    # drafts from the repeating prompt and the verify run computes it
+    with make_llm(max_num_batched_tokens=16, speculative_config=SPEC) as llm:
+        ids = llm.get_tokenizer().encode(TEXT, add_special_tokens=False)[:12]
+        prompt = (ids * 3)[:17]
+        engine = llm.engine
+        engine.add_request("r", {"prompt_token_ids": prompt}, GREEDY)
+        first = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                first = first or out
+        assert llm.stats().spec_draft_tokens > 0
+        assert first.metrics.first_token_time is not None
+        assert llm.stats().prompt_tokens == 17
+        assert_engine_idle(engine)
