@@ -36,6 +36,15 @@ from kvforge.cache.events import BlockStored
 _COMPACT_SLACK = 1024  # stale heap entries tolerated beyond 2x the evictable blocks
 
 
+class _Found(NamedTuple):
+    """What `match_prefix` walked, kept on its match: valid while `tree` has removed no node since."""
+
+    tree: RadixTree
+    removals: int  # the tree's removal count at the match
+    extra: bytes
+    nodes: list[RadixNode]
+
+
 @dataclass(frozen=True)
 class PrefixMatch:
     """The longest cached run of full blocks that prefixes a token list, from `match_prefix`.
@@ -51,8 +60,7 @@ class PrefixMatch:
     block_hashes: tuple[bytes, ...]
     num_tokens: int
     num_query_tokens: int
-    # (tree, its removal count, extra keys, nodes) when match_prefix made it; not part of the value
-    found: tuple | None = field(default=None, compare=False, repr=False)
+    found: _Found | None = field(default=None, compare=False, repr=False)  # from match_prefix; not part of the value
 
     def __post_init__(self) -> None:
         if len(self.block_ids) != len(self.block_hashes):
@@ -115,7 +123,7 @@ class RadixTree:
         self._heap: list[tuple[int, int, RadixNode]] = []  # (last_access, push number, node)
         self._pushes = 0
         self._clock = 0
-        self._removals = 0  # evict and clear calls that removed nodes: a match's nodes stay valid until it moves
+        self._removals = 0  # nodes evicted, plus one per clear: a match's nodes stay valid while it stands still
         self.num_evictable = 0  # cached blocks with ref_cnt 0
 
     def __len__(self) -> int:
@@ -146,7 +154,7 @@ class RadixTree:
             found.append(child)
             node = child
         return PrefixMatch(tuple(n.block.block_id for n in found), tuple(n.block_hash for n in found),
-                           len(found) * bs, len(token_ids), (self, self._removals, extra, found))
+                           len(found) * bs, len(token_ids), _Found(self, self._removals, extra, found))
 
     def resolve(self, prefix: PrefixMatch, extra: bytes | None, who: str) -> list[RadixNode]:
         """The nodes of `prefix`, checked to still form the matched chain from the root (under
@@ -154,10 +162,10 @@ class RadixTree:
         if prefix.num_tokens != len(prefix.block_ids) * self.block_size:
             raise ValueError(f"{who}: the prefix covers {prefix.num_tokens} tokens but holds {len(prefix.block_ids)} "
                              f"blocks of {self.block_size}; pass a PrefixMatch from this manager's match_prefix()")
-        if prefix.found is not None:
-            tree, removals, matched_extra, found = prefix.found
-            if tree is self and removals == self._removals and (extra is None or extra == matched_extra):
-                return list(found)  # no node has left the tree since the match: the chain still stands
+        found = prefix.found
+        if found is not None and found.tree is self and found.removals == self._removals and (
+                extra is None or extra == found.extra):
+            return list(found.nodes)  # no node has left the tree since the match: the chain still stands
         nodes: list[RadixNode] = []
         parent = self.root
         for bid, block_hash in zip(prefix.block_ids, prefix.block_hashes):

@@ -34,6 +34,7 @@ from kvforge.types import (
     Chunk,
     CompletionOutput,
     InvalidRequestError,
+    Logprob,
     OutputKind,
     PreparedRequest,
     RequestOutput,
@@ -148,6 +149,21 @@ def model_info(config: EngineConfig) -> dict:
             "model": draft.name, "kv_bytes_per_block": draft_per_block, "num_blocks": plan.draft_blocks,
             "kv_cache_bytes": plan.draft_blocks * draft_per_block},
     }
+
+
+def _logprobs_to_record(p: SamplingParams) -> int | None:
+    """How many top log-probabilities to compute for each token a request emits: its `logprobs`, 0
+    when it reports none but ranks samples by them (best_of > n), None when it needs none."""
+    if p.logprobs is not None:
+        return p.logprobs
+    return 0 if p.num_samples > p.n else None
+
+
+def _record_logprob(seq: Sequence, entry: dict[int, Logprob], token: int) -> None:
+    """Keep `token`'s log-probabilities `entry` on `seq`: reported when asked, always summed."""
+    if seq.params.logprobs is not None:
+        seq.logprobs.append(entry)
+    seq.cumulative_logprob += entry[token].logprob
 
 
 @dataclass(frozen=True)
@@ -706,12 +722,14 @@ class LLMEngine(ChunkRequests):
         # the greedy speculating sequences' verifying argmax, read from the device once for all of them
         verifying = logits
         argmax = verifying.argmax(dim=-1).tolist() if any(s.params.greedy for s, _, _ in speculated) else None
-        if rows != list(range(logits.shape[0])):
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
-        if self._quality_kl is not None:
-            self._sample_kv_quality(sampling, logits)
-        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
-        self._add_logprobs(logits, sampling, tokens)
+        tokens: list[int] = []
+        if sampling:  # a step of verify runs only samples nothing here
+            if rows != list(range(logits.shape[0])):
+                logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+            if self._quality_kl is not None:
+                self._sample_kv_quality(sampling, logits)
+            tokens = sample(logits, [self._sampling_row(s) for s in sampling])
+            self._add_logprobs(logits, sampling, tokens)
         now = time.monotonic()
         for seq, token in zip(sampling, tokens):
             if seq.first_token_time is None:
@@ -792,15 +810,11 @@ class LLMEngine(ChunkRequests):
         bs = self.cache.block_size
         if seq.composition is None and seq.num_computed // bs > before // bs:
             self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]][:seq.num_computed])
-        p = seq.params
-        entries = []  # row i emitted token i; as _add_logprobs: for logprobs, or to rank best_of samples
-        if p.logprobs is not None or p.num_samples > p.n:
-            entries = token_logprobs(verifying[:len(tokens)], tokens, p.logprobs or 0)
+        k = _logprobs_to_record(seq.params)
+        entries = [] if k is None else token_logprobs(verifying[:len(tokens)], tokens, k)  # row i emitted token i
         for i, token in enumerate(tokens):
             if entries:
-                if p.logprobs is not None:
-                    seq.logprobs.append(entries[i])
-                seq.cumulative_logprob += entries[i][token].logprob
+                _record_logprob(seq, entries[i], token)
             self._generation_tokens += 1
             self.outputs.append_token(seq, token, self.max_model_len)
             if seq.finished:
@@ -860,16 +874,13 @@ class LLMEngine(ChunkRequests):
         their samples by them (best_of), in one batched pass per `logprobs` count."""
         by_k: dict[int, list[int]] = {}
         for row, seq in enumerate(sampling):
-            p = seq.params
-            if p.logprobs is not None or p.num_samples > p.n:
-                by_k.setdefault(p.logprobs if p.logprobs is not None else 0, []).append(row)
+            k = _logprobs_to_record(seq.params)
+            if k is not None:
+                by_k.setdefault(k, []).append(row)
         for k, rows in by_k.items():
             entries = token_logprobs(logits[rows], [tokens[r] for r in rows], k)
             for row, entry in zip(rows, entries):
-                seq = sampling[row]
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(entry)
-                seq.cumulative_logprob += entry[tokens[row]].logprob
+                _record_logprob(sampling[row], entry, tokens[row])
 
     def _group_output(self, members: list[Sequence]) -> RequestOutput | None:
         """The RequestOutput of a request with several samples after a step in which `members` got a
