@@ -1,7 +1,7 @@
 """The paged KV cache: blocks and their pool, block hashing, the prefix index, the tensor arena,
 and the manager the engine uses.
 
-Usable with no model and no server; imports only torch, the stdlib and `kvforge.ops`.
+Usable with no model and no server; imports only torch, numpy, the stdlib and `kvforge.ops`.
 """
 
 from kvforge.cache.blocks import Block, BlockPool, FreeBlockQueue, NoFreeBlocksError
@@ -11,7 +11,7 @@ from kvforge.cache.hashing import extra_keys, hash_block
 from kvforge.cache.kv_cache import KVCache
 from kvforge.cache.manager import KVCacheManager
 from kvforge.cache.pins import PinHandle
-from kvforge.cache.radix import PrefixMatch
+from kvforge.cache.radix import PrefixMatch, token_array
 from kvforge.cache.sequence import CacheOverflowError, UnknownSequenceError
 from kvforge.cache.stats import CacheStats
 
@@ -34,4 +34,5 @@ __all__ = [
     "UnknownSequenceError",
     "extra_keys",
     "hash_block",
+    "token_array",
 ]

@@ -79,16 +79,15 @@ class BlockAllocator:
     def release(self, blocks: list[Block]) -> None:
         """Drop one reference on each block, in order (touching cached ones): at ref_cnt 0 an
         uncached block joins the tail of the free queue, a cached one becomes evictable."""
-        queue, tree = self.pool.free_queue, self.tree
+        queue = self.pool.free_queue
+        cached: list[Block] = []
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise RuntimeError(f"block {block.block_id} released with ref_cnt {block.ref_cnt}")
             block.ref_cnt -= 1
-            block_hash = block.block_hash
-            if block_hash is None:
-                if block.ref_cnt == 0:
-                    queue.append(block)
+            if block.block_hash is not None:
+                cached.append(block)
             elif block.ref_cnt == 0:
-                tree.mark_evictable(tree.get(block_hash))
-            else:
-                tree.touch((tree.get(block_hash),))
+                queue.append(block)
+        if cached:
+            self.tree.mark_released(cached)

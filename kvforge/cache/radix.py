@@ -3,13 +3,19 @@
 Each node below the root is one cached full block: its chained hash (`hashing.py`), the block,
 its token ids and extra keys (compared on every hit, so a hash collision is a miss, never wrong
 KV), its parent (the block before it) and its children (the blocks that followed it in some
-sequence), indexed by their hash and by their content (token ids and extra keys). A path from the
-root is a cached prefix, so the longest cached prefix of a prompt is found by walking down one child
-per block, by content: time proportional to the matched length, with no hashing (under one parent a
-content has one hash, and a colliding content is never inserted, so both indexes agree).
+sequence), indexed by their hash. A path from the root is a cached prefix. To find the longest
+cached prefix of a prompt without hashing or walking it block by block in Python (a 32k-token
+prompt is 2048 blocks), every node also carries a prefix key: a 64-bit fingerprint of the token ids
+of its whole path (`prefix_keys`: weighted sums per block, tagged by block index, summed along the
+path), which numpy computes for all of a prompt's block prefixes at once. The tree indexes nodes
+by (prefix key, extra keys); since every prefix of a cached path is cached, a binary search over
+the prompt's prefix keys finds the deepest cached one in O(log n) lookups, and that path's token
+ids are then compared with the prompt's in one pass. A fingerprint collision can only fail that
+comparison, and the lookup then walks by chained hash (sha256 per block) instead: slower, never
+wrong.
 
 Ref counts live on the blocks and are changed by the block allocator (`allocator.py`), which tells
-the tree when a cached block's count reaches 0 (`mark_evictable`) or leaves 0 (`mark_revived`). Holders always hold a
+the tree when a cached block's count drops (`mark_released`) or leaves 0 (`mark_revived`). Holders always hold a
 whole path from the root (a sequence holds its matched and committed blocks; a pin holds a
 matched prefix), so an in-use node's ancestors are in use, the subtree of an evictable
 node is all evictable, and every evictable block can be reached by evicting leaves: the count of
@@ -24,16 +30,70 @@ or was touched since); when a leaf goes, its parent may become an evictable leaf
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import chain
+from operator import mul
 from typing import NamedTuple
+
+import numpy as np
 
 from kvforge.cache import hashing
 from kvforge.cache.blocks import Block
 from kvforge.cache.events import BlockStored
 
 _COMPACT_SLACK = 1024  # stale heap entries tolerated beyond 2x the evictable blocks
+_DEPTH_TAG = 0x9E3779B97F4A7C15  # odd constants of the prefix-key fingerprint
+_MIX = 0xFF51AFD7ED558CCD
+_MASK = (1 << 64) - 1
+_NUMPY_FROM = 8  # blocks from which numpy's per-call cost pays
+
+
+@cache
+def _weights(block_size: int) -> list[int]:
+    return [(i * _MIX & _MASK) | 1 for i in range(1, block_size + 1)]
+
+
+def prefix_keys(blocks: np.ndarray | Sequence[Sequence[int]], first_depth: int, base: int) -> list[int]:
+    """The prefix keys of consecutive full blocks `blocks` (rows of token ids: an int64 [n,
+    block_size] array or a list of tuples) whose first one sits at block index `first_depth` below a
+    node whose prefix key is `base`: element i is the key of the path through block i. Arithmetic
+    modulo 2**64: each block's ids weighted and summed, tagged by its index, mixed, and summed along
+    the path. Pure."""
+    n = len(blocks)
+    if n == 0:
+        return []
+    weights = _weights(len(blocks[0]))
+    if n < _NUMPY_FROM:  # the same arithmetic in Python ints
+        if isinstance(blocks, np.ndarray):
+            blocks = blocks.tolist()
+        out, key = [], base
+        for depth, row in enumerate(blocks, first_depth + 1):
+            key = (key + (sum(map(mul, row, weights)) + depth * _DEPTH_TAG) * _MIX) & _MASK
+            out.append(key)
+        return out
+    per_block = np.asarray(blocks, dtype=np.int64).view(np.uint64) @ np.array(weights, dtype=np.uint64)
+    per_block += np.arange(first_depth + 1, first_depth + n + 1, dtype=np.uint64) * np.uint64(_DEPTH_TAG)
+    per_block *= np.uint64(_MIX)
+    return (np.cumsum(per_block, dtype=np.uint64) + np.uint64(base)).tolist()
+
+
+def token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a 1-d int64 array (no copy for one already; a list converts in one C pass).
+    Raises ValueError for an id that is not an integer in [0, 2**32)."""
+    if isinstance(token_ids, np.ndarray):
+        arr = token_ids.astype(np.int64, copy=False).reshape(-1)
+    else:
+        try:
+            arr = np.frombuffer(array("q", token_ids), dtype=np.int64)
+        except (TypeError, OverflowError):
+            arr = None
+    if arr is None or (arr.size and (arr.min() < 0 or arr.max() >= 1 << 32)):
+        bad = next(t for t in token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < 1 << 32)
+        raise ValueError(f"token id {bad!r} is not an integer in [0, 2**32)")
+    return arr
 
 
 class _Found(NamedTuple):
@@ -91,17 +151,20 @@ def stored_event(run: tuple[RadixNode, ...], block_size: int) -> BlockStored:
 class RadixNode:
     """One cached full block (or the root, which has no block). Owned by `RadixTree`."""
 
-    __slots__ = ("block_hash", "block", "token_ids", "extra", "parent", "children", "by_content", "last_access")
+    __slots__ = ("block_hash", "block", "token_ids", "token_bytes", "extra", "parent", "children", "depth",
+                 "prefix_key", "last_access")
 
     def __init__(self, block_hash: bytes | None, block: Block | None, token_ids: tuple[int, ...], extra: bytes,
-                 parent: RadixNode | None):
+                 parent: RadixNode | None, prefix_key: int = 0, token_bytes: bytes = b""):
         self.block_hash = block_hash
         self.block = block
         self.token_ids = token_ids
+        self.token_bytes = token_bytes  # the same ids as int64 bytes, for one-pass compares
         self.extra = extra
         self.parent = parent
         self.children: dict[bytes, RadixNode] = {}
-        self.by_content: dict[tuple[tuple[int, ...], bytes], RadixNode] = {}  # the children by (tokens, extra)
+        self.depth = 0 if parent is None else parent.depth + 1  # blocks on the path from the root, itself included
+        self.prefix_key = prefix_key  # `prefix_keys` of the path's token ids; 0 for the root
         self.last_access = 0
 
     def __repr__(self) -> str:
@@ -120,6 +183,7 @@ class RadixTree:
         self.block_size = block_size
         self.root = RadixNode(None, None, (), b"", None)
         self._nodes: dict[bytes, RadixNode] = {}
+        self._by_prefix: dict[tuple[int, bytes], RadixNode] = {}  # (prefix key, extra) -> node; first one wins
         self._heap: list[tuple[int, int, RadixNode]] = []  # (last_access, push number, node)
         self._pushes = 0
         self._clock = 0
@@ -140,21 +204,49 @@ class RadixTree:
 
     # ---- lookups ----------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: Sequence[int], extra: bytes) -> PrefixMatch:
+    def match_prefix(self, token_ids: Sequence[int] | np.ndarray, extra: bytes) -> PrefixMatch:
         """The longest cached run of full blocks prefixing `token_ids` under `extra`, never covering
         the last token: at most (len(token_ids) - 1) // block_size blocks. A node matches only if its
-        stored token ids and extra keys equal the query's, so the walk costs one dictionary lookup
-        per matched block (no hash is computed). Pure: changes no access time, count or ref."""
+        stored token ids and extra keys equal the query's. O(log n) lookups plus numpy passes over
+        the tokens (see the module docstring); an int64 array saves converting a list. Pure: changes
+        no access time, count or ref. Raises ValueError for a token id outside [0, 2**32)."""
+        bs = self.block_size
+        tokens = token_array(token_ids)
+        n = max(0, (len(tokens) - 1) // bs)
+        blocks = tokens[:n * bs].reshape(n, bs)
+        keys = prefix_keys(blocks, 0, 0) if n else []
+        by_prefix = self._by_prefix
+        lo, hi = 0, n  # bisect for the deepest indexed prefix key: blocks[:lo] are indexed
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (keys[mid - 1], extra) in by_prefix:
+                lo = mid
+            else:
+                hi = mid - 1
         found: list[RadixNode] = []
-        node, bs = self.root, self.block_size
-        for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
-            child = node.by_content.get((tuple(token_ids[start:start + bs]), extra))
-            if child is None:
+        node = by_prefix[(keys[lo - 1], extra)] if lo else self.root
+        while node.parent is not None:
+            found.append(node)
+            node = node.parent
+        found.reverse()
+        if len(found) != lo or (lo and (found[-1].extra != extra or
+                                        b"".join([f.token_bytes for f in found]) != blocks[:lo].tobytes())):
+            found = self._walk_by_hash(blocks, extra)  # a fingerprint collision
+        return PrefixMatch(tuple([n.block.block_id for n in found]), tuple([n.block_hash for n in found]),
+                           len(found) * bs, len(tokens), _Found(self, self._removals, extra, found))
+
+    def _walk_by_hash(self, blocks: np.ndarray, extra: bytes) -> list[RadixNode]:
+        """The nodes of the longest cached prefix of `blocks` (rows of token ids), found by chained
+        hash, one block at a time."""
+        found: list[RadixNode] = []
+        node = self.root
+        for block in map(tuple, blocks.tolist()):
+            child = self._nodes.get(hashing.hash_block(node.block_hash, block, extra))
+            if child is None or child.parent is not node or child.token_ids != block or child.extra != extra:
                 break
             found.append(child)
             node = child
-        return PrefixMatch(tuple(n.block.block_id for n in found), tuple(n.block_hash for n in found),
-                           len(found) * bs, len(token_ids), _Found(self, self._removals, extra, found))
+        return found
 
     def resolve(self, prefix: PrefixMatch, extra: bytes | None, who: str) -> list[RadixNode]:
         """The nodes of `prefix`, checked to still form the matched chain from the root (under
@@ -204,6 +296,10 @@ class RadixTree:
             parent_hash = hash_block(parent_hash, chunk, extra)
             chunks.append(chunk)
             hashes.append(parent_hash)
+        if tip is not self.root and tip.extra != extra:
+            raise ValueError(f"insert_chain: blocks under extra keys {extra!r} cannot follow a node cached under "
+                             f"{tip.extra!r}")
+        keys = prefix_keys(chunks, tip.depth, tip.prefix_key)
         nodes = self._nodes
         node = tip
         runs: list[tuple[RadixNode, ...]] = []
@@ -215,9 +311,10 @@ class RadixTree:
             if twin is None:
                 block = blocks[placed]
                 assert block.block_hash is None and block.ref_cnt > 0, f"block {block.block_id} cannot be cached"
-                child = RadixNode(block_hash, block, chunks[placed], extra, node)
+                child = RadixNode(block_hash, block, chunks[placed], extra, node, keys[placed],
+                                  array("q", chunks[placed]).tobytes())
                 node.children[block_hash] = nodes[block_hash] = child
-                node.by_content[(child.token_ids, extra)] = child
+                self._by_prefix.setdefault((child.prefix_key, extra), child)
                 block.block_hash = block_hash
                 clock += 1
                 child.last_access = clock
@@ -245,14 +342,20 @@ class RadixTree:
             node.last_access = clock
         self._clock = clock
 
-    def mark_evictable(self, node: RadixNode) -> None:
-        """The last reference to `node.block` was dropped: it stays cached, most recently used, and
-        may be evicted once it is a leaf."""
-        self.num_evictable += 1
-        self._clock += 1
-        node.last_access = self._clock
-        if not node.children:
-            self._push(node)
+    def mark_released(self, blocks: Sequence[Block]) -> None:
+        """A reference to each of these cached blocks was just dropped: each is touched, in order
+        (the last one most recently used), and one whose count reached 0 stays cached and becomes
+        evictable (once it is a leaf)."""
+        nodes, clock = self._nodes, self._clock
+        for block in blocks:
+            node = nodes[block.block_hash]
+            clock += 1
+            node.last_access = clock
+            if block.ref_cnt == 0:
+                self.num_evictable += 1
+                if not node.children:
+                    self._push(node)
+        self._clock = clock
 
     def mark_revived(self, count: int) -> None:
         """References were taken on `count` ref-0 cached blocks: they are no longer evictable (their
@@ -282,7 +385,8 @@ class RadixTree:
             self._removals += 1
             parent = node.parent
             del parent.children[block_hash]
-            del parent.by_content[(node.token_ids, node.extra)]
+            if self._by_prefix.get(key := (node.prefix_key, node.extra)) is node:
+                del self._by_prefix[key]
             node.block.block_hash = None
             out.append(node)
             if parent is not root and not parent.children and parent.block.ref_cnt == 0:
@@ -298,9 +402,9 @@ class RadixTree:
         for block in blocks:
             block.block_hash = None
         self._nodes.clear()
+        self._by_prefix.clear()
         self._removals += 1
         self.root.children.clear()
-        self.root.by_content.clear()
         self._heap.clear()
         self.num_evictable = 0
         return blocks
@@ -326,9 +430,6 @@ class RadixTree:
         stack = [self.root]
         while stack:
             node = stack.pop()
-            if len(node.by_content) != len(node.children):
-                raise RuntimeError(f"a radix node indexes {len(node.children)} children by hash but "
-                                   f"{len(node.by_content)} by content")
             for key, child in node.children.items():
                 seen += 1
                 bid = child.block.block_id
@@ -336,8 +437,13 @@ class RadixTree:
                     raise RuntimeError(f"radix node of block {bid} is linked under a hash it is not indexed by")
                 if child.parent is not node:
                     raise RuntimeError(f"radix node of block {bid} does not point back to its parent")
-                if node.by_content.get((child.token_ids, child.extra)) is not child:
-                    raise RuntimeError(f"radix node of block {bid} is not indexed by its content under its parent")
+                prefix_key = prefix_keys([child.token_ids], node.depth, node.prefix_key)[0]
+                if child.depth != node.depth + 1 or child.prefix_key != prefix_key:
+                    raise RuntimeError(f"radix node of block {bid} has a depth or prefix key its path does not give")
+                if child.token_bytes != array("q", child.token_ids).tobytes():
+                    raise RuntimeError(f"radix node of block {bid} keeps token bytes that are not its token ids")
+                if node is not self.root and child.extra != node.extra:
+                    raise RuntimeError(f"radix node of block {bid} has other extra keys than its parent")
                 if child.block.block_hash != key:
                     raise RuntimeError(f"block {bid} is in the radix tree but its block_hash disagrees")
                 if child.block.ref_cnt > 0 and node is not self.root and node.block.ref_cnt == 0:
@@ -346,6 +452,10 @@ class RadixTree:
                 stack.append(child)
         if seen != len(self._nodes):
             raise RuntimeError(f"the radix tree indexes {len(self._nodes)} blocks but {seen} are reachable")
+        for (key, extra), node in self._by_prefix.items():
+            if self._nodes.get(node.block_hash) is not node or node.prefix_key != key or node.extra != extra:
+                raise RuntimeError(f"the prefix-key index holds a node (block {node.block.block_id}) that is not "
+                                   f"cached under that key")
         evictable = [n for n in self._nodes.values() if n.block.ref_cnt == 0]
         if len(evictable) != self.num_evictable:
             raise RuntimeError(f"the radix tree counts {self.num_evictable} evictable blocks but "

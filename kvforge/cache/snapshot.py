@@ -256,7 +256,7 @@ class Snapshots:
         loaded = 0
         for block, (key, parent, extra, tokens, _) in zip(blocks, good):
             tip = self.tree.root if parent is None else self.tree.get(parent)
-            if tip is None:
+            if tip is None or (parent is not None and tip.extra != extra):
                 skipped += 1
                 continue
             result = self.tree.insert_chain(tip, [block], tokens, 0, extra)

@@ -125,9 +125,9 @@ class Scheduler:
                 # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
                 # (A composed sequence's private tokens are not a prefix, and prompt log-probabilities
                 # need the whole prompt computed: nothing is matched.)
-                lookup = () if seq.composition or computes_whole_prompt(seq) else seq.token_ids
-                self.cache.read_through(lookup, seq.cache_extra)  # what the tiers hold becomes cached blocks
-                prefix = self.cache.match_prefix(lookup, seq.cache_extra)
+                whole = seq.composition or computes_whole_prompt(seq)
+                self.cache.read_through(() if whole else seq.token_ids, seq.cache_extra)  # tiers -> cached blocks
+                prefix = self.cache.match_prefix(() if whole else seq.lookup_ids, seq.cache_extra)
                 n = min(len(seq.token_ids) - prefix.num_tokens, budget)
                 keep = self.watermark_blocks if self.running else 0
                 if not self.cache.can_admit(prefix, n, keep):

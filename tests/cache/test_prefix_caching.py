@@ -3,6 +3,7 @@ admission, salts, collisions, the disabled mode, integrity, and the batched deco
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvforge.cache import (
@@ -11,7 +12,7 @@ from kvforge.cache import (
     extra_keys,
     hash_block,
 )
-from kvforge.cache import hashing
+from kvforge.cache import hashing, radix
 from tests.cache.conftest import A, B, free_ids, prefill, refs
 
 
@@ -54,6 +55,15 @@ def test_the_last_token_is_never_matched(manager):
     assert manager.match_prefix(A[:9]).num_tokens == 8
     assert manager.match_prefix(A[:4]).num_tokens == 0
     assert manager.match_prefix([]).num_tokens == 0
+
+
+def test_a_token_array_matches_like_its_list(manager):
+    prefill(manager, 0, A)
+    for query in (A, A[:9], A[:8] + [1, 2], [7] + A):
+        assert manager.match_prefix(np.array(query)) == manager.match_prefix(query)
+        assert manager.match_prefix(np.array(query, dtype=np.int32)) == manager.match_prefix(query)
+    with pytest.raises(ValueError, match="not an integer in"):
+        manager.match_prefix(A + [1 << 32])
 
 
 def test_match_prefix_changes_nothing(manager):
@@ -211,6 +221,18 @@ def test_a_forced_hash_collision_is_caught_by_the_token_check(manager, monkeypat
     assert manager.match_prefix(B).num_tokens == 0
     salted = extra_keys("tenant")
     assert manager.match_prefix(A, salted).num_tokens == 0  # same hash and tokens, other extra keys
+
+
+def test_a_prefix_key_collision_falls_back_to_the_hashed_walk(monkeypatch, manager):
+    # monkeypatch first: it is undone after the manager's integrity check at teardown
+    monkeypatch.setattr(radix, "prefix_keys",  # a prefix key is its depth only: every path collides
+                        lambda blocks, first_depth, base: list(range(first_depth + 1, first_depth + 1 + len(blocks))))
+    prefill(manager, 0, A)
+    prefill(manager, 1, B)  # B's prefix keys equal A's: its nodes are cached but not indexed by key
+    assert manager.match_prefix(B).block_ids == tuple(manager.block_table(1)[:2])
+    assert manager.match_prefix(A).block_ids == (0, 1)
+    assert manager.match_prefix(A[:4] + B).block_ids == (0,)
+    assert manager.match_prefix(A[:4] + B, extra_keys("tenant")).num_tokens == 0
 
 
 # ---- disabled --------------------------------------------------------------------------------

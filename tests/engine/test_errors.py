@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,10 @@ def _still_serves(llm) -> None:
     ({"prompt_token_ids": [1, 49152]}, r"prompt_token_ids\[1\] = 49152 is not a token id; allowed: integers in \[0, 49151\]"),
     ({"prompt_token_ids": [-1]}, "not a token id"),
     ({"prompt_token_ids": ["a"]}, "not a token id"),
+    ({"prompt_token_ids": [5, 1.0]}, r"prompt_token_ids\[1\] = 1.0 is not a token id"),
+    ({"prompt_token_ids": [5, 6, True]}, r"prompt_token_ids\[2\] = True is not a token id"),
+    ({"prompt_token_ids": [0, 1, False]}, r"prompt_token_ids\[2\] = False is not a token id"),
+    ({"prompt_token_ids": [5, 1 << 70]}, r"prompt_token_ids\[1\] = \d+ is not a token id"),
     (42, "a prompt is a string or a dict"),
     ("ab\ud800cd", r"prompt holds a lone surrogate \('\\ud800' at index 2\)"),
     ({"prompt_token_ids": [1, 2], "prompt": 5}, "prompt must be a str"),
@@ -33,6 +38,15 @@ def _still_serves(llm) -> None:
 def test_bad_prompts_are_refused_and_nothing_leaks(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(prompt, OK)
+    _still_serves(llm)
+
+
+def test_numpy_integer_token_ids_are_token_ids(llm):
+    ids = [np.int64(5), np.int32(17), 99]
+    assert llm.engine.tokenize({"prompt_token_ids": ids}) == (None, [5, 17, 99])
+    out = llm.generate({"prompt_token_ids": ids}, OK)[0]
+    assert out.prompt_token_ids == [5, 17, 99]
+    assert out.outputs[0].token_ids == llm.generate({"prompt_token_ids": [5, 17, 99]}, OK)[0].outputs[0].token_ids
     _still_serves(llm)
 
 

@@ -181,10 +181,11 @@ def test_paged_attention_rejects_mismatched_shapes(device):
 
 def test_choose_num_splits_fills_the_gpu_only_when_the_batch_does_not():
     assert ta.choose_num_splits(64, 8, 32768) == 1  # 512 programs already fill 132 SMs
-    assert ta.choose_num_splits(1, 8, 32768) == 33  # ~2 programs per SM
+    assert ta.choose_num_splits(1, 8, 32768) == 64  # ~4 programs per SM (66), at most 64 splits
     assert ta.choose_num_splits(1, 8, 600) == 2  # at least 256 keys per split
     assert ta.choose_num_splits(4, 8, 100) == 1
     assert ta.choose_num_splits(1, 1, 10 ** 6) == 64
+    assert ta.choose_num_splits(2, 8, 32768) == 33  # 16 programs: 33 splits give ~4 per SM
 
 
 def test_attention_tiles_pack_the_gqa_group_into_the_tile_rows():

@@ -521,7 +521,7 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, group: int, max_query_len
 
 
 # Programs per SM that split-K aims for when a batch alone cannot fill the GPU.
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int, num_sms: int = 132) -> int:
