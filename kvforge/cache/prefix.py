@@ -60,7 +60,7 @@ class PrefixCaching:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         try:
-            revived = sum(1 for node in self.tree.resolve(match, None, "can_admit") if node.block.ref_cnt == 0)
+            revived = self.tree.count_unused(self.tree.resolve(match, None, "can_admit"))
         except ValueError:
             return False
         bs = self._block_size

@@ -30,6 +30,7 @@ or was touched since); when a leaf goes, its parent may become an evictable leaf
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -271,6 +272,12 @@ class RadixTree:
             nodes.append(node)
             parent = node
         return nodes
+
+    @staticmethod
+    def count_unused(path: Sequence[RadixNode]) -> int:
+        """How many nodes of `path` (a chain from the root, root side first) have ref_cnt 0: a suffix
+        of it, since holders hold whole paths, so found by bisection. Pure."""
+        return len(path) - bisect_left(path, True, key=lambda node: node.block.ref_cnt == 0)
 
     # ---- changes ----------------------------------------------------------------------------
 

@@ -370,15 +370,18 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids = list(prompt_token_ids)
-        self._read = len(self._ids)  # ids[:read] are printed (or prompt)
-        # ids[prefix:read] are context for the next piece: the last _CONTEXT prompt ids, widened back
-        # while they decode to "" (say, a prompt ending in skipped control tokens), or the decoder's
+        # The context for the next piece: the last _CONTEXT prompt ids, widened back while they
+        # decode to "" (say, a prompt ending in skipped control tokens), or the decoder's
         # leading-space strip would fall on the first generated token instead of on the context.
-        self._prefix, step = max(0, self._read - self._CONTEXT), self._CONTEXT
-        while self._prefix > 0 and not self._tok.decode(self._ids[self._prefix:self._read], self._skip):
+        read = len(prompt_token_ids)
+        prefix, step = max(0, read - self._CONTEXT), self._CONTEXT
+        while prefix > 0 and not self._tok.decode(prompt_token_ids[prefix:read], self._skip):
             step *= 2
-            self._prefix = max(0, self._prefix - step)
+            prefix = max(0, prefix - step)
+        # Only ids from the context on are kept (not a long prompt): ids[prefix:read] are the
+        # context, ids[read:] not yet printed.
+        self._ids = list(prompt_token_ids[prefix:])
+        self._prefix, self._read = 0, read - prefix
         self._text = ""
 
     @property
@@ -394,6 +397,7 @@ class IncrementalDetokenizer:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         piece = after[len(before):]
-        self._prefix, self._read = self._read, len(self._ids)
+        del self._ids[:self._read]  # printed text older than the new context is never decoded again
+        self._prefix, self._read = 0, len(self._ids)
         self._text += piece
         return piece

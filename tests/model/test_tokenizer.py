@@ -114,6 +114,15 @@ def test_incremental_with_prompt_context_returns_only_new_text(smollm_tokenizer)
     assert "".join(detok.add(i) for i in out) == detok.text == "naïve café 😀"
 
 
+def test_incremental_after_a_long_prompt_keeps_only_its_context(smollm_tokenizer):
+    prompt = smollm_tokenizer.encode("word " * 3000 + "Say: ")
+    out = smollm_tokenizer.encode("naïve café 😀 and more text", add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm_tokenizer, prompt_token_ids=prompt)
+    expected = smollm_tokenizer.decode(prompt + out)[len(smollm_tokenizer.decode(prompt)):]
+    assert "".join(detok.add(i) for i in out) == detok.text == expected
+    assert len(detok._ids) < 20  # neither the prompt nor the printed output is kept
+
+
 # ------------------------------------------------------------------ other sources
 def test_tiny_byte_level_gguf_splits_digits_and_keeps_control_tokens(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", "llama", None, None, tiny_bpe_fields())
