@@ -30,8 +30,8 @@ or was touched since); when a leaf goes, its parent may become an evictable leaf
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left
 from array import array
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache

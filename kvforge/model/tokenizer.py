@@ -378,10 +378,10 @@ class IncrementalDetokenizer:
         while prefix > 0 and not self._tok.decode(prompt_token_ids[prefix:read], self._skip):
             step *= 2
             prefix = max(0, prefix - step)
-        # Only ids from the context on are kept (not a long prompt): ids[prefix:read] are the
-        # context, ids[read:] not yet printed.
+        # Only ids from the context on are kept (not a long prompt): ids[:read] are the context of
+        # the next piece, ids[read:] not printed yet.
         self._ids = list(prompt_token_ids[prefix:])
-        self._prefix, self._read = 0, read - prefix
+        self._read = read - prefix
         self._text = ""
 
     @property
@@ -392,12 +392,12 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is still partial)."""
         self._ids.append(token_id)
-        before = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        after = self._tok.decode(self._ids[self._prefix:], self._skip)
+        before = self._tok.decode(self._ids[:self._read], self._skip)
+        after = self._tok.decode(self._ids, self._skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         piece = after[len(before):]
-        del self._ids[:self._read]  # printed text older than the new context is never decoded again
-        self._prefix, self._read = 0, len(self._ids)
+        del self._ids[:self._read]  # the new piece's ids become the context; older ones are done with
+        self._read = len(self._ids)
         self._text += piece
         return piece
