@@ -470,10 +470,11 @@ class LLMEngine(ChunkRequests):
     @property
     def kv_format_name(self) -> str:
         """What the KV blocks hold, as cache keys and chunk ids use it: the dtype's name for "auto"
-        ("float32", ...), else the format with it ("int8/float32": codes dequantized to that dtype).
-        Blocks of different formats never share a key."""
-        kv_format = self.kv_cache.kv_format
-        return self.dtype_name if kv_format == "auto" else f"{kv_format}/{self.dtype_name}"
+        ("float32", ...), else the pages' format with it ("int8/float32": codes dequantized to that
+        dtype; "int4+prerope+hadamard/float32", see `KVLayout.page_name`). Blocks of different formats
+        never share a key."""
+        layout = self.kv_cache.layout
+        return self.dtype_name if not layout.quantized else f"{layout.page_name}/{self.dtype_name}"
 
     def cache_extra(self, cache_salt: str | None) -> bytes:
         """The extra keys of this engine's cached blocks: what besides the tokens determines their KV

@@ -124,6 +124,10 @@ class ForwardContext:
     inv_freq: torch.Tensor | None = None  # RoPE frequencies, to re-rotate chunk keys
     k_scales: list[torch.Tensor | None] | None = None  # quantized pages' scales per layer (ops/quant.py)
     v_scales: list[torch.Tensor | None] | None = None
+    # int4 pages (ops/quant.py): the rope table their keys, stored before RoPE, are rotated with as
+    # they are read ([max positions, D] float32), and their values stored Hadamard-transformed.
+    rope_table: torch.Tensor | None = None
+    rotate_values: bool = False
 
     def scales(self, layer: int) -> dict[str, torch.Tensor]:
         """`layer`'s scales as the ops' keyword arguments: empty for unquantized pages."""
@@ -148,16 +152,31 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         _context = None
 
 
-def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Store this step's `k`, `v` `[T, kv_heads, D]` for `layer` and attend with `q` `[T, heads, D]`."""
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Store this step's K/V for `layer` and attend with `q` `[T, heads, D]` (RoPE applied).
+
+    `k`, `v` `[T, kv_heads, D]`; `k` comes before RoPE and is rotated here with `cos`, `sin`
+    `[T, D/2]`, except into int4 pages, which keep keys before RoPE (their readers rotate each
+    key to its position) and values rotated by a Hadamard matrix (ops/quant.py): the values are
+    rotated as they are stored and the attention output is rotated back here."""
     ctx = _context
     if ctx is None:
         raise RuntimeError("paged_attention called outside forward_context")
+    if not ctx.rotate_values:
+        return _attend(ctx, layer, q, ops_library.backend_for(q.device).apply_rope(k, cos, sin), v, scale)
+    out = _attend(ctx, layer, q, k, ops.hadamard_transform(v), scale)
+    return ops.hadamard_transform(out).to(q.dtype)
+
+
+def _attend(ctx: ForwardContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """`paged_attention` after the rotations: store `k`, `v` as the pages take them, attend."""
     meta = ctx.metadata
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     quant = ctx.scales(layer)
     if meta.varlen is not None or meta.private is not None:
-        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, scale, quant)
+        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, ctx.rope_table, scale, quant)
     kernels = ops_library.backend_for(q.device)
     kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     k_scale, v_scale = quant.get("k_scale"), quant.get("v_scale")
@@ -165,7 +184,7 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     for group in meta.decodes:
         rows = slice(group.start, group.start + group.count)
         parts.append(kernels.decode_attention(q[rows], k_cache, v_cache, group.block_tables, group.seq_lens,
-                                              scale, **quant))
+                                              scale, **quant, rope_table=ctx.rope_table))
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         if span.context_len == 0 and not quant:
@@ -174,11 +193,12 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             seq_k, seq_v = k[rows], v[rows]
         else:
             total = span.context_len + span.num_tokens
-            seq_k = ops.gather_seq_kv(k_cache, span.block_table, total, k_scale)
+            seq_k = ops.gather_seq_kv(k_cache, span.block_table, total, k_scale, ctx.rope_table)
             seq_v = ops.gather_seq_kv(v_cache, span.block_table, total, v_scale)
         parts.append(kernels.prefill_attention(q[rows], seq_k, seq_v, span.context_len, scale))
     if meta.composed:
-        parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, scale, k_scale, v_scale))
+        parts.append(_cascade_attention(meta, q, k_cache, v_cache, ctx.inv_freq, ctx.rope_table, scale, k_scale,
+                                        v_scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -191,7 +211,7 @@ def _kernels():
 
 def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor,
-                      scale: float, quant: dict[str, torch.Tensor]) -> torch.Tensor:
+                      rope_table: torch.Tensor | None, scale: float, quant: dict[str, torch.Tensor]) -> torch.Tensor:
     """The GPU path through the custom ops: one store, one unified kernel over the plain rows, and
     the composed rows level by level (their private K/V through the same kernel with log-sum-exp,
     each chunk once for every row that sees it, merged in float32). `quant`: the layer's scales
@@ -204,19 +224,21 @@ def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor,
         b = meta.varlen
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)[:n]
         kernels.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                scale, out[:n], lse, b.max_query_len, b.num_splits, **quant)
+                                scale, out[:n], lse, b.max_query_len, b.num_splits, **quant, rope_table=rope_table)
     if meta.private is not None:
         triton = ops_library.backend("triton")
         b, qc = meta.private, q[n:]
         private_out = torch.empty_like(qc)
         acc_lse = qc.new_empty(qc.shape[:2], dtype=torch.float32)
         kernels.paged_attention(qc, k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                scale, private_out, acc_lse, b.max_query_len, b.num_splits, **quant)
+                                scale, private_out, acc_lse, b.max_query_len, b.num_splits, **quant,
+                                rope_table=rope_table)
         acc = private_out.float()
         for call in meta.cascade:
             seg = call.segment
             o, lse = triton.chunk_attention(qc.index_select(0, call.rows), k_cache, v_cache, seg.block_table,
-                                             seg.num_tokens, seg.offset, inv_freq, call.bias, scale, **quant)
+                                             seg.num_tokens, seg.offset, inv_freq, call.bias, scale, **quant,
+                                             rope_table=rope_table)
             o, lse = triton.merge_attention_states(
                 [(acc.index_select(0, call.rows), acc_lse.index_select(0, call.rows)), (o, lse)])
             acc.index_copy_(0, call.rows, o)
@@ -260,8 +282,8 @@ def plan_cascade(spans: tuple[ComposedSpan, ...], device: torch.device) -> tuple
 
 
 def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       inv_freq: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
-                       v_scale: torch.Tensor | None) -> torch.Tensor:
+                       inv_freq: torch.Tensor, rope_table: torch.Tensor | None, scale: float,
+                       k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """The torch path of the composed spans' rows, level by level (see ComposedSpan and
     `plan_cascade`): chunk pages are gathered and re-rotated once per (chunk, offset) per layer;
     level 2 is one call per span. Returns the rows in span order."""
@@ -272,8 +294,11 @@ def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.
     for call in meta.cascade:
         seg = call.segment
         if seg.key not in segment_kv:
-            k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale)
-            k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
+            if rope_table is not None:  # int4 keys: stored before RoPE, read at their positions offset..
+                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale, rope_table, seg.offset)
+            else:
+                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale)
+                k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
             segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens, v_scale))
         k, v = segment_kv[seg.key]
         out, lse = ops.attention_with_lse(qc.index_select(0, call.rows), k, v, call.bias, scale)
@@ -289,7 +314,7 @@ def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.
             at += count
     for i, span in enumerate(spans):
         rows = q[span.start:span.start + span.num_tokens]
-        k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len, k_scale)
+        k = ops.gather_seq_kv(k_cache, span.private_table, span.private_len, k_scale, rope_table)
         v = ops.gather_seq_kv(v_cache, span.private_table, span.private_len, v_scale)
         parts[i].append(ops.attention_with_lse(rows, k, v, span.private_bias, scale))
     return torch.cat([ops.merge_attention_states(p)[0] for p in parts]).to(q.dtype)

@@ -52,11 +52,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        kernels = backend_for(x.device)
-        q = kernels.apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
-        k = kernels.apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, K, D]
+        q = backend_for(x.device).apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D], rotated by paged_attention
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
-        out = paged_attention(self.layer, q, k, v, self.scale)  # [T, H, D]
+        out = paged_attention(self.layer, q, k, v, self.scale, cos, sin)  # [T, H, D]
         return self.o_proj(out.reshape(t, cfg.q_size))
 
 

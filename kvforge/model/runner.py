@@ -77,6 +77,12 @@ class ModelRunner:
                  v_scales: list[torch.Tensor | None] | None = None, graph_query_lens: Sequence[int] = (1,)):
         self.model, self.k_caches, self.v_caches, self.block_size = model, k_caches, v_caches, block_size
         self.k_scales, self.v_scales = k_scales, v_scales  # quantized pages' scales (ops/quant.py), or None
+        # int4 pages (ops/quant.py): keys stored before RoPE, read with a rope table of every
+        # position; values stored rotated by a Hadamard matrix.
+        self.rope_table = None
+        self.rotated = k_scales is not None and ops.format_of(k_caches[0], k_scales[0]) in ops.ROTATED_FORMATS
+        if self.rotated:
+            self.rope_table = ops.rope_table(model.inv_freq, max_model_len or model.cfg.max_position_embeddings)
         self.device = k_caches[0].device
         self.on_gpu = self.device.type == "cuda"
         if cuda_graphs and not self.on_gpu:
@@ -104,7 +110,8 @@ class ModelRunner:
 
     def pages(self) -> ForwardContext:
         """The arena as a forward context sees it (metadata filled in per step)."""
-        return ForwardContext(None, self.k_caches, self.v_caches, self.model.inv_freq, self.k_scales, self.v_scales)
+        return ForwardContext(None, self.k_caches, self.v_caches, self.model.inv_freq, self.k_scales, self.v_scales,
+                              self.rope_table, self.rotated)
 
     def _forward(self, runs: Sequence[TokenRun], pages: ForwardContext, num_layers: int | None = None) -> torch.Tensor:
         """One eager forward of `runs` over the arena tensors of `pages`; logits of the runs that need
@@ -213,9 +220,13 @@ class ModelRunner:
         out = []
         for pages, offset, n in segments:
             table = torch.tensor(list(pages), device=self.device)
-            k = ops.gather_seq_kv(self.k_caches[layer], table, n, quant.get("k_scale")).float()
-            v = ops.gather_seq_kv(self.v_caches[layer], table, n, quant.get("v_scale")).float()
-            k = ops.rerotate_keys(k, offset, self.model.inv_freq)
+            k = ops.gather_seq_kv(self.k_caches[layer], table, n, quant.get("k_scale"), self.rope_table, offset)
+            v = ops.gather_seq_kv(self.v_caches[layer], table, n, quant.get("v_scale"))
+            if not self.rotated:
+                k = ops.rerotate_keys(k, offset, self.model.inv_freq)
+            else:  # int4 pages: keys read at offset.. already; values stored rotated (ops/quant.py)
+                v = ops.hadamard_transform(v)
+            k, v = k.float(), v.float()
             dk = (k_full[offset:offset + n] - k).pow(2).sum(dim=(1, 2))
             dv = (v_full[offset:offset + n] - v).pow(2).sum(dim=(1, 2))
             out.append(dk + dv)

@@ -12,18 +12,21 @@ from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
 from kvforge.ops.linear import can_pack, linear, pack_weight, packed_linear
 from kvforge.ops.quant import (
     KV_FORMATS,
+    ROTATED_FORMATS,
     KVLayout,
     check_kv_format,
     dequantize_blocks,
     dequantize_channels,
     dequantize_rows,
     format_of,
+    hadamard_transform,
     kv_layout,
     quantize_channels,
     quantize_rows,
+    rope_keys,
 )
 from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
-from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_table
 
 __all__ = [
     "can_pack",
@@ -31,15 +34,18 @@ __all__ = [
     "pack_weight",
     "packed_linear",
     "KV_FORMATS",
+    "ROTATED_FORMATS",
     "KVLayout",
     "check_kv_format",
     "dequantize_blocks",
     "dequantize_channels",
     "dequantize_rows",
     "format_of",
+    "hadamard_transform",
     "kv_layout",
     "quantize_channels",
     "quantize_rows",
+    "rope_keys",
     "add_rms_norm",
     "apply_rope",
     "attention_with_lse",
@@ -56,6 +62,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
+    "rope_table",
     "silu_and_mul",
     "store_kv",
 ]

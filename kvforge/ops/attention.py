@@ -15,8 +15,10 @@ from kvforge.ops.kv import gather_kv, gather_seq_kv
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence (quantized pages dequantized with `k_scale` / `v_scale`).
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     rope_table: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence (quantized pages dequantized with `k_scale` / `v_scale`; int4
+    keys, stored before RoPE, rotated to their positions with `rope_table`).
 
     q: `[B, heads, head_dim]`; block_tables: `[B, nb]` (padded with any valid block id);
     seq_lens: `[B]` each sequence's K/V positions (1 .. nb * block_size), this step's token included.
@@ -25,7 +27,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    k = gather_kv(k_cache, block_tables, k_scale)  # [B, kv_heads, L, D]
+    k = gather_kv(k_cache, block_tables, k_scale, rope_table)  # [B, kv_heads, L, D]
     v = gather_kv(v_cache, block_tables, v_scale)
     # An additive mask keeps SDPA on its fast CPU path (a bool mask is several times slower).
     kv_bias = kv_bias_from_lengths(seq_lens, k.shape[2], k.dtype)
@@ -65,7 +67,8 @@ def kv_bias_from_lengths(lengths: torch.Tensor, width: int, dtype: torch.dtype) 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
                     lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    rope_table: torch.Tensor | None = None) -> None:
     """Causal attention of a packed varlen batch (prefills with or without cached context, and
     decodes) over the paged arena, written into `out` (and `lse`). Torch reference of the Triton
     kernel `kvforge.ops.triton.attention.paged_attention`, with the same contract:
@@ -81,6 +84,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
       sequence has seq_len 0, say) gets out 0 and lse -inf.
     - max_query_len and num_splits only tune the kernel's launch: ignored here.
     - k_scale, v_scale: the scales of quantized pages (ops/quant.py), None for unquantized ones.
+    - rope_table `[P, D]` float32 (`kvforge.ops.rope.rope_table`, P > every key position): int4 key
+      pages hold keys before RoPE, and each key is rotated to its position as it is read with the
+      table's cos and sin (required for them, ignored otherwise).
 
     Computed in float32, one sequence at a time. Reads the lengths on the host.
     """
@@ -96,7 +102,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 lse[start:end].fill_(float("-inf"))
             continue
         context = total - n  # may be < 0 only for inconsistent lengths: rows before 0 see nothing
-        k = gather_seq_kv(k_cache, block_tables[b], total, k_scale)  # [total, kv_heads, D]
+        k = gather_seq_kv(k_cache, block_tables[b], total, k_scale, rope_table)  # [total, kv_heads, D]
         v = gather_seq_kv(v_cache, block_tables[b], total, v_scale)
         bias = None
         if n > 1 or context < 0:

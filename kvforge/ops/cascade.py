@@ -104,18 +104,20 @@ def rerotate_keys(k: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
-                    scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    rope_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of `q` `[n, heads, D]` (rows of any number of requests) over one chunk's K/V: its
     first `num_tokens` positions through `block_table` `[nb]` in the arena `[num_blocks, block_size,
     kv_heads, D]`, the keys (stored with RoPE at 0..num_tokens-1) re-rotated by `offset` (`inv_freq`
-    `[D/2]` float32, unused when offset is 0). `bias` `[n, num_tokens]` float32 additive or None.
+    `[D/2]` float32, unused when offset is 0); int4 pages store keys before RoPE, rotated instead to
+    offset.. as they are read, with `rope_table` (`kvforge.ops.rope.rope_table`). `bias`
+    `[n, num_tokens]` float32 additive or None.
 
     Returns (out `[n, heads, D]` float32, lse `[n, heads]` float32), as `attention_with_lse`: a row
     that sees no key gets out 0 and lse -inf. Cascade levels 0 and 1; does not modify the arena.
     Quantized pages are dequantized with `k_scale` / `v_scale` (ops/quant.py) before re-rotation.
     """
-    k = gather_seq_kv(k_cache, block_table, num_tokens, k_scale)
-    if offset:
+    k = gather_seq_kv(k_cache, block_table, num_tokens, k_scale, rope_table, offset)
+    if offset and (k_scale is None or k_scale.dim() != 4):  # int4 keys are read at offset.. already
         k = rerotate_keys(k, offset, inv_freq)
     return attention_with_lse(q, k, gather_seq_kv(v_cache, block_table, num_tokens, v_scale), bias, scale)

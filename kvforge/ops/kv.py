@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.ops.quant import dequantize_blocks, dequantize_channels, format_of, quantize_channels, quantize_rows
+from kvforge.ops.quant import (
+    dequantize_blocks,
+    dequantize_channels,
+    format_of,
+    quantize_channels,
+    quantize_rows,
+    rope_keys,
+)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -17,7 +24,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              v_scale: torch.Tensor | None = None) -> None:
     """Write `k`, `v` `[T, kv_heads, head_dim]` into the arena at `slot_mapping` `[T]` (in place),
     cast to the cache's dtype, or quantized into it with `k_scale` / `v_scale` (ops/quant.py; both
-    or neither). A negative slot (a padding row, e.g. in a CUDA graph) is skipped.
+    or neither; int4 pages take keys before RoPE and Hadamard-rotated values). A negative slot
+    (a padding row, e.g. in a CUDA graph) is skipped.
 
     The new tokens of one block are written in position order after the ones it already holds
     (int4 keys are quantized per block over its tokens so far: positions at or past the step's
@@ -62,9 +70,12 @@ def _store_channel_blocks(x: torch.Tensor, cache: torch.Tensor, scale: torch.Ten
     scale.index_copy_(0, touched, block_scale)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tensor | None = None,
+              rope_table: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Gather whole blocks: `block_tables` `[B, nb]` -> `[B, kv_heads, nb * block_size, head_dim]`
-    (dequantized to float32 with `scale`).
+    (dequantized to float32 with `scale`). int4 key pages hold keys before RoPE (ops/quant.py):
+    they are rotated to their positions, start + 0 .. nb * block_size - 1 along the table, with
+    `rope_table` (`kvforge.ops.rope.rope_table`; required for them, ignored otherwise).
 
     Returns a copy (views of the arena cannot express a block table). Entries past a sequence's
     length are whatever the padding block holds: the caller masks them.
@@ -72,11 +83,17 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tens
     batch, nb = block_tables.shape
     blocks = dequantize_blocks(cache, scale, block_tables.reshape(-1))
     _, block_size, heads, dim = blocks.shape
-    return blocks.view(batch, nb * block_size, heads, dim).transpose(1, 2)
+    seqs = blocks.view(batch, nb * block_size, heads, dim)
+    if scale is not None and scale.dim() == 4:  # int4 keys: stored before RoPE
+        if rope_table is None:
+            raise ValueError("int4 key pages hold keys before RoPE: reading them needs a rope_table")
+        seqs = rope_keys(seqs, rope_table, start)
+    return seqs.transpose(1, 2)
 
 
-def gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
-                  scale: torch.Tensor | None = None) -> torch.Tensor:
+def gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: torch.Tensor | None = None,
+                  rope_table: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """One sequence's first `length` positions through its `block_table` `[nb]`:
-    `[length, kv_heads, head_dim]` (a copy; dequantized to float32 with `scale`)."""
-    return gather_kv(cache, block_table[None], scale)[0, :, :length].transpose(0, 1)
+    `[length, kv_heads, head_dim]` (a copy; dequantized to float32 with `scale`, int4 keys rotated
+    to positions start.. with `rope_table`, as `gather_kv`)."""
+    return gather_kv(cache, block_table[None], scale, rope_table, start)[0, :, :length].transpose(0, 1)

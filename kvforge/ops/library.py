@@ -63,14 +63,15 @@ def _(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
                     lse: torch.Tensor, max_query_len: int, num_splits: int, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> None:
+                    v_scale: torch.Tensor | None = None, rope_table: torch.Tensor | None = None) -> None:
     """`ops.paged_attention` over a packed batch of prefills and decodes; writes `out` `[T, H, D]`
-    and `lse` `[T, H]` (float32). Quantized pages are read with `k_scale`, `v_scale` (ops/quant.py)."""
+    and `lse` `[T, H]` (float32). Quantized pages are read with `k_scale`, `v_scale` (ops/quant.py),
+    int4 keys rotated to their positions with `rope_table`."""
     backend_for(q.device).paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale,
-                                          out, lse, max_query_len, num_splits, k_scale, v_scale)
+                                          out, lse, max_query_len, num_splits, k_scale, v_scale, rope_table)
 
 
 @paged_attention.register_fake
 def _(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse, max_query_len,
-      num_splits, k_scale=None, v_scale=None) -> None:
+      num_splits, k_scale=None, v_scale=None, rope_table=None) -> None:
     return None

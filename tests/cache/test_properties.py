@@ -402,6 +402,10 @@ def _kv_of(extra: bytes, tokens: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(2, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
 
 
+INV_FREQ = ops.rope_inv_freq(HEAD_DIM, 10000.0).float()
+ROPE, UNROPE = ops.rope_table(INV_FREQ, 1024), ops.rope_table(-INV_FREQ, 1024)  # int4 keys' reads, undone
+
+
 class QuantizedArenaMachine(ManagerMachine):
     """The same rules with a real arena in a quantized format beside the oracle: every write stores
     its content's K/V (quantized), every fork copies the block (scales included), and every
@@ -430,10 +434,12 @@ class QuantizedArenaMachine(ManagerMachine):
             if not tokens:  # rolled back to nothing
                 continue
             table = torch.tensor(self.m.block_table(seq_id))
-            k = ops.gather_seq_kv(self.kv.k[0], table, len(tokens), self.kv.k_scale[0])
+            k = ops.gather_seq_kv(self.kv.k[0], table, len(tokens), self.kv.k_scale[0], ROPE)
             v = ops.gather_seq_kv(self.kv.v[0], table, len(tokens), self.kv.v_scale[0])
             slots = self.m.slot_mapping(seq_id, 0, len(tokens))
             want = torch.stack([_kv_of(*self.arena[slot]) for slot in slots])
+            if self.kv.layout.rotated:  # int4 keys are stored before RoPE and read rotated to their positions
+                k = ops.rope_keys(k, UNROPE)
             assert (k - want[:, 0]).abs().max() <= self.TOLERANCE, (seq_id, self.FORMAT)
             assert (v - want[:, 1]).abs().max() <= self.TOLERANCE, (seq_id, self.FORMAT)
 

@@ -8,6 +8,8 @@ from kvforge import ops
 
 BS, H, D = 4, 2, 8
 QUANTIZED = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
+INV_FREQ = ops.rope_inv_freq(D, 10000.0).float()
+ROPE = ops.rope_table(INV_FREQ, 128)  # int4 pages hold keys before RoPE: their readers rotate with it
 
 
 def _arena(fmt, num_blocks=6, dtype=torch.float32):
@@ -58,11 +60,55 @@ def test_store_then_gather_dequantizes_what_was_stored_in_block_table_order(fmt)
     slots = torch.tensor([8, 9, 10, 11, 4, 5, 6])  # block 2 whole, then block 1 partly
     ops.store_kv(k, v, kc, vc, slots, ks, vs)
     table = torch.tensor([2, 1])
-    gk = ops.gather_seq_kv(kc, table, 7, ks)
+    gk = ops.gather_seq_kv(kc, table, 7, ks, ROPE)
     gv = ops.gather_seq_kv(vc, table, 7, vs)
+    if fmt == "int4":  # keys stored before RoPE come back rotated to their positions 0..6
+        k = ops.rope_keys(k, ROPE)
     tol = 0.6 if fmt in ("int4", "fp8_e5m2") else 0.2
     assert gk.dtype == torch.float32
     assert (gk - k).abs().max() < tol and (gv - v).abs().max() < tol
+
+
+def test_int4_keys_are_rotated_to_their_positions_as_they_are_read():
+    """Keys go into int4 pages before RoPE; every reader rotates key i of a sequence to position i
+    (a chunk read at an offset: to offset + i), whatever block holds it."""
+    torch.manual_seed(5)
+    _, (kc, vc, ks, vs) = _arena("int4")
+    k = torch.randn(6, H, D)
+    ops.store_kv(k, k, kc, vc, torch.tensor([20, 21, 22, 23, 12, 13]), ks, vs)  # blocks 5, then 3
+    stored = ops.dequantize_blocks(kc, ks, torch.tensor([5, 3])).flatten(0, 1)[:6]  # before RoPE
+    assert (stored - k).abs().max() < 0.3
+    read = ops.gather_seq_kv(kc, torch.tensor([5, 3]), 6, ks, ROPE)
+    cos, sin = ops.rope_cos_sin(torch.arange(6), INV_FREQ, torch.float32)
+    torch.testing.assert_close(read, ops.apply_rope(stored, cos, sin))
+    cos, sin = ops.rope_cos_sin(torch.arange(100, 106), INV_FREQ, torch.float32)
+    at_100 = ops.gather_seq_kv(kc, torch.tensor([5, 3]), 6, ks, ROPE, start=100)
+    torch.testing.assert_close(at_100, ops.apply_rope(stored, cos, sin))
+    with pytest.raises(ValueError, match="before RoPE"):
+        ops.gather_seq_kv(kc, torch.tensor([5, 3]), 6, ks)
+
+
+def test_hadamard_transform_is_the_orthogonal_sylvester_matrix_and_spreads_an_outlier_channel():
+    sylvester = torch.ones(1, 1)
+    while sylvester.shape[0] < 64:
+        sylvester = torch.cat((torch.cat((sylvester, sylvester), 1), torch.cat((sylvester, -sylvester), 1)))
+    h = ops.hadamard_transform(torch.eye(64))
+    torch.testing.assert_close(h, sylvester / 8)
+    x = torch.randn(5, 3, 64)
+    torch.testing.assert_close(ops.hadamard_transform(ops.hadamard_transform(x)), x)  # its own inverse
+    assert torch.equal(ops.hadamard_transform(x)[:2], ops.hadamard_transform(x[:2]))  # row by row, bit for bit
+    with pytest.raises(ValueError, match="power-of-2"):
+        ops.hadamard_transform(torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="power of 2"):
+        ops.kv_layout("int4", BS, H, 48, torch.float32)
+    # A row with one outlier channel: absmax int4 rounds every other channel to 0, the rotated
+    # row keeps them.
+    torch.manual_seed(6)
+    x = torch.randn(64, 1, 64)
+    x[:, :, 5] = 40.0
+    plain = ops.dequantize_rows(*ops.quantize_rows(x, "int4"))
+    rotated = ops.hadamard_transform(ops.dequantize_rows(*ops.quantize_rows(ops.hadamard_transform(x), "int4")))
+    assert (rotated - x).pow(2).mean() < 0.5 * (plain - x).pow(2).mean()
 
 
 def test_int4_keys_written_token_by_token_match_one_write_of_the_block_when_the_range_holds():
@@ -86,7 +132,7 @@ def test_int4_keys_requantized_as_a_block_fills_stay_within_two_steps_of_the_blo
     k = torch.randn(BS, H, D) * torch.arange(1, BS + 1)[:, None, None]  # each token widens the range
     for i in range(BS):
         ops.store_kv(k[i:i + 1], k[i:i + 1], kc, vc, torch.tensor([i]), ks, vs)
-    y = ops.gather_seq_kv(kc, torch.tensor([0]), BS, ks)
+    y = ops.dequantize_blocks(kc, ks, torch.tensor([0]))[0]
     step = (k.amax(dim=0) - k.amin(dim=0)) / 15
     assert ((y - k).abs() <= 2 * step + 1e-3).all()
 
@@ -97,7 +143,7 @@ def test_int4_key_block_ignores_stale_positions_after_the_last_new_token():
     ops.store_kv(big, big, kc, vc, torch.arange(BS), ks, vs)  # block 0 reused later
     small = torch.randn(2, H, D)
     ops.store_kv(small, small, kc, vc, torch.tensor([0, 1]), ks, vs)  # a new sequence's first tokens
-    y = ops.gather_seq_kv(kc, torch.tensor([0]), 2, ks)
+    y = ops.dequantize_blocks(kc, ks, torch.tensor([0]))[0, :2]
     assert (y - small).abs().max() < (small.amax() - small.amin()) / 15
 
 
@@ -121,14 +167,14 @@ def test_paged_attention_over_quantized_pages_is_close_to_float_attention(fmt, t
     for b, n in enumerate(lens):
         k, v = torch.randn(n, H, D), torch.randn(n, H, D)
         slots = torch.tensor([int(tables[b, i // BS]) * BS + i % BS for i in range(n)])
-        ops.store_kv(k, v, kf, vf, slots)
-        ops.store_kv(k, v, kc, vc, slots, ks, vs)
+        ops.store_kv(ops.rope_keys(k, ROPE), v, kf, vf, slots)
+        ops.store_kv(k if fmt == "int4" else ops.rope_keys(k, ROPE), v, kc, vc, slots, ks, vs)  # int4: before RoPE
     q = torch.randn(sum(lens), heads, D)
     cu = torch.tensor([0, 7, 10])
     seq_lens = torch.tensor(lens)
     ref, out = torch.empty_like(q), torch.empty_like(q)
     ops.paged_attention(q, kf, vf, cu, seq_lens, tables, 0.35, ref)
-    ops.paged_attention(q, kc, vc, cu, seq_lens, tables, 0.35, out, k_scale=ks, v_scale=vs)
+    ops.paged_attention(q, kc, vc, cu, seq_lens, tables, 0.35, out, k_scale=ks, v_scale=vs, rope_table=ROPE)
     assert (out - ref).abs().max() < tol
 
 

@@ -207,17 +207,24 @@ def _attention_batch(fmt, q_lens, seq_lens, *, block_size, kv_heads, group, dim,
     return [t.to(DEVICE) for t in (q, kc, vc, cu, torch.tensor(seq_lens, dtype=torch.int32), tables, ks, vs)]
 
 
+def _rope(dim, theta=10000.0):
+    """A rope table: int4 pages hold keys before RoPE, and their readers rotate them with it."""
+    return ops.rope_table(ops.rope_inv_freq(dim, theta).float(), 16384)
+
+
 def _check_attention(q, kc, vc, cu, seq_lens, tables, ks, vs, *, splits, tol):
     """Triton paged_attention over the quantized pages against the reference on the same pages."""
     scale = q.shape[-1] ** -0.5
     valid = int(cu[-1])
+    rope = _rope(q.shape[-1], 500000.0)
     want_out, want_lse = torch.zeros_like(q).cpu(), torch.zeros(q.shape[:2])
     ops.paged_attention(q.cpu(), kc.cpu(), vc.cpu(), cu.cpu(), seq_lens.cpu(), tables.cpu(), scale, want_out,
-                        want_lse, k_scale=ks.cpu(), v_scale=vs.cpu())
+                        want_lse, k_scale=ks.cpu(), v_scale=vs.cpu(), rope_table=rope)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     q_lens = (cu[1:] - cu[:-1]).tolist()
-    ta.paged_attention(q, kc, vc, cu, seq_lens, tables, scale, out, lse, max(q_lens), splits, ks, vs)
+    ta.paged_attention(q, kc, vc, cu, seq_lens, tables, scale, out, lse, max(q_lens), splits, ks, vs,
+                       rope.to(q.device))
     assert out[valid:].isnan().all(), "padding rows past cu[B] were written"
     torch.testing.assert_close(out[:valid].cpu().float(), want_out[:valid].float(), **tol)
     torch.testing.assert_close(lse[:valid].cpu(), want_lse[:valid], **tol)
@@ -263,9 +270,9 @@ def test_triton_steps_store_then_attend_like_the_reference(fmt):
         q = torch.randn(int(cu[-1]), KVH * group, D, generator=torch.Generator().manual_seed(i))
         want_out, out = torch.empty_like(q), torch.empty_like(q, device=DEVICE)
         ops.paged_attention(q, want[0], want[1], cu, seq_lens, TABLES.int(), 0.3, want_out, None, k_scale=want[2],
-                            v_scale=want[3])
+                            v_scale=want[3], rope_table=_rope(D))
         ta.paged_attention(q.to(DEVICE), *got[:2], cu.to(DEVICE), seq_lens.to(DEVICE), TABLES.int().to(DEVICE), 0.3,
-                           out, None, max(q_lens), 2, got[2], got[3])
+                           out, None, max(q_lens), 2, got[2], got[3], _rope(D).to(DEVICE))
         _assert_same_pages(got, want)
         tol = dict(atol=5e-2, rtol=5e-2) if GPU else F32  # a GPU may store some codes one step apart
         torch.testing.assert_close(out.cpu(), want_out, **tol)
@@ -276,6 +283,17 @@ def test_paged_attention_rejects_half_a_pair_of_scales():
                                                                dim=32, dtype=torch.float32, seed=0)
     with pytest.raises(ValueError, match="both"):
         ta.paged_attention(q, kc, vc, cu, seq_lens, tables, 1.0, torch.empty_like(q), k_scale=ks)
+
+
+def test_int4_pages_need_a_rope_table_to_be_read():
+    """int4 keys are stored before RoPE: reading them without the table that rotates them is refused."""
+    q, kc, vc, cu, seq_lens, tables, ks, vs = _attention_batch("int4", [1], [3], block_size=16, kv_heads=2, group=2,
+                                                               dim=32, dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="rope_table"):
+        ta.paged_attention(q, kc, vc, cu, seq_lens, tables, 1.0, torch.empty_like(q), None, 1, 1, ks, vs)
+    with pytest.raises(ValueError, match="rope_table"):
+        ta.paged_attention(q, kc, vc, cu, seq_lens, tables, 1.0, torch.empty_like(q), None, 1, 1, ks, vs,
+                           _rope(16).to(DEVICE))  # a table of another head_dim
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,10 +324,11 @@ def test_chunk_attention_over_quantized_pages_matches_the_reference(fmt, offset,
     bias = torch.zeros(n, num_tokens).masked_fill_(torch.rand(n, num_tokens, generator=g) < 0.4, float("-inf"))
     bias[1] = float("-inf")
     inv_freq = ops.rope_inv_freq(dim, 10000.0).float()
+    rope = _rope(dim)
     out, lse = tcascade._chunk_attention(q.to(DEVICE), kc, vc, table, num_tokens, offset, inv_freq, bias.to(DEVICE),
-                                         0.2, num_splits=splits, k_scale=ks, v_scale=vs)
+                                         0.2, num_splits=splits, k_scale=ks, v_scale=vs, rope_table=rope.to(DEVICE))
     want_out, want_lse = ops.chunk_attention(q, kc.cpu(), vc.cpu(), table.cpu(), num_tokens, offset, inv_freq, bias,
-                                             0.2, ks.cpu(), vs.cpu())
+                                             0.2, ks.cpu(), vs.cpu(), rope)
     torch.testing.assert_close(out.cpu(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
     assert torch.isneginf(lse[1]).all()
@@ -321,9 +340,11 @@ def _check_bf16_chunk(fmt, seed, num_tokens, kv_heads, dim, rows, heads, offset,
     kc, vc, table, ks, vs = _quantized_chunk(fmt, g, num_tokens, 16, kv_heads, dim)
     q = torch.randn(rows, heads, dim, generator=g).bfloat16()
     inv_freq = ops.rope_inv_freq(dim, theta).float()
-    out, lse = tcascade.chunk_attention(q.to(DEVICE), kc, vc, table, num_tokens, offset, inv_freq, None, scale, ks, vs)
+    rope = _rope(dim, theta)
+    out, lse = tcascade.chunk_attention(q.to(DEVICE), kc, vc, table, num_tokens, offset, inv_freq, None, scale, ks, vs,
+                                        rope.to(DEVICE))
     want_out, want_lse = ops.chunk_attention(q.float(), kc.cpu(), vc.cpu(), table.cpu(), num_tokens, offset, inv_freq,
-                                             None, scale, ks.cpu(), vs.cpu())
+                                             None, scale, ks.cpu(), vs.cpu(), rope)
     torch.testing.assert_close(out.cpu(), want_out, **BF16)
     torch.testing.assert_close(lse.cpu(), want_lse, **BF16)
 
@@ -341,11 +362,11 @@ def test_custom_ops_take_the_scales_and_trace_in_one_graph():
     """kvforge::store_kv mutates the scales with the pages; both ops trace under torch.compile with
     them (on CPU the ops run the torch references, on a GPU the Triton kernels)."""
 
-    def step(k, v, q, kc, vc, ks, vs, slots, cu, lens, tables):
+    def step(k, v, q, kc, vc, ks, vs, slots, cu, lens, tables, rope):
         torch.ops.kvforge.store_kv(k, v, kc, vc, slots, ks, vs)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        torch.ops.kvforge.paged_attention(q, kc, vc, cu, lens, tables, 0.35, out, lse, 3, 1, ks, vs)
+        torch.ops.kvforge.paged_attention(q, kc, vc, cu, lens, tables, 0.35, out, lse, 3, 1, ks, vs, rope)
         return out, lse
 
     def inputs():
@@ -357,7 +378,7 @@ def test_custom_ops_take_the_scales_and_trace_in_one_graph():
         cu = torch.tensor([0, 3, 4], dtype=torch.int32)
         lens = torch.tensor([5, 3], dtype=torch.int32)
         tables = torch.tensor([[0, 1], [3, 5]], dtype=torch.int32)
-        return [t.to(DEVICE) for t in (k, v, q, *arena, slots, cu, lens, tables)]
+        return [t.to(DEVICE) for t in (k, v, q, *arena, slots, cu, lens, tables, _rope(D))]
 
     eager, compiled = inputs(), inputs()
     want = step(*eager)

@@ -124,11 +124,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     rope_table: torch.Tensor | None = None) -> torch.Tensor:
     """`kvforge.ops.decode_attention`, reading float32 pages in place (quantized pages: the reference)."""
     if (k_scale is None and _native(q, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
             and q.shape[1] // k_cache.shape[2] <= _MAX_GROUP and q.shape[2] % _LANES == 0):
         return torch.ops.kvforge_cpu.decode_attention(q, k_cache, v_cache, block_tables.long().contiguous(),
                                                       seq_lens.long().contiguous(), scale)
-    return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+    return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, rope_table)
 

@@ -27,7 +27,8 @@ the format a constexpr (PLAIN compiles to the unquantized kernels): store_kv qua
 it stores it (per-row absmax scale, round to nearest even), and int4 keys, quantized per block and
 channel, by a second kernel that re-quantizes each block a run of new rows lands in;
 paged_attention (and cascade.chunk_attention) dequantize K/V tiles to float32 as they load them
-(`load_kv`). float8 pages are passed as torch float8 tensors: Triton's CPU interpreter loads them
+(`load_kv`); int4 keys, stored before RoPE, are then rotated to their positions with the cos and
+sin of a rope table (`rope_on_read`). float8 pages are passed as torch float8 tensors: Triton's CPU interpreter loads them
 correctly, but its float32 -> float8 cast is wrong, so the store rounds to the float8 grid in
 float32 first (`_round_to_fp8`) and the cast is exact everywhere.
 """
@@ -92,6 +93,37 @@ def kv_formats(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tens
                 raise ValueError(f"{kv_format} pages need a contiguous float16 {name} {list(want)}; got "
                                  f"{scale.dtype} {tuple(scale.shape)}")
     return _FORMAT_CODES[kv_format]
+
+
+def key_rope_table(k_format: int, rope_table: torch.Tensor | None, head_dim: int,
+                   placeholder: torch.Tensor) -> torch.Tensor:
+    """What the kernels' `rope_ptr` points at: int4 keys (INT4_CHANNELS), stored before RoPE, need a
+    contiguous float32 `rope_table` `[P, head_dim]` (`kvforge.ops.rope.rope_table`) on their device
+    (ValueError otherwise; that P exceeds every key position is the caller's to keep: reading the
+    lengths would sync); any other format reads none and gets `placeholder`."""
+    if k_format != INT4_CHANNELS.value:
+        return placeholder
+    if rope_table is None or rope_table.dim() != 2 or rope_table.shape[1] != head_dim \
+            or rope_table.dtype != torch.float32 or not rope_table.is_contiguous() \
+            or rope_table.device != placeholder.device:
+        got = None if rope_table is None else f"{rope_table.dtype} {tuple(rope_table.shape)} on {rope_table.device}"
+        raise ValueError(f"int4 key pages hold keys before RoPE: reading them needs a contiguous float32 rope_table "
+                         f"[positions, {head_dim}] on {placeholder.device}; got {got}")
+    return rope_table
+
+
+@triton.jit
+def rope_on_read(x, partner, pos, chan, mask, rope_ptr, HEAD_DIM: tl.constexpr):
+    """Keys stored before RoPE ("rotate half" pairs (c, c + HEAD_DIM / 2)), rotated to their
+    positions as they are read: `x` holds channels `chan`, `partner` the paired channels
+    `(chan + HEAD_DIM / 2) % HEAD_DIM` of the same keys, `pos` their positions (all broadcast
+    together with `mask`; float32 values). cos and sin come from the rope table `[P, HEAD_DIM]`
+    (row p: cos of p times each frequency, then the sines), the values the torch reference uses."""
+    half: tl.constexpr = HEAD_DIM // 2
+    at = rope_ptr + pos.to(tl.int64) * HEAD_DIM + chan % half
+    cos = tl.load(at, mask=mask, other=1.0)
+    sin = tl.load(at + half, mask=mask, other=0.0)
+    return x * cos + tl.where(chan < half, -sin, sin) * partner
 
 
 @triton.jit
@@ -344,6 +376,7 @@ def _paged_attention_kernel(
     q_ptr,                       # [T, H, HEAD_DIM]
     k_cache_ptr, v_cache_ptr,    # [num_blocks * BLOCK_SIZE, KV_HEADS, DATA_DIM] contiguous
     k_scale_ptr, v_scale_ptr,    # quantized pages' scales (kvforge.ops.quant), else unused
+    rope_ptr,                    # [P, HEAD_DIM] float32 rope table (INT4_CHANNELS keys), else unused
     out_ptr,                     # out [T, H, HEAD_DIM], or float32 scratch [NUM_SPLITS, T, H, HEAD_DIM]
     lse_ptr,                     # lse [T, H] float32, or scratch [NUM_SPLITS, T, H]
     cu_ptr,                      # [B + 1] query row offsets
@@ -429,6 +462,11 @@ def _paged_attention_kernel(
         kv_off = slot * (KV_HEADS * DATA_DIM) + kv_head * DATA_DIM   # [BLOCK_N]
         kt = load_kv(k_cache_ptr, k_scale_ptr, kv_off[None, :], slot[None, :], block[None, :], kv_head, d[:, None],
                      k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM)  # [BLOCK_D, BLOCK_N]
+        if K_FORMAT == INT4_CHANNELS:  # stored before RoPE: rotate each key to its position
+            pair = (d + HEAD_DIM // 2) % HEAD_DIM
+            kp = load_kv(k_cache_ptr, k_scale_ptr, kv_off[None, :], slot[None, :], block[None, :], kv_head,
+                         pair[:, None], k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM)
+            kt = rope_on_read(kt, kp, kpos[None, :], d[:, None], k_ok[None, :] & d_ok[:, None], rope_ptr, HEAD_DIM)
         s = tl.dot(q, kt.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         seen = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
         s = tl.where(seen, s, float("-inf"))
@@ -540,7 +578,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len_hint: int, n
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
                     lse: torch.Tensor | None = None, max_query_len: int = 1, num_splits: int = 1,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    rope_table: torch.Tensor | None = None) -> None:
     """Causal attention of a packed varlen batch over the paged arena, written into `out` (and `lse`).
 
     Same contract as the torch reference `kvforge.ops.attention.paged_attention` (read it for the
@@ -549,14 +588,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     are int32 (or int64) on q's device; num_splits > 1 = split-K, valid for prefill rows too.
     Rows at or past cu_query_lens[-1] are left untouched. Never syncs with the device.
     Quantized pages (`k_scale`, `v_scale`: ops/quant.py) are dequantized tile by tile as the kernel
-    loads them, to float32 and then q's dtype for the products; nothing else is materialized.
+    loads them, to float32 and then q's dtype for the products; nothing else is materialized. int4
+    keys, stored before RoPE, are rotated to their positions as they are loaded (`rope_table`).
     """
     _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse,
-                     max_query_len, num_splits, None, k_scale, v_scale)
+                     max_query_len, num_splits, None, k_scale, v_scale, rope_table)
 
 
 def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables, scale, out, lse,
-                     max_query_len, num_splits, tiles: AttentionTiles | None, k_scale=None, v_scale=None) -> None:
+                     max_query_len, num_splits, tiles: AttentionTiles | None, k_scale=None, v_scale=None,
+                     rope_table=None) -> None:
     """`paged_attention` with an optional tile override (tests use it to vary BLOCK_N)."""
     tokens, heads, dim = q.shape
     _, block_size, kv_heads, data_dim = k_cache.shape
@@ -565,6 +606,7 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
         raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
                          "(heads must be a multiple of kv heads)")
     k_format, v_format = kv_formats(k_cache, v_cache, k_scale, v_scale, dim)  # head dims, layout
+    rope = key_rope_table(k_format, rope_table, dim, k_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("paged_attention: the K/V caches must be contiguous")
     if out.shape != q.shape or q.stride(2) != 1 or out.stride(2) != 1:
@@ -606,7 +648,7 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
     _paged_attention_kernel[(grid_q, kv_heads, num_splits)](
         q, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
         v_scale if v_scale is not None else v_cache,  # placeholders, never read, for unquantized pages
-        dst_out, lse_arg, cu_query_lens, seq_lens, block_tables,
+        rope, dst_out, lse_arg, cu_query_lens, seq_lens, block_tables,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1),
         split_stride_o, dst_out.stride(-3), dst_out.stride(-2),

@@ -23,7 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.ops.triton.attention import TL_DTYPES, PLAIN, kv_formats, load_kv
+from kvforge.ops.triton.attention import (
+    INT4_CHANNELS,
+    PLAIN,
+    TL_DTYPES,
+    key_rope_table,
+    kv_formats,
+    load_kv,
+    rope_on_read,
+)
 
 _LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 256  # below this a split's partial results cost more than its keys
@@ -31,8 +39,8 @@ _MIN_KEYS_PER_SPLIT = 256  # below this a split's partial results cost more than
 
 @triton.jit
 def _chunk_attention_kernel(
-    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rot_ptr, bias_ptr, out_ptr, lse_ptr,
-    num_rows, num_tokens, keys_per_split, qk_scale,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rot_ptr, rope_ptr, bias_ptr, out_ptr, lse_ptr,
+    num_rows, num_tokens, offset, keys_per_split, qk_scale,
     stride_qn, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -89,6 +97,10 @@ def _chunk_attention_kernel(
             k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
             k1 = k1f * cos - k2f * sin
             k2 = k2f * cos + k1f * sin
+        if K_FORMAT == INT4_CHANNELS:  # stored before RoPE: each key rotated to its position offset + key
+            pos = (offset + keys)[None, :]
+            k1, k2 = (rope_on_read(k1, k2, pos, dh[:, None], kv_mask, rope_ptr, 2 * HALF),
+                      rope_on_read(k2, k1, pos, dh[:, None] + HALF, kv_mask, rope_ptr, 2 * HALF))
         k1, k2 = k1.to(VALUE_DTYPE).to(dot_dtype), k2.to(VALUE_DTYPE).to(dot_dtype)
         s = tl.dot(q1, k1, input_precision=PRECISION)
         s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -179,19 +191,21 @@ def _rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> torc
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
-                    scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    rope_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`kvforge.ops.cascade.chunk_attention` in Triton: (out `[n, H, D]` float32, lse `[n, H]` float32)
     of `q` `[n, H, D]` over the chunk's first `num_tokens` positions through `block_table` `[nb]`,
     keys re-rotated by `offset`. q is rounded to the cache dtype for the tensor-core products.
     Quantized pages (`k_scale`, `v_scale`: ops/quant.py) are dequantized to float32 tile by tile as
-    they are loaded, before the re-rotation, and the products run in q's dtype instead."""
+    they are loaded, before the re-rotation, and the products run in q's dtype instead; int4 keys,
+    stored before RoPE, are rotated to their positions offset.. with `rope_table` instead."""
     return _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale,
-                            k_scale=k_scale, v_scale=v_scale)
+                            k_scale=k_scale, v_scale=v_scale, rope_table=rope_table)
 
 
 def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_freq, bias, scale,
-                     num_splits: int | None = None, block_m: int | None = None, k_scale=None, v_scale=None):
+                     num_splits: int | None = None, block_m: int | None = None, k_scale=None, v_scale=None,
+                     rope_table=None):
     """chunk_attention with the split count and row tile forced (tests, tuning)."""
     n, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -208,8 +222,10 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
         raise ValueError(f"num_tokens {num_tokens} exceeds the {block_table.shape[0]} pages of the block table")
     if bias is not None and tuple(bias.shape) != (n, num_tokens):
         raise ValueError(f"bias must be [n, num_tokens] = [{n}, {num_tokens}], got {tuple(bias.shape)}")
-    if offset and inv_freq is None:
+    rotate = bool(offset) and k_format != INT4_CHANNELS.value  # int4 keys are rotated to offset.. as read
+    if rotate and inv_freq is None:
         raise ValueError("a non-zero offset needs inv_freq")
+    rope = key_rope_table(k_format, rope_table, dim, k_cache)
     for cache in (k_cache, v_cache):
         if cache.stride(-1) != 1:
             raise ValueError("the arena's head_dim must be contiguous")
@@ -229,14 +245,14 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
     splits = max(1, triton.cdiv(num_tokens, keys_per_split))
     parts_out = torch.empty(splits, n, heads, dim, device=q.device, dtype=torch.float32)
     parts_lse = torch.empty(splits, n, heads, device=q.device, dtype=torch.float32)
-    rot = _rotation(offset, inv_freq, q.device) if offset else parts_lse  # a placeholder pointer when unused
+    rot = _rotation(offset, inv_freq, q.device) if rotate else parts_lse  # a placeholder pointer when unused
     half = dim // 2
     grid = (triton.cdiv(rows, bm), kv_heads, splits)
     _chunk_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
         v_scale if v_scale is not None else v_cache,  # placeholders, never read, for unquantized pages
-        block_table, rot, bias if bias is not None else parts_lse, parts_out, parts_lse,
-        rows, num_tokens, keys_per_split, scale * _LOG2E,
+        block_table, rot, rope, bias if bias is not None else parts_lse, parts_out, parts_lse,
+        rows, num_tokens, offset, keys_per_split, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -244,7 +260,7 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
         parts_out.stride(0), parts_out.stride(1), parts_out.stride(2),
         parts_lse.stride(0), parts_lse.stride(1),
         GROUP=group, PAGE=page, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
-        BLOCK_M=bm, BLOCK_N=bn, ROTATE=bool(offset), HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, ROTATE=rotate, HAS_BIAS=bias is not None,
         PRECISION="ieee" if value_dtype == tl.float32 else "tf32", UPCAST=q.device.type == "cpu",
         KV_HEADS=kv_heads, K_FORMAT=k_format, V_FORMAT=v_format, VALUE_DTYPE=value_dtype,
         num_warps=warps, num_stages=2,
