@@ -294,11 +294,7 @@ def _cascade_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.
     for call in meta.cascade:
         seg = call.segment
         if seg.key not in segment_kv:
-            if rope_table is not None:  # int4 keys: stored before RoPE, read at their positions offset..
-                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale, rope_table, seg.offset)
-            else:
-                k = ops.gather_seq_kv(k_cache, seg.block_table, seg.num_tokens, k_scale)
-                k = ops.rerotate_keys(k, seg.offset, inv_freq) if seg.offset else k
+            k = ops.chunk_keys(k_cache, seg.block_table, seg.num_tokens, seg.offset, inv_freq, k_scale, rope_table)
             segment_kv[seg.key] = (k, ops.gather_seq_kv(v_cache, seg.block_table, seg.num_tokens, v_scale))
         k, v = segment_kv[seg.key]
         out, lse = ops.attention_with_lse(qc.index_select(0, call.rows), k, v, call.bias, scale)

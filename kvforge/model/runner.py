@@ -220,13 +220,10 @@ class ModelRunner:
         out = []
         for pages, offset, n in segments:
             table = torch.tensor(list(pages), device=self.device)
-            k = ops.gather_seq_kv(self.k_caches[layer], table, n, quant.get("k_scale"), self.rope_table, offset)
+            k = ops.chunk_keys(self.k_caches[layer], table, n, offset, self.model.inv_freq, quant.get("k_scale"),
+                               self.rope_table).float()
             v = ops.gather_seq_kv(self.v_caches[layer], table, n, quant.get("v_scale"))
-            if not self.rotated:
-                k = ops.rerotate_keys(k, offset, self.model.inv_freq)
-            else:  # int4 pages: keys read at offset.. already; values stored rotated (ops/quant.py)
-                v = ops.hadamard_transform(v)
-            k, v = k.float(), v.float()
+            v = ops.hadamard_transform(v) if self.rotated else v.float()  # int4 values are stored rotated
             dk = (k_full[offset:offset + n] - k).pow(2).sum(dim=(1, 2))
             dv = (v_full[offset:offset + n] - v).pow(2).sum(dim=(1, 2))
             out.append(dk + dv)

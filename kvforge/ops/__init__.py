@@ -5,6 +5,7 @@ from kvforge.ops.cascade import (
     attention_with_lse,
     attention_with_lse_reference,
     chunk_attention,
+    chunk_keys,
     merge_attention_states,
     rerotate_keys,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "attention_with_lse",
     "attention_with_lse_reference",
     "chunk_attention",
+    "chunk_keys",
     "decode_attention",
     "gather_kv",
     "gather_seq_kv",

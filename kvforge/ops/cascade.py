@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from kvforge.ops.kv import gather_seq_kv
+from kvforge.ops.quant import keys_before_rope
 from kvforge.ops.rope import apply_rope, rope_cos_sin
 
 
@@ -102,6 +103,19 @@ def rerotate_keys(k: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch
     return apply_rope(k.float(), cos, sin).to(k.dtype)
 
 
+def chunk_keys(k_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int, offset: int,
+               inv_freq: torch.Tensor | None, k_scale: torch.Tensor | None = None,
+               rope_table: torch.Tensor | None = None) -> torch.Tensor:
+    """A chunk's first `num_tokens` keys through `block_table`, at positions offset..: `[num_tokens,
+    kv_heads, D]` (a copy; float32 for quantized pages). Keys stored with RoPE at 0.. are re-rotated
+    by `offset` (`inv_freq`, unused when offset is 0); int4 keys, stored before RoPE, are rotated
+    straight to offset.. with `rope_table`."""
+    if keys_before_rope(k_scale):
+        return gather_seq_kv(k_cache, block_table, num_tokens, k_scale, rope_table, offset)
+    k = gather_seq_kv(k_cache, block_table, num_tokens, k_scale)
+    return rerotate_keys(k, offset, inv_freq) if offset else k
+
+
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     num_tokens: int, offset: int, inv_freq: torch.Tensor | None, bias: torch.Tensor | None,
                     scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
@@ -117,7 +131,5 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     that sees no key gets out 0 and lse -inf. Cascade levels 0 and 1; does not modify the arena.
     Quantized pages are dequantized with `k_scale` / `v_scale` (ops/quant.py) before re-rotation.
     """
-    k = gather_seq_kv(k_cache, block_table, num_tokens, k_scale, rope_table, offset)
-    if offset and (k_scale is None or k_scale.dim() != 4):  # int4 keys are read at offset.. already
-        k = rerotate_keys(k, offset, inv_freq)
+    k = chunk_keys(k_cache, block_table, num_tokens, offset, inv_freq, k_scale, rope_table)
     return attention_with_lse(q, k, gather_seq_kv(v_cache, block_table, num_tokens, v_scale), bias, scale)

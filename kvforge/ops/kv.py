@@ -13,6 +13,7 @@ from kvforge.ops.quant import (
     dequantize_blocks,
     dequantize_channels,
     format_of,
+    keys_before_rope,
     quantize_channels,
     quantize_rows,
     rope_keys,
@@ -84,7 +85,7 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tens
     blocks = dequantize_blocks(cache, scale, block_tables.reshape(-1))
     _, block_size, heads, dim = blocks.shape
     seqs = blocks.view(batch, nb * block_size, heads, dim)
-    if scale is not None and scale.dim() == 4:  # int4 keys: stored before RoPE
+    if keys_before_rope(scale):
         if rope_table is None:
             raise ValueError("int4 key pages hold keys before RoPE: reading them needs a rope_table")
         seqs = rope_keys(seqs, rope_table, start)

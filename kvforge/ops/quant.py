@@ -28,10 +28,10 @@ Formats (`kv_cache_dtype`):
   it dequantizes it, with the cos and sin of a `rope_table` (`rope_keys`; the Triton kernels look
   them up the same way).
   Values per token: symmetric, v_scale [nb, bs, kv_heads] = absmax / 7, stored as q + 8 (q in
-  -7..7), of the value rotated by a normalized Hadamard matrix (`hadamard_transform`, QuaRot): the rotation
-  spreads a row's outlier channels over all of them, so absmax scaling wastes fewer levels. The
-  matrix is symmetric and orthogonal, so attention over rotated values is the rotated attention
-  output, and the attention layer rotates that output back (model/attention.py).
+  -7..7), of the value rotated by a normalized Hadamard matrix (`hadamard_transform`, QuaRot):
+  the rotation spreads a row's outlier channels over all of them, so absmax scaling wastes fewer
+  levels. The matrix is symmetric and orthogonal, so attention over rotated values is the rotated
+  attention output, and the attention layer rotates that output back (model/attention.py).
   On SmolLM2-135M with 64-token blocks the two rotations cut int4's mean KL to the unquantized
   cache from 0.063 to 0.035 (CPU, float32) and from 0.067 to 0.040 (H200, bfloat16; bench/kv_quant.py).
 
@@ -226,6 +226,12 @@ def dequantize_channels(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 # -------------------------------------------------------------------------------- int4 rotations
 
+def keys_before_rope(scale: torch.Tensor | None) -> bool:
+    """Whether pages with this scale tensor hold keys before RoPE: int4 keys, whose scales are per
+    block and channel `[nb, 2, kv_heads, D]`."""
+    return scale is not None and scale.dim() == 4
+
+
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """`x` `[..., D]` (D a power of 2) times the normalized Sylvester Hadamard matrix, a new float32
     tensor: a fast Walsh-Hadamard transform, log2(D) rounds of sums and differences of the two halves
@@ -268,6 +274,6 @@ def dequantize_blocks(data: torch.Tensor, scale: torch.Tensor | None, block_ids:
         return data.index_select(0, block_ids)
     blocks = data.view(torch.uint8).index_select(0, block_ids).view(data.dtype)  # no float8 index_select on CPU
     s = scale.index_select(0, block_ids)
-    if s.dim() == 4:  # int4 keys: per block and channel
+    if keys_before_rope(s):  # int4 keys: per block and channel
         return dequantize_channels(blocks, s)
     return dequantize_rows(blocks, s)

@@ -28,9 +28,9 @@ it stores it (per-row absmax scale, round to nearest even), and int4 keys, quant
 channel, by a second kernel that re-quantizes each block a run of new rows lands in;
 paged_attention (and cascade.chunk_attention) dequantize K/V tiles to float32 as they load them
 (`load_kv`); int4 keys, stored before RoPE, are then rotated to their positions with the cos and
-sin of a rope table (`rope_on_read`). float8 pages are passed as torch float8 tensors: Triton's CPU interpreter loads them
-correctly, but its float32 -> float8 cast is wrong, so the store rounds to the float8 grid in
-float32 first (`_round_to_fp8`) and the cast is exact everywhere.
+sin of a rope table (`rope_on_read`). float8 pages are passed as torch float8 tensors: Triton's
+CPU interpreter loads them correctly, but its float32 -> float8 cast is wrong, so the store rounds
+to the float8 grid in float32 first (`_round_to_fp8`) and the cast is exact everywhere.
 """
 
 from __future__ import annotations
