@@ -24,4 +24,4 @@ def test_kv_quant_bench_prints_one_json_line():
     assert abs(int8["ppl_increase"]) < 0.05 and 0 <= int8["mean_kl"] < 0.05
     assert 0 <= int8["greedy_prefix_agreement"] <= int8["greedy_token_agreement"] <= 1
     assert int8["decode_tok_s"] > 0 and "int8_target_met" in result
-    assert result["int4@32"]["capacity_ratio"] > 3.3 and "int4@32_target_met" in result
+    assert result["int4@32"]["capacity_ratio"] > 3.2 and "int4@32_target_met" in result

@@ -27,7 +27,7 @@ def test_info_reports_config_kv_bytes_and_capacity(capsys):
 
 
 @pytest.mark.parametrize("fmt,per_token", [("int8", 2 * 30 * 3 * (64 + 2)),
-                                           ("int4", 30 * 3 * (2 * 32 + 2 + 2 * 2 * 64 / 16))])
+                                           ("int4", 30 * 3 * (2 * 32 + 2 + 3 * 2 * 64 / 16))])
 def test_info_reports_a_quantized_formats_bytes_per_token_and_its_larger_capacity(fmt, per_token, capsys):
     assert main(["info", "--kv-cache-dtype", fmt, "--kv-cache-memory", str(64 << 20)]) == 0
     info = json.loads(capsys.readouterr().out)

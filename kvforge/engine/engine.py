@@ -471,8 +471,8 @@ class LLMEngine(ChunkRequests):
     def kv_format_name(self) -> str:
         """What the KV blocks hold, as cache keys and chunk ids use it: the dtype's name for "auto"
         ("float32", ...), else the pages' format with it ("int8/float32": codes dequantized to that
-        dtype; "int4+prerope+hadamard/float32", see `KVLayout.page_name`). Blocks of different formats
-        never share a key."""
+        dtype; "int4+prerope+firstkey+hadamard+lloydmax/float32", see `KVLayout.page_name`). Blocks
+        of different formats never share a key."""
         layout = self.kv_cache.layout
         return self.dtype_name if not layout.quantized else f"{layout.page_name}/{self.dtype_name}"
 

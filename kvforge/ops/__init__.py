@@ -12,6 +12,7 @@ from kvforge.ops.cascade import (
 from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
 from kvforge.ops.linear import can_pack, linear, pack_weight, packed_linear
 from kvforge.ops.quant import (
+    INT4_VALUE_LEVELS,
     KV_FORMATS,
     ROTATED_FORMATS,
     KVLayout,
@@ -34,6 +35,7 @@ __all__ = [
     "linear",
     "pack_weight",
     "packed_linear",
+    "INT4_VALUE_LEVELS",
     "KV_FORMATS",
     "ROTATED_FORMATS",
     "KVLayout",

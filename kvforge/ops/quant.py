@@ -16,24 +16,31 @@ Formats (`kv_cache_dtype`):
   normal number, so no value overflows, no small row flushes to zero, and no calibration is needed (uncalibrated static scales are what collapses fp8 accuracy elsewhere).
 - "int4": two values per byte, channel 2j in the low nibble of byte j and 2j + 1 in the high one.
   Keys per channel (KIVI): each block keeps, per KV head and channel, a minimum and a step
-  (k_scale [nb, 2, kv_heads, head_dim]: row 0 the minimum, row 1 the step; x = min + q * step,
+  (k_scale [nb, 3, kv_heads, head_dim]: row 0 the minimum, row 1 the step; x = min + q * step,
   q in 0..15), because key channels differ in range and offset far more than tokens do (per-token
   int4 keys cost SmolLM2-135M 24% perplexity; per channel, 0.5%). A partly filled block is
   quantized over the tokens it holds; when a later token widens a channel's range, that block's
   earlier codes are re-quantized to the new step (exact when the range does not change, so a
   block filled by one prefill is quantized once, from full-precision values).
+  The block's first key is kept whole, in float16, in row 2 of k_scale, and the minimum and step
+  cover the block's other keys only: a sequence's first token is its attention sink, whose key
+  has outlier channels that would stretch the first block's ranges and whose error every query
+  feels (KVQuant keeps it whole too). Every block keeps its first key, so a block's layout never
+  depends on where it sits in a sequence (prefix caching, chunk pages).
   Keys are stored *before* RoPE (KVQuant): RoPE turns each channel pair of a key around a circle
   as the position grows, so post-RoPE channels sweep their whole circle within a block, while
   pre-RoPE channels keep their own, narrower range. Every reader rotates a key to its position as
   it dequantizes it, with the cos and sin of a `rope_table` (`rope_keys`; the Triton kernels look
   them up the same way).
-  Values per token: symmetric, v_scale [nb, bs, kv_heads] = absmax / 7, stored as q + 8 (q in
-  -7..7), of the value rotated by a normalized Hadamard matrix (`hadamard_transform`, QuaRot):
-  the rotation spreads a row's outlier channels over all of them, so absmax scaling wastes fewer
-  levels. The matrix is symmetric and orthogonal, so attention over rotated values is the rotated
-  attention output, and the attention layer rotates that output back (model/attention.py).
-  On SmolLM2-135M with 64-token blocks the two rotations cut int4's mean KL to the unquantized
-  cache from 0.063 to 0.035 (CPU, float32) and from 0.067 to 0.040 (H200, bfloat16; bench/kv_quant.py).
+  Values per token, of the value rotated by a normalized Hadamard matrix (`hadamard_transform`,
+  QuaRot): the rotation spreads a row's outlier channels over all of them, so its channels look
+  like samples of one normal distribution. The matrix is symmetric and orthogonal, so attention
+  over rotated values is the rotated attention output, and the attention layer rotates that
+  output back (model/attention.py). Each rotated row is stored as the nearest of 16 levels times
+  v_scale [nb, bs, kv_heads] = the row's absmax: the levels (`INT4_VALUE_LEVELS`) are the
+  Lloyd-Max quantizer of a normal variable (Max, 1960), scaled so the outermost is 1, denser near
+  0 where most of a normal row's channels lie (on SmolLM2-135M, 22% less KL to the unquantized
+  cache than 15 evenly spaced levels from -absmax to absmax).
 
 Every dequantized value is computed in float32.
 """
@@ -52,8 +59,13 @@ SCALE_DTYPE = torch.float16
 ROTATED_FORMATS = ("int4",)  # keys stored before RoPE, values rotated by `hadamard_transform`
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _INT8_MAX = 127.0
-_INT4_MAX = 7.0  # symmetric int4 (values)
 _INT4_LEVELS = 15.0  # asymmetric int4 (keys): codes 0..15
+# int4 values: the positive levels of the 16-level Lloyd-Max quantizer of a standard normal
+# variable (0.1284 .. 2.7326) over its outermost one. Code 8 + i is level i, code 7 - i minus level
+# i; the nearest level of |y| is the count of INT4_VALUE_BOUNDS (midpoints) below it.
+INT4_VALUE_LEVELS = (0.046989, 0.142026, 0.240357, 0.344873, 0.459709, 0.592147, 0.757154, 1.0)
+INT4_VALUE_BOUNDS = tuple((a + b) / 2 for a, b in zip(INT4_VALUE_LEVELS, INT4_VALUE_LEVELS[1:]))
+_INT4_VALUE_CODEBOOK = torch.tensor([-x for x in reversed(INT4_VALUE_LEVELS)] + list(INT4_VALUE_LEVELS))  # by code
 _E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # by bit pattern
 
 
@@ -80,8 +92,9 @@ class KVLayout:
     @property
     def page_name(self) -> str:
         """What the pages hold, for cache keys and persisted blocks: the format, with its rotations
-        ("int4+prerope+hadamard"), so blocks stored by a build that laid int4 out otherwise never match."""
-        return f"{self.format}+prerope+hadamard" if self.rotated else self.format
+        ("int4+prerope+firstkey+hadamard+lloydmax"), so blocks stored by a build that laid int4 out
+        otherwise never match."""
+        return f"{self.format}+prerope+firstkey+hadamard+lloydmax" if self.rotated else self.format
 
     def bytes_per_block(self, block_size: int, num_kv_heads: int) -> int:
         """K and V of one block of one layer, scales included."""
@@ -127,7 +140,7 @@ def kv_layout(kv_format: str, block_size: int, num_kv_heads: int, head_dim: int,
         if head_dim < 2 or head_dim & (head_dim - 1):
             raise ValueError(f"kv_cache_dtype int4 packs two channels per byte and rotates values by a Hadamard "
                              f"matrix: head_dim must be a power of 2, got {head_dim}")
-        return KVLayout(kv_format, torch.uint8, head_dim // 2, (2, num_kv_heads, head_dim), per_token)
+        return KVLayout(kv_format, torch.uint8, head_dim // 2, (3, num_kv_heads, head_dim), per_token)
     return KVLayout(kv_format, _FP8[kv_format], head_dim, per_token, per_token)
 
 
@@ -168,7 +181,7 @@ def quantize_rows(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.
     if kv_format == "int8":
         qmax = _INT8_MAX
     elif kv_format == "int4":
-        qmax = _INT4_MAX
+        qmax = 1.0  # the outermost codebook level
     else:
         qmax = torch.finfo(_FP8[kv_format]).max
     scale = absmax / qmax
@@ -180,15 +193,25 @@ def quantize_rows(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.
     if kv_format == "int8":
         return y.round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
     if kv_format == "int4":
-        return _pack_int4(y.round_().clamp_(-_INT4_MAX, _INT4_MAX) + 8), scale
+        return _pack_int4(_int4_value_codes(y)), scale
     return y.clamp_(-qmax, qmax).to(_FP8[kv_format]), scale
+
+
+def _int4_value_codes(y: torch.Tensor) -> torch.Tensor:
+    """The codes (0..15, float32) of the nearest `INT4_VALUE_LEVELS` level to each element of `y`
+    (float32, in units of the row's absmax); 0 maps to the smallest negative level."""
+    size = torch.zeros_like(y)
+    magnitude = y.abs()
+    for bound in INT4_VALUE_BOUNDS:
+        size += magnitude > bound
+    return torch.where(y > 0, 8 + size, 7 - size)
 
 
 def dequantize_rows(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_rows`: data `[..., kv_heads, data_dim]`, scale `[..., kv_heads]` ->
     float32 `[..., kv_heads, D]`."""
     if data.dtype == torch.uint8:
-        values = _unpack_int4(data) - 8
+        values = _INT4_VALUE_CODEBOOK.to(data.device)[_unpack_int4(data).long()]
     elif data.dtype == torch.float8_e4m3fn and data.device.type == "cpu":
         # A 256-entry table: torch's CPU float8_e4m3fn -> float32 conversion is ~3x slower.
         values = torch.take(_E4M3_VALUES, data.view(torch.uint8).long())
@@ -202,33 +225,39 @@ def dequantize_rows(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_channels(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel asymmetric int4 of whole blocks `x` `[n, block_size, kv_heads, D]` (float32)
     over the positions where `valid` `[n, block_size]` is True: (packed codes
-    `[n, block_size, kv_heads, D // 2]`, scale `[n, 2, kv_heads, D]` float16: minimum, step).
-    Invalid positions get code 0."""
-    mask = valid[:, :, None, None]
+    `[n, block_size, kv_heads, D // 2]`, scale `[n, 3, kv_heads, D]` float16: minimum, step, the
+    first key). The first position is kept whole in the scale, outside the minimum and step; it
+    and the invalid positions get code 0."""
+    ranged = valid.clone()
+    ranged[:, 0] = False
+    mask = ranged[:, :, None, None]
     lo = torch.where(mask, x, torch.full_like(x, float("inf"))).amin(dim=1)  # [n, H, D]
     hi = torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(dim=1)
-    empty = ~valid.any(dim=1)[:, None, None]
+    empty = ~ranged.any(dim=1)[:, None, None]
     lo = torch.where(empty, torch.zeros_like(lo), lo).to(SCALE_DTYPE)
     hi = torch.where(empty, torch.zeros_like(hi), hi)
     step = ((hi - lo.float()) / _INT4_LEVELS).to(SCALE_DTYPE)
     s = step.float()[:, None]
     y = torch.where(s > 0, (x - lo.float()[:, None]) / s, torch.zeros_like(x))
     codes = torch.where(mask, y.round_().clamp_(0, _INT4_LEVELS), torch.zeros_like(y))
-    return _pack_int4(codes), torch.stack((lo, step), dim=1)
+    first = torch.where(valid[:, 0, None, None], x[:, 0], torch.zeros_like(x[:, 0])).to(SCALE_DTYPE)
+    return _pack_int4(codes), torch.stack((lo, step, first), dim=1)
 
 
 def dequantize_channels(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_channels`: data `[n, block_size, kv_heads, D // 2]`, scale
-    `[n, 2, kv_heads, D]` -> float32 `[n, block_size, kv_heads, D]`."""
+    `[n, 3, kv_heads, D]` -> float32 `[n, block_size, kv_heads, D]`."""
     s = scale.float()
-    return _unpack_int4(data) * s[:, 1:2] + s[:, 0:1]
+    x = _unpack_int4(data) * s[:, 1:2] + s[:, 0:1]
+    x[:, 0] = s[:, 2]
+    return x
 
 
 # -------------------------------------------------------------------------------- int4 rotations
 
 def keys_before_rope(scale: torch.Tensor | None) -> bool:
     """Whether pages with this scale tensor hold keys before RoPE: int4 keys, whose scales are per
-    block and channel `[nb, 2, kv_heads, D]`."""
+    block and channel `[nb, 3, kv_heads, D]`."""
     return scale is not None and scale.dim() == 4
 
 

@@ -18,8 +18,11 @@ def _arena(fmt, num_blocks=6, dtype=torch.float32):
 
 
 # Relative error bound per element, as a fraction of the row's (per-token formats) or the block
-# channel's (int4 keys) range: half a quantization step, plus float16 rounding of the scales.
-ROW_BOUND = {"int8": 0.5 / 127 + 2e-3, "int4": 0.5 / 7 + 2e-3, "fp8_e4m3": 2 ** -4 + 2e-3, "fp8_e5m2": 2 ** -3 + 2e-3}
+# channel's (int4 keys) range: half a quantization step (int4 values: half the widest gap between
+# codebook levels), plus float16 rounding of the scales.
+_INT4_GAP = max(b - a for a, b in zip(ops.INT4_VALUE_LEVELS, ops.INT4_VALUE_LEVELS[1:]))
+ROW_BOUND = {"int8": 0.5 / 127 + 2e-3, "int4": 0.5 * _INT4_GAP + 2e-3, "fp8_e4m3": 2 ** -4 + 2e-3,
+             "fp8_e5m2": 2 ** -3 + 2e-3}
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
@@ -31,6 +34,27 @@ def test_row_round_trip_error_is_within_half_a_step_of_the_rows_absmax(fmt):
     err = (y - x).abs().amax(dim=-1)
     bound = ROW_BOUND[fmt] * x.abs().amax(dim=-1)
     assert (err <= bound + 1e-7).all(), (err / x.abs().amax(dim=-1)).max()
+
+
+def test_int4_values_are_stored_as_the_nearest_codebook_level():
+    torch.manual_seed(7)
+    x = torch.randn(64, H, D)
+    data, scale = ops.quantize_rows(x, "int4")
+    y = ops.dequantize_rows(data, scale)
+    levels = torch.tensor(ops.INT4_VALUE_LEVELS)
+    codebook = torch.cat((-levels.flip(0), levels))[None, None, None, :] * scale.float()[..., None, None]
+    codebook = codebook.expand(*x.shape, 16)
+    nearest = codebook.gather(-1, (x[..., None] - codebook).abs().argmin(-1, keepdim=True))[..., 0]
+    torch.testing.assert_close(y, nearest, rtol=0, atol=1e-6)
+
+
+def test_int4_value_codebook_has_less_error_on_normal_rows_than_evenly_spaced_levels():
+    torch.manual_seed(8)
+    x = torch.randn(4096, 1, 64)  # what Hadamard-rotated value rows look like
+    codebook_mse = (ops.dequantize_rows(*ops.quantize_rows(x, "int4")) - x).pow(2).mean()
+    step = x.abs().amax(-1, keepdim=True) / 7  # 15 levels from -absmax to absmax
+    even_mse = ((x / step).round().clamp(-7, 7) * step - x).pow(2).mean()
+    assert codebook_mse < 0.8 * even_mse, (codebook_mse, even_mse)
 
 
 def test_zero_rows_round_trip_to_zero_in_every_format():
@@ -111,6 +135,17 @@ def test_hadamard_transform_is_the_orthogonal_sylvester_matrix_and_spreads_an_ou
     assert (rotated - x).pow(2).mean() < 0.5 * (plain - x).pow(2).mean()
 
 
+def test_int4_block_keeps_its_first_key_whole_and_out_of_the_other_keys_ranges():
+    torch.manual_seed(9)
+    x = torch.randn(1, BS, H, D)
+    x[0, 0] = 300.0  # an attention sink's outlier key
+    codes, scale = ops.quantize_channels(x, torch.ones(1, BS, dtype=torch.bool))
+    y = ops.dequantize_channels(codes, scale)
+    assert torch.equal(y[0, 0], x[0, 0].half().float())
+    rest = x[0, 1:]
+    assert ((y[0, 1:] - rest).abs() <= (rest.amax(0) - rest.amin(0)) / 30 + 2e-3).all()
+
+
 def test_int4_keys_written_token_by_token_match_one_write_of_the_block_when_the_range_holds():
     torch.manual_seed(2)
     _, (kc, vc, ks, vs) = _arena("int4")
@@ -183,6 +218,6 @@ def test_layouts_report_the_bytes_of_their_scales():
     int8 = ops.kv_layout("int8", 16, 3, 64, torch.float32).bytes_per_block(16, 3)
     assert int8 == 2 * (16 * 3 * 64 + 16 * 3 * 2)
     int4 = ops.kv_layout("int4", 16, 3, 64, torch.float32).bytes_per_block(16, 3)
-    assert int4 == 2 * 16 * 3 * 32 + 2 * 3 * 64 * 2 + 16 * 3 * 2
+    assert int4 == 2 * 16 * 3 * 32 + 3 * 3 * 64 * 2 + 16 * 3 * 2  # codes, key min / step / first key, value scales
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         ops.check_kv_format("int3")

@@ -195,3 +195,4 @@ def test_attention_tiles_pack_the_gqa_group_into_the_tile_rows():
     assert prefill.block_m == 128 and prefill.block_q == 32
     odd = ta.attention_tiles(64, torch.float32, 3, 1)
     assert odd.block_q * 3 <= odd.block_m and odd.block_m >= 16
+    assert decode.num_stages == 3 and ta.attention_tiles(64, torch.bfloat16, 4, 1, ta.INT4_CHANNELS.value).num_stages == 2

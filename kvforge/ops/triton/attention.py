@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.ops.quant import SCALE_DTYPE, format_of, kv_layout
+from kvforge.ops.quant import INT4_VALUE_BOUNDS, INT4_VALUE_LEVELS, SCALE_DTYPE, format_of, kv_layout
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -58,8 +58,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read, like trit
 PLAIN = tl.constexpr(0)          # the cache's own dtype, no scale
 INT8 = tl.constexpr(1)           # per (token, kv head) scale [nb, bs, kv_heads]
 FP8 = tl.constexpr(2)            # float8 (either torch format), same scales
-INT4_ROWS = tl.constexpr(3)      # int4 values: packed codes q + 8, same scales
-INT4_CHANNELS = tl.constexpr(4)  # int4 keys: packed codes, per block and channel min / step [nb, 2, kv_heads, D]
+INT4_ROWS = tl.constexpr(3)      # int4 values: packed codes of INT4_VALUE_LEVELS, same scales
+INT4_CHANNELS = tl.constexpr(4)  # int4 keys: packed codes, per block and channel min / step / first key [nb, 3, kv_heads, D]
 
 _FORMAT_CODES = {  # kv_cache_dtype -> (K, V) kernel formats
     "auto": (PLAIN.value, PLAIN.value), "int8": (INT8.value, INT8.value), "fp8_e4m3": (FP8.value, FP8.value),
@@ -68,6 +68,9 @@ _FORMAT_CODES = {  # kv_cache_dtype -> (K, V) kernel formats
 # float8: (largest finite value, mantissa bits, exponent of the smallest normal number)
 _FP8_GRID = {torch.float8_e4m3fn: (448.0, 3, -6), torch.float8_e5m2: (57344.0, 2, -14)}
 _MIN_FP8_SCALE = tl.constexpr(torch.finfo(SCALE_DTYPE).tiny)  # as quantize_rows: fp8 scales stay normal float16
+# int4 values' codebook (ops/quant.py), as compile-time constants: the levels and the bounds between them.
+_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7 = (tl.constexpr(x) for x in INT4_VALUE_LEVELS)
+_B0, _B1, _B2, _B3, _B4, _B5, _B6 = (tl.constexpr(x) for x in INT4_VALUE_BOUNDS)
 
 
 def kv_formats(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
@@ -156,6 +159,31 @@ def _divide_round(x, s):
 
 
 @triton.jit
+def _int4_value_code(x, s):
+    """The int4 value code (0..15, int32) of `x` / `s` (float32; 0 where s is 0): its nearest
+    codebook level, as quant.py's `_int4_value_codes`."""
+    ok = s > 0.0
+    y = tl.where(ok, tl.math.div_rn(x, tl.where(ok, s, 1.0)), 0.0)
+    a = tl.abs(y)
+    size = ((a > _B0).to(tl.int32) + (a > _B1).to(tl.int32) + (a > _B2).to(tl.int32) + (a > _B3).to(tl.int32)
+            + (a > _B4).to(tl.int32) + (a > _B5).to(tl.int32) + (a > _B6).to(tl.int32))
+    return tl.where(y > 0.0, 8 + size, 7 - size)
+
+
+@triton.jit
+def _int4_value_level(code):
+    """The codebook level (float32) of int4 value codes `code` (int32, 0..15): a tree of selects on
+    the bits of the level index."""
+    positive = code >= 8
+    i = tl.where(positive, code - 8, 7 - code)
+    odd, twos, fours = (i & 1) != 0, (i & 2) != 0, (i & 4) != 0
+    low = tl.where(twos, tl.where(odd, _L3, _L2), tl.where(odd, _L1, _L0))
+    high = tl.where(twos, tl.where(odd, _L7, _L6), tl.where(odd, _L5, _L4))
+    level = tl.where(fours, high, low)
+    return tl.where(positive, level, -level)
+
+
+@triton.jit
 def _row_scale(absmax, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     """float16 scale of rows with `absmax` (float32): absmax / QMAX, at least MIN_SCALE; returned
     as float32 (the float16 value)."""
@@ -164,29 +192,31 @@ def _row_scale(absmax, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
 
 @triton.jit
 def load_kv(data_ptr, scale_ptr, row_off, slot, block, kv_head, chan, mask,
-            FORMAT: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+            FORMAT: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """K or V elements of the paged arena: channel `chan` of the (token at `slot`, `kv_head`) row
     whose first element sits at `row_off` in the data tensor (byte offset for int4); `block` is the
-    slot's arena block (read only by INT4_CHANNELS). All tensor arguments broadcast together; masked
-    elements read 0. Scales are contiguous as ops/quant.py lays them out.
+    slot's arena block of BLOCK_SIZE positions (read only by INT4_CHANNELS). All tensor arguments
+    broadcast together; masked elements read 0. Scales are contiguous as ops/quant.py lays them out.
 
     PLAIN returns the cache's dtype; the quantized formats return float32, dequantized exactly as
-    `kvforge.ops.quant` does (int8/fp8: q * scale; int4 values: (code - 8) * scale; int4 keys:
-    code * step + min)."""
+    `kvforge.ops.quant` does (int8/fp8: q * scale; int4 values: level(code) * scale; int4 keys:
+    code * step + min, the block's first key read whole from the scales)."""
     if FORMAT == PLAIN:
         x = tl.load(data_ptr + row_off + chan, mask=mask, other=0.0)
     elif FORMAT == INT4_CHANNELS:
-        packed = tl.load(data_ptr + row_off + chan // 2, mask=mask, other=0)
+        first = slot == block * BLOCK_SIZE
+        packed = tl.load(data_ptr + row_off + chan // 2, mask=mask & ~first, other=0)
         code = ((packed >> ((chan % 2) * 4)) & 0xF).to(tl.float32)
-        at = scale_ptr + block * (2 * KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + chan
-        lo = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        step = tl.load(at + KV_HEADS * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
-        x = code * step + lo
+        at = scale_ptr + block * (3 * KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + chan
+        lo = tl.load(at, mask=mask & ~first, other=0.0).to(tl.float32)
+        step = tl.load(at + KV_HEADS * HEAD_DIM, mask=mask & ~first, other=0.0).to(tl.float32)
+        whole = tl.load(at + 2 * KV_HEADS * HEAD_DIM, mask=mask & first, other=0.0).to(tl.float32)
+        x = tl.where(first, whole, code * step + lo)
     else:
         s = tl.load(scale_ptr + slot * KV_HEADS + kv_head, mask=mask, other=0.0).to(tl.float32)
         if FORMAT == INT4_ROWS:
             packed = tl.load(data_ptr + row_off + chan // 2, mask=mask, other=0)
-            x = (((packed >> ((chan % 2) * 4)) & 0xF).to(tl.float32) - 8.0) * s
+            x = _int4_value_level(((packed >> ((chan % 2) * 4)) & 0xF).to(tl.int32)) * s
         else:
             x = tl.load(data_ptr + row_off + chan, mask=mask, other=0.0).to(tl.float32) * s
     return x
@@ -211,9 +241,9 @@ def _store_rows(src_ptr, stride_t, stride_h, t, cache_ptr, scale_ptr, slot,
         mask = h_ok[:, None] & (d[None, :] < HEAD_DIM // 2)
         even = tl.load(src + 2 * d[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D / 2]
         odd = tl.load(src + 2 * d[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        s = _row_scale(tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1)), 7.0, 0.0)
-        low = tl.minimum(tl.maximum(_divide_round(even, s[:, None]), -7.0), 7.0) + 8.0
-        high = tl.minimum(tl.maximum(_divide_round(odd, s[:, None]), -7.0), 7.0) + 8.0
+        s = _row_scale(tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1)), 1.0, 0.0)
+        low = _int4_value_code(even, s[:, None])
+        high = _int4_value_code(odd, s[:, None])
         packed = low.to(tl.uint8) | (high.to(tl.uint8) << 4)
         tl.store(cache_ptr + slot * (KV_HEADS * HEAD_DIM // 2) + h[:, None] * (HEAD_DIM // 2) + d[None, :],
                  packed, mask=mask)
@@ -262,32 +292,38 @@ def _store_kv_kernel(
 
 
 @triton.jit
-def _requantize_nibble(packed, NIBBLE: tl.constexpr, k_at, scale_at, c, c_ok, old, new, valid,
+def _requantize_nibble(packed, NIBBLE: tl.constexpr, k_at, scale_at, c, c_ok, o, old, new, valid,
                        SCALE_ROW: tl.constexpr):
     """The codes of channels 2c + NIBBLE of one int4 key block [BLOCK_S, BLOCK_C] (float32, 0 at
-    positions not `valid`), re-quantized as quant.quantize_channels over its values: at `old`
-    positions the `packed` codes dequantized with the channels' stored min (`scale_at + chan`) and
-    step (`+ SCALE_ROW`), at `new` ones the keys at `k_at + NIBBLE`. Stores the new float16 min and
-    step over the old ones."""
+    offset 0 and at positions not `valid`), re-quantized as quant.quantize_channels over its values:
+    at `old` positions the `packed` codes dequantized with the channels' stored min (`scale_at +
+    chan`) and step (`+ SCALE_ROW`), or the first key (`+ 2 * SCALE_ROW`) at offset 0; at `new`
+    ones the keys at `k_at + NIBBLE`. Stores the new float16 min, step and first key over the old
+    ones."""
     chan = 2 * c + NIBBLE  # [BLOCK_C]
     lo = tl.load(scale_at + chan, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     step = tl.load(scale_at + SCALE_ROW + chan, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    earlier = ((packed >> (4 * NIBBLE)) & 0xF).to(tl.float32) * step + lo
+    whole = tl.load(scale_at + 2 * SCALE_ROW + chan, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    earlier = tl.where(o == 0, whole, ((packed >> (4 * NIBBLE)) & 0xF).to(tl.float32) * step + lo)
     x = tl.where(old, earlier, tl.load(k_at + NIBBLE, mask=new, other=0.0).to(tl.float32))  # [BLOCK_S, BLOCK_C]
-    lo = tl.min(tl.where(valid, x, float("inf")), axis=0).to(tl.float16).to(tl.float32)  # [BLOCK_C]
-    hi = tl.max(tl.where(valid, x, float("-inf")), axis=0)
+    ranged = valid & (o > 0)
+    some = tl.max(ranged.to(tl.int32), axis=0) > 0  # [BLOCK_C]: a key besides the first
+    lo = tl.where(some, tl.min(tl.where(ranged, x, float("inf")), axis=0), 0.0).to(tl.float16).to(tl.float32)
+    hi = tl.where(some, tl.max(tl.where(ranged, x, float("-inf")), axis=0), 0.0)
     step = tl.math.div_rn(hi - lo, 15.0).to(tl.float16).to(tl.float32)
+    whole = tl.sum(tl.where((o == 0) & valid, x, 0.0), axis=0)
     tl.store(scale_at + chan, lo.to(tl.float16), mask=c_ok)
     tl.store(scale_at + SCALE_ROW + chan, step.to(tl.float16), mask=c_ok)
+    tl.store(scale_at + 2 * SCALE_ROW + chan, whole.to(tl.float16), mask=c_ok)
     codes = tl.minimum(tl.maximum(_divide_round(x - lo[None, :], step[None, :]), 0.0), 15.0)
-    return tl.where(valid, codes, 0.0)
+    return tl.where(ranged, codes, 0.0)
 
 
 @triton.jit
 def _store_int4_keys_kernel(
     k_ptr,          # [T, KV_HEADS, HEAD_DIM], last dim contiguous
     cache_ptr,      # [num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM // 2] uint8, contiguous
-    scale_ptr,      # [num_blocks, 2, KV_HEADS, HEAD_DIM] float16: min, step
+    scale_ptr,      # [num_blocks, 3, KV_HEADS, HEAD_DIM] float16: min, step, first key
     slot_ptr,       # [T]; < 0 = skip
     num_rows, stride_kt, stride_kh,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -318,10 +354,10 @@ def _store_int4_keys_kernel(
     data_at = cache_ptr + ((block * BLOCK_SIZE + o) * KV_HEADS + h) * (HEAD_DIM // 2) + c[None, :]
     packed = tl.load(data_at, mask=old, other=0)  # [BLOCK_S, BLOCK_C]
     k_at = k_ptr + (r + o - first).to(tl.int64) * stride_kt + h * stride_kh + 2 * c[None, :]
-    scale_at = scale_ptr + block * (2 * KV_HEADS * HEAD_DIM) + h * HEAD_DIM
+    scale_at = scale_ptr + block * (3 * KV_HEADS * HEAD_DIM) + h * HEAD_DIM
     valid = o < end
-    low = _requantize_nibble(packed, 0, k_at, scale_at, c, c_ok, old, new, valid, KV_HEADS * HEAD_DIM)
-    high = _requantize_nibble(packed, 1, k_at, scale_at, c, c_ok, old, new, valid, KV_HEADS * HEAD_DIM)
+    low = _requantize_nibble(packed, 0, k_at, scale_at, c, c_ok, o, old, new, valid, KV_HEADS * HEAD_DIM)
+    high = _requantize_nibble(packed, 1, k_at, scale_at, c, c_ok, o, old, new, valid, KV_HEADS * HEAD_DIM)
     tl.store(data_at, low.to(tl.uint8) | (high.to(tl.uint8) << 4), mask=(o < BLOCK_SIZE) & c_ok[None, :])
 
 
@@ -461,11 +497,11 @@ def _paged_attention_kernel(
         slot = block * BLOCK_SIZE + kpos % BLOCK_SIZE
         kv_off = slot * (KV_HEADS * DATA_DIM) + kv_head * DATA_DIM   # [BLOCK_N]
         kt = load_kv(k_cache_ptr, k_scale_ptr, kv_off[None, :], slot[None, :], block[None, :], kv_head, d[:, None],
-                     k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM)  # [BLOCK_D, BLOCK_N]
+                     k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM, BLOCK_SIZE)  # [BLOCK_D, BLOCK_N]
         if K_FORMAT == INT4_CHANNELS:  # stored before RoPE: rotate each key to its position
             pair = (d + HEAD_DIM // 2) % HEAD_DIM
             kp = load_kv(k_cache_ptr, k_scale_ptr, kv_off[None, :], slot[None, :], block[None, :], kv_head,
-                         pair[:, None], k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM)
+                         pair[:, None], k_ok[None, :] & d_ok[:, None], K_FORMAT, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
             kt = rope_on_read(kt, kp, kpos[None, :], d[:, None], k_ok[None, :] & d_ok[:, None], rope_ptr, HEAD_DIM)
         s = tl.dot(q, kt.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         seen = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
@@ -476,7 +512,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])                             # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = load_kv(v_cache_ptr, v_scale_ptr, kv_off[:, None], slot[:, None], block[:, None], kv_head, d[None, :],
-                     k_ok[:, None] & d_ok[None, :], V_FORMAT, KV_HEADS, HEAD_DIM)  # [BLOCK_N, BLOCK_D]
+                     k_ok[:, None] & d_ok[None, :], V_FORMAT, KV_HEADS, HEAD_DIM, BLOCK_SIZE)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -538,18 +574,22 @@ class AttentionTiles(NamedTuple):
     num_stages: int
 
 
-def attention_tiles(head_dim: int, dtype: torch.dtype, group: int, max_query_len: int) -> AttentionTiles:
-    """Tile sizes by head_dim, dtype, GQA group and whether any sequence has several query rows.
+def attention_tiles(head_dim: int, dtype: torch.dtype, group: int, max_query_len: int,
+                    k_format: int = PLAIN.value) -> AttentionTiles:
+    """Tile sizes by head_dim, dtype, GQA group, whether any sequence has several query rows, and
+    the key pages' kernel format.
 
     Decode (every sequence's rows fit 16 tile rows): BLOCK_M 16, a long key tile (the step is bound
-    by reading K/V). Prefill: 64-128 rows per program to reuse each K/V tile across many queries.
-    float32 halves the tiles (twice the bytes, and the dots run in full fp32).
+    by reading K/V), 3 pipeline stages (2 for int4 keys: their gathers of codes, scales, first keys,
+    partner channels and rope rows took 351 KB of shared memory at 3 stages on the H200 with Triton
+    3.6, over its 227 KB). Prefill: 64-128 rows per program to reuse each K/V tile across many
+    queries. float32 halves the tiles (twice the bytes, and the dots run in full fp32).
     """
     small = dtype != torch.float32
     if max_query_len * group <= 16:  # decode-like
         block_m = 16
         block_n = (128 if head_dim <= 64 else 64) if small else 32
-        num_warps, num_stages = 4, 3 if small else 2
+        num_warps, num_stages = 4, 3 if small and k_format != INT4_CHANNELS.value else 2
     else:
         block_m = (128 if head_dim <= 64 else 64) if small else 32
         block_n = 64 if small else 32
@@ -628,7 +668,7 @@ def _paged_attention(q, k_cache, v_cache, cu_query_lens, seq_lens, block_tables,
         return
     group = heads // kv_heads
     if tiles is None:
-        tiles = attention_tiles(dim, q.dtype, group, max_query_len)
+        tiles = attention_tiles(dim, q.dtype, group, max_query_len, k_format)
     one_qblock = max_query_len <= tiles.block_q
     grid_q = num_seqs if one_qblock else tokens // tiles.block_q + num_seqs
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

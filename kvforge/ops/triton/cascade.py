@@ -90,9 +90,9 @@ def _chunk_attention_kernel(
         k_row = (page * stride_kb + within * stride_ks + kvh * stride_kh)[None, :]
         kv_mask = d_ok[:, None] & key_ok[None, :]
         k1 = load_kv(k_ptr, k_scale_ptr, k_row, slot[None, :], page[None, :], kvh, dh[:, None], kv_mask,
-                     K_FORMAT, KV_HEADS, 2 * HALF)  # [BLOCK_HALF, BLOCK_N], keys as columns
+                     K_FORMAT, KV_HEADS, 2 * HALF, PAGE)  # [BLOCK_HALF, BLOCK_N], keys as columns
         k2 = load_kv(k_ptr, k_scale_ptr, k_row, slot[None, :], page[None, :], kvh, dh[:, None] + HALF, kv_mask,
-                     K_FORMAT, KV_HEADS, 2 * HALF)
+                     K_FORMAT, KV_HEADS, 2 * HALF, PAGE)
         if ROTATE:  # in float32, then rounded to VALUE_DTYPE below, like rerotate_keys
             k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
             k1 = k1f * cos - k2f * sin
@@ -116,9 +116,9 @@ def _chunk_attention_kernel(
         v_row = (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
         v_mask = key_ok[:, None] & d_ok[None, :]
         v1 = load_kv(v_ptr, v_scale_ptr, v_row, slot[:, None], page[:, None], kvh, dh[None, :], v_mask,
-                     V_FORMAT, KV_HEADS, 2 * HALF)  # [BLOCK_N, BLOCK_HALF]
+                     V_FORMAT, KV_HEADS, 2 * HALF, PAGE)  # [BLOCK_N, BLOCK_HALF]
         v2 = load_kv(v_ptr, v_scale_ptr, v_row, slot[:, None], page[:, None], kvh, dh[None, :] + HALF, v_mask,
-                     V_FORMAT, KV_HEADS, 2 * HALF)
+                     V_FORMAT, KV_HEADS, 2 * HALF, PAGE)
         p = p.to(VALUE_DTYPE).to(dot_dtype)
         v1, v2 = v1.to(VALUE_DTYPE).to(dot_dtype), v2.to(VALUE_DTYPE).to(dot_dtype)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
