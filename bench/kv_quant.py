@@ -25,9 +25,9 @@ dtype elsewhere). "auto" is the baseline; for each format:
   requests * (new_tokens - 1) / (the last finish - the last first token) from RequestOutput.metrics,
   median of `--repeats` runs (prompts already cached by the greedy run, so all decode together).
 
-A format may name its block size: "int4@64" is int4 with 64-token blocks (int4 keys keep a minimum
-and a step per channel and block, so their bytes per token fall as blocks grow); others use
-`--block-size`.
+A format may name its block size: "int4@64" is int4 with 64-token blocks (int4 keys keep a minimum,
+a step and the first key per channel and block, so their bytes per token fall as blocks grow);
+others use `--block-size`.
 
 Targets (issue 12): int8 within +0.5% perplexity at >= 1.9x the tokens per byte of float16
 (`int8_target_met`), int4 within +3% at >= 3.5x (`int4_target_met`, `int4@64_target_met`); fp8

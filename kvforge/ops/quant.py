@@ -261,25 +261,30 @@ def keys_before_rope(scale: torch.Tensor | None) -> bool:
     return scale is not None and scale.dim() == 4
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """`x` `[..., D]` (D a power of 2) times the normalized Sylvester Hadamard matrix, a new float32
-    tensor: a fast Walsh-Hadamard transform, log2(D) rounds of sums and differences of the two halves
-    of ever larger channel groups, then a scale by 1 / sqrt(D). The matrix is symmetric and
-    orthogonal, so the transform is its own inverse. Row by row in elementwise operations, so a row's
-    result never depends on how many rows come with it (a GEMM's kernel choice would: the same
-    value stored as different int4 codes in an eager step and a CUDA-graph step)."""
-    dim = x.shape[-1]
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}  # (dim, device) -> hadamard_matrix
+
+
+def hadamard_matrix(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix `[dim, dim]` float32 on `device` (dim a power of 2;
+    built once per dim and device, shared: never modify it). Symmetric and orthogonal, so it is its
+    own inverse."""
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"a Hadamard transform needs a power-of-2 last dimension, got {dim}")
-    lead = x.shape[:-1]
-    y = x.float()
-    half = 1
-    while half < dim:
-        pairs = y.reshape(*lead, dim // (2 * half), 2, half)
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        y = torch.stack((first + second, first - second), dim=-2)
-        half *= 2
-    return y.reshape(*lead, dim) * (1.0 / math.sqrt(dim))
+    key = (dim, torch.device(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < dim:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)))
+        _HADAMARD[key] = (h / math.sqrt(dim)).to(key[1])
+    return _HADAMARD[key]
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """`x` `[..., D]` (D a power of 2) times `hadamard_matrix(D)`: a new float32 tensor, one matrix
+    product (a fast Walsh-Hadamard transform in elementwise operations launched 19 kernels where
+    this launches one, 38 per layer and step with the inverse, which cost a CUDA-graph decode step
+    on the H200 more than its attention)."""
+    return x.float() @ hadamard_matrix(x.shape[-1], x.device)
 
 
 def rope_keys(k: torch.Tensor, rope_table: torch.Tensor, start: int = 0) -> torch.Tensor:
