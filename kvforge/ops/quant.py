@@ -65,7 +65,9 @@ _INT4_LEVELS = 15.0  # asymmetric int4 (keys): codes 0..15
 # i; the nearest level of |y| is the count of INT4_VALUE_BOUNDS (midpoints) below it.
 INT4_VALUE_LEVELS = (0.046989, 0.142026, 0.240357, 0.344873, 0.459709, 0.592147, 0.757154, 1.0)
 INT4_VALUE_BOUNDS = tuple((a + b) / 2 for a, b in zip(INT4_VALUE_LEVELS, INT4_VALUE_LEVELS[1:]))
+_INT4_VALUE_BOUNDS = torch.tensor(INT4_VALUE_BOUNDS)
 _INT4_VALUE_CODEBOOK = torch.tensor([-x for x in reversed(INT4_VALUE_LEVELS)] + list(INT4_VALUE_LEVELS))  # by code
+_INT4_VALUE_PAIRS = _INT4_VALUE_CODEBOOK[torch.stack((torch.arange(256) & 0x0F, torch.arange(256) >> 4), -1)]  # by byte
 _E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # by bit pattern
 
 
@@ -198,12 +200,9 @@ def quantize_rows(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.
 
 
 def _int4_value_codes(y: torch.Tensor) -> torch.Tensor:
-    """The codes (0..15, float32) of the nearest `INT4_VALUE_LEVELS` level to each element of `y`
+    """The codes (0..15, int64) of the nearest `INT4_VALUE_LEVELS` level to each element of `y`
     (float32, in units of the row's absmax); 0 maps to the smallest negative level."""
-    size = torch.zeros_like(y)
-    magnitude = y.abs()
-    for bound in INT4_VALUE_BOUNDS:
-        size += magnitude > bound
+    size = torch.bucketize(y.abs(), _INT4_VALUE_BOUNDS.to(y.device))  # how many bounds lie below
     return torch.where(y > 0, 8 + size, 7 - size)
 
 
@@ -211,7 +210,7 @@ def dequantize_rows(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_rows`: data `[..., kv_heads, data_dim]`, scale `[..., kv_heads]` ->
     float32 `[..., kv_heads, D]`."""
     if data.dtype == torch.uint8:
-        values = _INT4_VALUE_CODEBOOK.to(data.device)[_unpack_int4(data).long()]
+        values = _INT4_VALUE_PAIRS.to(data.device)[data.long()].flatten(-2)  # both codes of a byte at once
     elif data.dtype == torch.float8_e4m3fn and data.device.type == "cpu":
         # A 256-entry table: torch's CPU float8_e4m3fn -> float32 conversion is ~3x slower.
         values = torch.take(_E4M3_VALUES, data.view(torch.uint8).long())
