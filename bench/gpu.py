@@ -66,18 +66,11 @@ def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[
 
 
 def kv_run(llm: LLM, prompts: list[list[int]], new: int) -> float:
-    """All prompts in one continuous batch; seconds until every request is done."""
-    engine = llm.engine
+    """All prompts in one continuous batch through `LLM.generate` (the offline API, as HF `generate`:
+    outputs when each request is done); seconds until every request is done."""
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-
-    def go():
-        for i, p in enumerate(prompts):
-            engine.add_request(f"b{time.monotonic_ns()}-{i}", {"prompt_token_ids": p}, params)
-        while engine.has_unfinished_requests():
-            engine.step()
-
-    seconds = sync_time(go)
-    engine.check_integrity()
+    seconds = sync_time(lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+    llm.engine.check_integrity()
     return seconds
 
 

@@ -28,7 +28,7 @@ def _add_fields(parser: argparse.ArgumentParser, klass: type, names: typing.Iter
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
         dest = dest_prefix + f.name
-        if kind is bool:
+        if kind is bool or kind == bool | None:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {default})")
             continue

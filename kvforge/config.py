@@ -275,6 +275,10 @@ class EngineConfig:
     benchmarks of shapes whose weights are not at hand.
     `enforce_eager`: on a GPU, run decode steps eagerly instead of replaying CUDA graphs captured at
     start-up (one per batch-size bucket up to `max_num_seqs`).
+    `async_scheduling`: launch each plain greedy decode step before reading the tokens of the step in
+    flight, so the host's work overlaps the device's (engine/overlap.py); `step()` then returns a
+    step's outputs one call later. None (the default) turns it on where it pays: on a GPU with CUDA
+    graphs. On the CPU, whose ops run synchronously, it overlaps nothing.
     The engine resolves device and dtype (`LLMEngine.device`, `LLMEngine.dtype`).
     """
 
@@ -283,6 +287,7 @@ class EngineConfig:
     dtype: str | None = None
     load_format: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -296,6 +301,9 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (on with CUDA graphs), got "
+                             f"{self.async_scheduling!r}")
         if not self.model:
             raise ValueError("model must name a model: 'smollm2-135m', a .gguf path or a HF directory")
 

@@ -22,6 +22,7 @@ from kvforge.config import CacheConfig, EngineConfig, ceil_div
 from kvforge.engine.chunks import ChunkRequests
 from kvforge.engine.draft import DraftProposer, load_draft_checkpoint, load_draft_model
 from kvforge.engine.output import OutputProcessor
+from kvforge.engine.overlap import OverlappedDecode
 from kvforge.engine.scheduler import ScheduledRun, Scheduler, computes_whole_prompt
 from kvforge.engine.spec import propose_ngram
 from kvforge.metrics import KL_BUCKETS, HistogramCounter, HistogramSnapshot
@@ -227,7 +228,7 @@ class StepError(RuntimeError):
         self.request_ids, self.cause = request_ids, cause
 
 
-class LLMEngine(ChunkRequests):
+class LLMEngine(ChunkRequests, OverlappedDecode):
     """Owns the model, the KV arena, the cache manager and the scheduler for one model.
 
     Requests are validated before any state is created (`prepare_request`, or `add_request`, which
@@ -316,6 +317,10 @@ class LLMEngine(ChunkRequests):
         self._steps = self._prompt_tokens = self._generation_tokens = 0
         self.speculative = config.speculative
         self._spec_drafted = self._spec_accepted = 0
+        overlap = cuda_graphs if config.async_scheduling is None else config.async_scheduling
+        # speculation and the KV quality monitor need each step's logits on the host: never ahead
+        self._init_overlap(overlap and spec is None and not self._quality_sample, config.scheduler.max_num_seqs,
+                           self.device)
         self.loaded_cache: LoadedCache | None = None  # what load_cache restored
         if config.cache.load_cache is not None:
             self.loaded_cache = self._load_cache(config.cache.load_cache)
@@ -663,6 +668,10 @@ class LLMEngine(ChunkRequests):
         return outputs
 
     def _step(self) -> list[RequestOutput]:
+        if self._overlap:
+            landed = self._overlapped_step()  # None: this step runs synchronously
+            if landed is not None:
+                return landed
         if self.speculative is not None:
             self._propose_drafts()
         try:

@@ -27,7 +27,7 @@ from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_cont
 from kvforge.model.staging import num_splits_for
 
 if TYPE_CHECKING:
-    from kvforge.model.runner import ModelRunner, TokenRun
+    from kvforge.model.runner import ModelRunner, PendingTokens, TokenRun
 
 # Rows of the largest graph of query length > 1 (vLLM's default largest capture size, in tokens):
 # past it a step is compute-bound and runs eagerly at no loss.
@@ -37,8 +37,9 @@ MAX_GRAPH_ROWS = 512
 # them. One logits row per sequence (its last token's), so prompt log-probabilities run eagerly.
 EXTEND_QUERY_LENS = (32, 128)
 
-# Rows of the host/device input buffer (int32 [5, rows]).
-IDS, POSITIONS, SLOTS, LOGIT_ROWS, LENGTHS = range(5)
+# Rows of the host/device input buffer (int32 [6, rows]); SOURCES (read outside the graphs): for
+# pending tokens, the row of the previous step's tokens holding each row's id, or -1.
+IDS, POSITIONS, SLOTS, LOGIT_ROWS, LENGTHS, SOURCES = range(6)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -58,7 +59,7 @@ class GraphShape:
 def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray,
                 tables: np.ndarray) -> int:
     """Write `runs` (each of 1..query_len tokens, at most `batch` of them) into a graph's host
-    buffers: `inputs` int32 [5, >= batch * query_len] (see IDS .. LENGTHS; LENGTHS uses the first
+    buffers: `inputs` int32 [>= 5, >= batch * query_len] (see IDS .. LENGTHS; LENGTHS uses the first
     `batch` entries) and `tables` int32 [>= len(runs), >= every run's block table]. Returns the
     number of logits rows: each run's last `num_logits` rows, in run order, are listed first in
     LOGIT_ROWS. Padding rows get token 0, the positions after their run's, slot -1; the bucket's
@@ -110,9 +111,9 @@ class StepGraphs:
         kv_heads = model.cfg.num_kv_heads
         rows = max(q * b[-1] for q, b in self.buckets.items())
         with torch.inference_mode():
-            self.inputs = torch.zeros(5, rows, dtype=torch.int32, device=dev)
+            self.inputs = torch.zeros(6, rows, dtype=torch.int32, device=dev)
             self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
-            self.host_inputs = torch.zeros(5, rows, dtype=torch.int32, pin_memory=True)
+            self.host_inputs = torch.zeros(6, rows, dtype=torch.int32, pin_memory=True)
             self.host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=True)
             self.copied: torch.cuda.Event | None = None
             self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
@@ -120,7 +121,7 @@ class StepGraphs:
             # the query offsets of each query length: [0, q, 2q, ...], kept alive for the graphs to read
             self.cu = {q: torch.arange(0, q * sizes[-1] + 1, q, dtype=torch.int32, device=dev)
                        for q, sizes in self.buckets.items()}
-            ids, positions, slots, logit_rows, lengths = self.inputs
+            ids, positions, slots, logit_rows, lengths, _ = self.inputs
             slots.fill_(-1)
             pool = None
             shapes = [GraphShape(q, bs) for q, sizes in self.buckets.items() for bs in sizes]
@@ -166,18 +167,31 @@ class StepGraphs:
             return GraphShape(q, next(b for b in sizes if b >= len(runs)))
         return None
 
-    def run(self, runs: Sequence[TokenRun], shape: GraphShape) -> torch.Tensor:
+    def run(self, runs: Sequence[TokenRun], shape: GraphShape, pending: PendingTokens | None = None) -> torch.Tensor:
         """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the logits rows of the
         runs (`num_logits` each), in run order: a view of the graph's output, valid until the next
-        replay."""
+        replay. `pending` (one-token runs only, so query length 1): ids gathered on the device from
+        the previous step's tokens before the replay; nothing waits for them."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
-        n = shape.query_len * shape.batch
-        num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy())
+        n, k = shape.query_len * shape.batch, len(runs)
+        host = self.host_inputs.numpy()
+        num_logits = pack_inputs(runs, shape.query_len, shape.batch, host, self.host_tables.numpy())
+        if pending is not None:
+            assert shape.query_len == 1, "pending tokens belong to one-token runs"
+            host[SOURCES, :k] = pending.rows
         nb = max(len(r.block_table) for r in runs)
         self.inputs[:, :n].copy_(self.host_inputs[:, :n], non_blocking=True)
-        self.tables[:len(runs), :nb].copy_(self.host_tables[:len(runs), :nb], non_blocking=True)
+        self.tables[:k, :nb].copy_(self.host_tables[:k, :nb], non_blocking=True)
         self.copied = torch.cuda.Event()
         self.copied.record()
+        if pending is not None:
+            ids = self.inputs[IDS, :k]
+            if list(pending.rows) == list(range(k)):  # the previous step's batch, in its order
+                ids.copy_(pending.tokens[:k])
+            else:
+                sources = self.inputs[SOURCES, :k]
+                gathered = pending.tokens.index_select(0, sources.clamp(min=0)).to(torch.int32)
+                ids.copy_(torch.where(sources >= 0, gathered, ids))
         self.graphs[shape].replay()
         return self.logits[shape][:num_logits]

@@ -58,6 +58,22 @@ class TokenRun:
         return len(self.token_ids) if self.all_logits else int(self.needs_logits)
 
 
+@dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens the host has not read yet (async scheduling): `tokens` (int64 `[n]`, on the
+    arena's device) are the previous step's sampled tokens; where `rows[i] >= 0`, run i is one token
+    whose id is `tokens[rows[i]]` (its TokenRun holds a placeholder), gathered on the device. Where
+    `rows[i]` is -1 the run's own token ids stand."""
+
+    tokens: torch.Tensor
+    rows: Sequence[int]
+
+    def resolve(self, runs: Sequence[TokenRun]) -> list[TokenRun]:
+        """`runs` with the pending tokens read from the device (it waits for them): for eager steps."""
+        values = self.tokens.tolist()
+        return [r if i < 0 else dataclasses.replace(r, token_ids=[values[i]]) for r, i in zip(runs, self.rows)]
+
+
 class ModelRunner:
     """Runs the model over a packed batch. Owns no cache state: the arena tensors are lent to it.
 
@@ -94,18 +110,25 @@ class ModelRunner:
             self.graphs = StepGraphs(self, max_graph_batch, ceil_div(max_len, block_size), graph_query_lens)
 
     @torch.inference_mode()
-    def run(self, runs: Sequence[TokenRun]) -> torch.Tensor:
+    def run(self, runs: Sequence[TokenRun], pending: PendingTokens | None = None) -> torch.Tensor:
         """Compute every run; return float32 logits (on the arena's device): `num_logits` rows per run
         (the last new token's with `needs_logits`, every new token's with `all_logits`), in the order
-        the runs were given. Writes the runs' K/V into their slots."""
+        the runs were given. Writes the runs' K/V into their slots. With `pending`, some runs' input
+        token is still on the device (see PendingTokens): a graph step gathers it there without
+        waiting; an eager step reads it first."""
         if not runs:
             raise ValueError("run() needs at least one token run")
         for i, c in enumerate(runs):
             if not c.token_ids or len(c.slots) != len(c.token_ids):
                 raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
+        if pending is not None and (len(pending.rows) != len(runs) or any(
+                i >= 0 and len(r.token_ids) != 1 for r, i in zip(runs, pending.rows))):
+            raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
         shape = None if self.graphs is None else self.graphs.shape_for(runs)
         if shape is not None:
-            return self.graphs.run(runs, shape)
+            return self.graphs.run(runs, shape, pending)
+        if pending is not None:
+            runs = pending.resolve(runs)
         return self._forward(runs, self.pages())
 
     def pages(self) -> ForwardContext:

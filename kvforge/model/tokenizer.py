@@ -390,10 +390,14 @@ class IncrementalDetokenizer:
         return self._text
 
     def add(self, token_id: int) -> str:
-        """Append one token; return the text it completes ("" while a character is still partial)."""
+        """Append one token; return the text it completes ("" while a character is still partial).
+        Raises ValueError for an id outside the vocabulary, changing nothing."""
+        if not 0 <= token_id < self._tok.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self._tok.vocab_size})")
         self._ids.append(token_id)
-        before = self._tok.decode(self._ids[:self._read], self._skip)
-        after = self._tok.decode(self._ids, self._skip)
+        decode = self._tok.backend.decode  # every id is checked as it comes: no pass over the window
+        before = decode(self._ids[:self._read], skip_special_tokens=self._skip)
+        after = decode(self._ids, skip_special_tokens=self._skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         piece = after[len(before):]

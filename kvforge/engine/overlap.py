@@ -1,0 +1,174 @@
+"""Async scheduling: the next decode step is scheduled and launched before the host reads the
+tokens of the step in flight (vLLM's `async_scheduling`, SGLang's overlap scheduler).
+
+`OverlappedDecode` is a base class of `LLMEngine` (one object, one API), kept in its own file; it
+uses the engine's state. With it, a plain greedy decode step goes like this:
+
+    step k:  reserve slots for step k+1 -> launch k+1 (its input tokens: step k's sampled tokens,
+             gathered on the device) -> read step k's tokens -> detokenize, stop, build outputs
+
+so the host's share of a step (scheduling, packing, detokenizing, outputs) runs while the device
+computes the next one, and `step()` returns each step's outputs one call later. A sequence whose
+step-k token finishes it (EOS, a stop string) has already been launched in step k+1: that token is
+dropped when step k+1 lands, and its slot went back with its blocks when it finished (the device
+writes it before any later step, in stream order, can reuse the block). A sequence whose pending
+token is its last by length is not launched again.
+
+Only steps whose every running sequence decodes plainly overlap: greedy, no logits processors, no
+log-probabilities, one sample per request, no chunks, no speculation, nothing waiting to be
+admitted, and free blocks for every next slot. Any other step first lands the step in flight and
+then runs synchronously, exactly as without async scheduling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvforge.cache import KVCacheManager, NoFreeBlocksError
+from kvforge.engine.scheduler import ScheduledRun
+from kvforge.model.runner import PendingTokens, TokenRun
+from kvforge.types import RequestOutput, Sequence
+
+if TYPE_CHECKING:
+    from kvforge.engine.output import OutputProcessor
+    from kvforge.engine.scheduler import Scheduler
+    from kvforge.model.runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class InFlightStep:
+    """A launched decode step whose tokens the host has not read: `runs[i]` computed position
+    `ends[i] - 1` of its sequence and sampled `tokens[i]` (int64, on the device); `host` receives
+    them through a non-blocking copy that `copied` (None on the CPU) marks done."""
+
+    runs: list[ScheduledRun]
+    ends: list[int]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+def overlaps(seq: Sequence) -> bool:
+    """Whether `seq`'s decode steps may run ahead of its tokens: the next token is the argmax of the
+    raw logits and nothing else of the step is needed on the host before the next one starts."""
+    p = seq.params
+    return (seq.group is None and seq.composition is None and seq.fills_chunk is None and not seq.draft
+            and p.greedy and not p.processes_logits and p.logprobs is None and p.prompt_logprobs is None)
+
+
+class OverlappedDecode:
+    """Launching decode steps ahead of their predecessor's tokens (see the module docstring)."""
+
+    cache: KVCacheManager
+    scheduler: Scheduler
+    runner: ModelRunner
+    outputs: OutputProcessor
+    max_model_len: int
+    _steps: int
+    _generation_tokens: int
+
+    def _init_overlap(self, enabled: bool, max_num_seqs: int, device: torch.device) -> None:
+        self._overlap = enabled
+        self._in_flight: InFlightStep | None = None
+        # two host buffers for the sampled tokens: one may still be read while the next is filled
+        pin = device.type == "cuda"
+        self._token_buffers = [torch.empty(max_num_seqs, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+
+    def _overlapped_step(self) -> list[RequestOutput] | None:
+        """Launch the next decode step ahead and land the one in flight, returning its outputs; or,
+        when the next step cannot overlap (see the module docstring), land the step in flight and
+        return None with its outputs in `_unreturned`, for the caller to run a synchronous step.
+        Raises StepError (from `_fail`) for the requests of a step that failed to launch or land."""
+        previous, self._in_flight = self._in_flight, None
+        try:
+            launched = self._launch_ahead(previous) if self._overlap else None
+        except Exception:
+            if previous is not None:
+                self._unreturned += self._land(previous)
+            raise
+        self._in_flight = launched
+        landed = self._land(previous) if previous is not None else []
+        if launched is None:
+            self._unreturned += landed
+            return None
+        return landed
+
+    def _launch_ahead(self, previous: InFlightStep | None) -> InFlightStep | None:
+        """Reserve one slot for every running sequence that continues and launch their decode step,
+        taking the input token of each sequence of `previous` from its sampled tokens on the device;
+        None (nothing changed) when the step cannot overlap."""
+        sched = self.scheduler
+        if sched.waiting or not sched.running or len(sched.running) > sched.config.max_num_batched_tokens:
+            return None
+        pending = {} if previous is None else {r.seq.seq_id: i for i, r in enumerate(previous.runs)}
+        seqs, rows = [], []
+        for seq in sched.running:
+            row = pending.get(seq.seq_id, -1)
+            if not overlaps(seq) or seq.num_uncomputed != (row < 0):  # a prefill, or a recomputed one
+                return None
+            if row >= 0 and (seq.num_output_tokens + 1 >= seq.params.max_tokens
+                             or seq.total_len + 1 >= self.max_model_len):
+                continue  # its pending token is its last
+            seqs.append(seq)
+            rows.append(row)
+        if not seqs:
+            return None
+        try:
+            slots = self.cache.append_decode([seq.seq_id for seq in seqs])
+        except NoFreeBlocksError:  # changed nothing: the synchronous step preempts
+            return None
+        runs = [ScheduledRun(seq, 1, [slot]) for seq, slot in zip(seqs, slots)]
+        try:
+            items = [TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot],
+                              self.cache.block_table(seq.seq_id), True)
+                     for seq, slot, row in zip(seqs, slots, rows)]
+            known = previous is None or all(row < 0 for row in rows)
+            logits = self.runner.run(items, None if known else PendingTokens(previous.tokens, rows))
+            tokens = logits.argmax(dim=-1)
+            host = self._token_buffers[self._steps % 2][:len(seqs)]
+            host.copy_(tokens, non_blocking=host.is_pinned())
+            copied = None
+            if host.is_pinned():
+                copied = torch.cuda.Event()
+                copied.record()
+        except Exception as e:
+            raise self._fail(seqs, e) from e
+        for seq in seqs:
+            seq.num_computed += 1
+        self._steps += 1
+        return InFlightStep(runs, [seq.num_computed for seq in seqs], tokens, host, copied)
+
+    def _land(self, step: InFlightStep) -> list[RequestOutput]:
+        """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:
+        cache the blocks it filled, append each token (detokenize, stop), build the outputs. A
+        sequence that ended meanwhile (finished, aborted, failed) is skipped: its token is dropped."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        tokens = step.host.tolist()
+        bs = self.cache.block_size
+        outputs = []
+        now = time.monotonic()
+        live = [(r.seq, end, token) for r, end, token in zip(step.runs, step.ends, tokens) if not r.seq.finished]
+        try:
+            for seq, end, token in live:
+                if seq.finished:  # ended by an earlier one's failure in this loop
+                    continue
+                if end % bs == 0:  # this step filled a block: cache it
+                    self.cache.commit(seq.seq_id, seq.token_ids[:end])
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self._generation_tokens += 1
+                self.outputs.append_token(seq, token, self.max_model_len)
+                out = self.outputs.output(seq)
+                if out is not None:
+                    outputs.append(out)
+                if seq.finished:
+                    self._forget(seq)
+        except Exception as e:
+            self._unreturned += outputs
+            raise self._fail([seq for seq, _, _ in live if not seq.finished], e) from e
+        return outputs
