@@ -27,9 +27,9 @@ def _recording_shapes(llm) -> list:
     graphs, shapes = llm.engine.runner.graphs, []
     replay = graphs.run
 
-    def run(runs, shape):
+    def run(runs, shape, pending=None):
         shapes.append(shape)
-        return replay(runs, shape)
+        return replay(runs, shape, pending)
 
     graphs.run = run
     return shapes
