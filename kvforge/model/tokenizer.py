@@ -362,6 +362,10 @@ class IncrementalDetokenizer:
     SentencePiece decoder strips from the start of a text ("▁Hello" decodes alone to "Hello"). Pass
     the whole prompt: only its tail is decoded (back to the last ids that decode to text). Without a
     prompt `text == decode(generated)`, that space stripped.
+
+    Pieces come from the tokenizers library's `DecodeStream` (the same offsets, kept in Rust: one
+    decode per token); a decoder whose earlier text changes as ids are added makes the stream fail,
+    and the sequence then goes on decoding its window of ids here, with the same result.
     """
 
     _CONTEXT = 5  # tokens of already-printed text decoded again as context
@@ -369,6 +373,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (),
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._backend, self._vocab_size = tokenizer.backend, tokenizer.vocab_size
         self._skip = skip_special_tokens
         # The context for the next piece: the last _CONTEXT prompt ids, widened back while they
         # decode to "" (say, a prompt ending in skipped control tokens), or the decoder's
@@ -383,6 +388,7 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[prefix:])
         self._read = read - prefix
         self._text = ""
+        self._stream: decoders.DecodeStream | None = decoders.DecodeStream(self._ids, skip_special_tokens)
 
     @property
     def text(self) -> str:
@@ -392,16 +398,29 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is still partial).
         Raises ValueError for an id outside the vocabulary, changing nothing."""
-        if not 0 <= token_id < self._tok.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self._tok.vocab_size})")
+        if not 0 <= token_id < self._vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self._vocab_size})")
         self._ids.append(token_id)
-        decode = self._tok.backend.decode  # every id is checked as it comes: no pass over the window
+        piece = None
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id) or ""
+            except Exception:  # the decoder rewrote text already given out: decode the window from now on
+                self._stream = None
+        if piece is None:
+            piece = self._window_piece()
+        if piece:
+            del self._ids[:self._read]  # the new piece's ids become the context; older ones are done with
+            self._read = len(self._ids)
+            self._text += piece
+        return piece
+
+    def _window_piece(self) -> str:
+        """The text the newest id completes, from decoding the window with and without the ids not
+        printed yet ("" while a character is partial or the text did not grow)."""
+        decode = self._backend.decode  # every id is checked as it comes: no pass over the window
         before = decode(self._ids[:self._read], skip_special_tokens=self._skip)
         after = decode(self._ids, skip_special_tokens=self._skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        piece = after[len(before):]
-        del self._ids[:self._read]  # the new piece's ids become the context; older ones are done with
-        self._read = len(self._ids)
-        self._text += piece
-        return piece
+        return after[len(before):]

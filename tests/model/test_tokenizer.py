@@ -123,6 +123,35 @@ def test_incremental_after_a_long_prompt_keeps_only_its_context(smollm_tokenizer
     assert len(detok._ids) < 20  # neither the prompt nor the printed output is kept
 
 
+class _FailingStream:
+    def step(self, backend, token_id):
+        raise Exception("DecodeStreamError: InvalidPrefix")
+
+
+@pytest.mark.parametrize("fails_at", [0, 3, 9])
+def test_incremental_goes_on_from_its_window_when_the_decode_stream_fails(smollm_tokenizer, fails_at):
+    prompt = smollm_tokenizer.encode("Say: ")
+    out = smollm_tokenizer.encode(MULTI_BYTE[0], add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm_tokenizer, prompt_token_ids=prompt)
+    pieces = []
+    for i, token in enumerate(out):
+        if i == fails_at:
+            detok._stream = _FailingStream()
+        pieces.append(detok.add(token))
+    assert detok._stream is None
+    assert "".join(pieces) == detok.text == MULTI_BYTE[0]
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_incremental_refuses_an_id_outside_the_vocabulary_and_changes_nothing(smollm_tokenizer):
+    detok = IncrementalDetokenizer(smollm_tokenizer, prompt_token_ids=smollm_tokenizer.encode("Say: "))
+    detok.add(smollm_tokenizer.encode("ok", add_special_tokens=False)[0])
+    with pytest.raises(ValueError, match="49152 is outside the vocabulary"):
+        detok.add(49152)
+    assert detok.add(smollm_tokenizer.encode("!", add_special_tokens=False)[0]) == "!"
+    assert detok.text == "ok!"
+
+
 # ------------------------------------------------------------------ other sources
 def test_tiny_byte_level_gguf_splits_digits_and_keeps_control_tokens(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", "llama", None, None, tiny_bpe_fields())
