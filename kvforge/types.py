@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,6 +242,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Greedy over the raw logits, with no log-probabilities to report: the next token is the
+        argmax alone (what async scheduling computes ahead of the host). Cached: params are frozen."""
+        return self.greedy and not self.processes_logits and self.logprobs is None and self.prompt_logprobs is None
 
 
 class SequenceStatus(enum.Enum):

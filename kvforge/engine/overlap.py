@@ -55,9 +55,8 @@ class InFlightStep:
 def overlaps(seq: Sequence) -> bool:
     """Whether `seq`'s decode steps may run ahead of its tokens: the next token is the argmax of the
     raw logits and nothing else of the step is needed on the host before the next one starts."""
-    p = seq.params
-    return (seq.group is None and seq.composition is None and seq.fills_chunk is None and not seq.draft
-            and p.greedy and not p.processes_logits and p.logprobs is None and p.prompt_logprobs is None)
+    return (seq.params.plain_greedy and seq.group is None and seq.composition is None and seq.fills_chunk is None
+            and not seq.draft)
 
 
 class OverlappedDecode:
