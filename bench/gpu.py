@@ -21,6 +21,10 @@ Parts (`--parts`, default all of the first five):
             static on the same weights (`--smollm PATH` to the .gguf when the package is absent).
 
     python bench/gpu.py [--parts decode,prefix,cascade,rag,smollm] [--smollm PATH] [--kv-cache-dtype int8]
+                        [--async-scheduling on|off]
+
+kvforge runs with its defaults, async scheduling included (`--async-scheduling off`: every step
+synchronous, for an A/B).
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ def rag_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
             "speedup_r0": round(med["full"] / med["r0"], 2), "speedup_r15": round(med["full"] / med["r15"], 2)}
 
 
-def smollm_rows(path: str | None, rng: random.Random, bandwidth: float) -> dict:
+def smollm_rows(path: str | None, rng: random.Random, bandwidth: float, async_scheduling: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvforge.model.loader import load_model
@@ -273,7 +277,7 @@ def smollm_rows(path: str | None, rng: random.Random, bandwidth: float) -> dict:
     hf = hf.to("cuda", torch.bfloat16).eval()
     del loaded
     llm = LLM(model, device="cuda", dtype="bfloat16", kv_cache_memory=8 << 30, max_num_seqs=128,
-              max_num_batched_tokens=8192, enable_prefix_caching=False)
+              max_num_batched_tokens=8192, enable_prefix_caching=False, async_scheduling=async_scheduling)
     rows = decode_rows(llm, hf, c.vocab_size, rng, bandwidth)
     del llm, hf
     torch.cuda.empty_cache()
@@ -293,6 +297,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-dtype", default="auto", help="the KV format of kvforge's cache (parts decode, "
                     "prefix, cascade, rag): auto (bf16), int8, int4, fp8_e4m3, fp8_e5m2")
+    ap.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+                    help="launch each decode step before reading the previous one's tokens (kvforge's default on a GPU)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
@@ -301,13 +307,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     bandwidth = copy_bandwidth()
     result: dict = {"bench": "gpu", "device": torch.cuda.get_device_name(), "copy_tb_s": round(bandwidth / 1e12, 2),
-                    "kv_cache_dtype": args.kv_cache_dtype}
+                    "kv_cache_dtype": args.kv_cache_dtype, "async_scheduling": args.async_scheduling}
     config = json.loads((CONFIG_1B / "config.json").read_text())
     vocab = config["vocab_size"]
     if parts & {"decode", "prefix", "cascade", "rag"}:
         llm = LLM(str(CONFIG_1B), load_format="dummy", device="cuda", dtype="bfloat16", kv_cache_memory=40 << 30,
                   max_num_seqs=128, max_num_batched_tokens=8192, max_model_len=32768 + 256,
-                  kv_cache_dtype=args.kv_cache_dtype)
+                  kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling == "on")
         if "cascade" in parts:
             result["cascade_64x4k"] = progress("cascade_64x4k", cascade_rows(llm, vocab, rng))
             result["cascade_64x4k_attention"] = progress("cascade_64x4k_attention", cascade_attention_rows(rng))
@@ -322,7 +328,8 @@ def main() -> None:
         del llm
         torch.cuda.empty_cache()
     if "smollm" in parts:
-        result["smollm2_bf16_decode"] = progress("smollm2_bf16_decode", smollm_rows(args.smollm, rng, bandwidth))
+        result["smollm2_bf16_decode"] = progress("smollm2_bf16_decode", smollm_rows(args.smollm, rng, bandwidth,
+                                                                                    args.async_scheduling == "on"))
     print(json.dumps(result))
 
 
