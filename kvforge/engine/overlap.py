@@ -73,6 +73,10 @@ class OverlappedDecode:
     def _init_overlap(self, enabled: bool, max_num_seqs: int, device: torch.device) -> None:
         self._overlap = enabled
         self._in_flight: InFlightStep | None = None
+        # seq_id -> its block table as the last launch ahead passed it, reused while it still covers
+        # the next slot; dropped when a landing commits a block (a cached twin may replace one) and
+        # emptied by every synchronous step (which may preempt, fork or roll back)
+        self._tables: dict[int, list[int]] = {}
         # two host buffers for the sampled tokens: one may still be read while the next is filled
         pin = device.type == "cuda"
         self._token_buffers = [torch.empty(max_num_seqs, dtype=torch.long, pin_memory=pin) for _ in range(2)]
@@ -84,7 +88,7 @@ class OverlappedDecode:
         Raises StepError (from `_fail`) for the requests of a step that failed to launch or land."""
         previous, self._in_flight = self._in_flight, None
         try:
-            launched = self._launch_ahead(previous) if self._overlap else None
+            launched = self._launch_ahead(previous)
         except Exception:
             if previous is not None:
                 self._unreturned += self._land(previous)
@@ -92,6 +96,7 @@ class OverlappedDecode:
         self._in_flight = launched
         landed = self._land(previous) if previous is not None else []
         if launched is None:
+            self._tables.clear()
             self._unreturned += landed
             return None
         return landed
@@ -123,7 +128,7 @@ class OverlappedDecode:
         runs = [ScheduledRun(seq, 1, [slot]) for seq, slot in zip(seqs, slots)]
         try:
             items = [TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot],
-                              self.cache.block_table(seq.seq_id), True)
+                              self._table(seq.seq_id, slot), True)
                      for seq, slot, row in zip(seqs, slots, rows)]
             known = previous is None or all(row < 0 for row in rows)
             logits = self.runner.run(items, None if known else PendingTokens(previous.tokens, rows))
@@ -141,6 +146,15 @@ class OverlappedDecode:
         self._steps += 1
         return InFlightStep(runs, [seq.num_computed for seq in seqs], tokens, host, copied)
 
+    def _table(self, seq_id: int, slot: int) -> list[int]:
+        """`seq_id`'s block table, whose last block holds `slot` (its newest position): the one last
+        passed while that still holds (nothing but a commit changes a decoding sequence's earlier
+        blocks, and a commit drops it), else the cache's."""
+        table = self._tables.get(seq_id)
+        if table is None or table[-1] != slot // self.cache.block_size:
+            table = self._tables[seq_id] = self.cache.block_table(seq_id)
+        return table
+
     def _land(self, step: InFlightStep) -> list[RequestOutput]:
         """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:
         cache the blocks it filled, append each token (detokenize, stop), build the outputs. A
@@ -156,8 +170,9 @@ class OverlappedDecode:
             for seq, end, token in live:
                 if seq.finished:  # ended by an earlier one's failure in this loop
                     continue
-                if end % bs == 0:  # this step filled a block: cache it
+                if end % bs == 0:  # this step filled a block: cache it (a cached twin may replace it)
                     self.cache.commit(seq.seq_id, seq.token_ids[:end])
+                    self._tables.pop(seq.seq_id, None)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._generation_tokens += 1
@@ -166,6 +181,7 @@ class OverlappedDecode:
                 if out is not None:
                     outputs.append(out)
                 if seq.finished:
+                    self._tables.pop(seq.seq_id, None)
                     self._forget(seq)
         except Exception as e:
             self._unreturned += outputs

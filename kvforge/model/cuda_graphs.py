@@ -57,18 +57,24 @@ class GraphShape:
 
 
 def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray,
-                tables: np.ndarray) -> int:
+                tables: np.ndarray, written: list | None = None) -> int:
     """Write `runs` (each of 1..query_len tokens, at most `batch` of them) into a graph's host
     buffers: `inputs` int32 [>= 5, >= batch * query_len] (see IDS .. LENGTHS; LENGTHS uses the first
     `batch` entries) and `tables` int32 [>= len(runs), >= every run's block table]. Returns the
     number of logits rows: each run's last `num_logits` rows, in run order, are listed first in
     LOGIT_ROWS. Padding rows get token 0, the positions after their run's, slot -1; the bucket's
-    unused sequences length 0. Only `tables[:len(runs)]` is written (a padding row reads nothing)."""
+    unused sequences length 0. Only `tables[:len(runs)]` is written (a padding row reads nothing).
+    `written` (one entry per row of `tables`, kept by the caller across calls) names the block-table
+    object each row last received: a row already holding this run's table object is not rewritten,
+    so a caller that reuses a sequence's table list while it is unchanged skips its copy."""
     q, rows, k = query_len, batch * query_len, len(runs)
     inputs[:, :rows] = 0
     inputs[SLOTS, :rows] = -1
     for i, r in enumerate(runs):
-        tables[i, :len(r.block_table)] = r.block_table
+        if written is None or written[i] is not r.block_table:
+            tables[i, :len(r.block_table)] = r.block_table
+            if written is not None:
+                written[i] = r.block_table
     if q == 1:  # the hot decode path: one token and one logits row per run, no per-run numpy calls
         inputs[IDS, :k] = [r.token_ids[0] for r in runs]
         inputs[POSITIONS, :k] = [r.start_pos for r in runs]
@@ -115,6 +121,7 @@ class StepGraphs:
             self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
             self.host_inputs = torch.zeros(6, rows, dtype=torch.int32, pin_memory=True)
             self.host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=True)
+            self.written: list = [None] * max_batch  # the block-table object each host table row holds
             self.copied: torch.cuda.Event | None = None
             self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
             self.logits: dict[GraphShape, torch.Tensor] = {}
@@ -176,7 +183,7 @@ class StepGraphs:
             self.copied.synchronize()  # the host buffers are free to rewrite
         n, k = shape.query_len * shape.batch, len(runs)
         host = self.host_inputs.numpy()
-        num_logits = pack_inputs(runs, shape.query_len, shape.batch, host, self.host_tables.numpy())
+        num_logits = pack_inputs(runs, shape.query_len, shape.batch, host, self.host_tables.numpy(), self.written)
         if pending is not None:
             assert shape.query_len == 1, "pending tokens belong to one-token runs"
             host[SOURCES, :k] = pending.rows

@@ -42,7 +42,8 @@ class TokenRun(NamedTuple):
     With a `composition`, `start_pos` counts the sequence's private tokens (see `Composition`),
     whose absolute positions the composition gives, and `block_table` holds only those.
     `needs_logits` asks for the logits of the last new token; `all_logits` for those of every new
-    token (prompt log-probabilities).
+    token (prompt log-probabilities). A `block_table` list is never modified once passed: a graph
+    replay skips copying a table object its buffer row already holds (`pack_inputs`).
     """
 
     token_ids: Sequence[int]

@@ -58,6 +58,17 @@ def test_stop_strings_and_outputs_kinds_match_the_synchronous_engine(sync_llm, a
     assert_engine_idle(async_llm.engine)
 
 
+def test_identical_sequences_sharing_cached_twins_give_the_synchronous_tokens(sync_llm, async_llm):
+    """Two copies of a prompt decode in lockstep: each block the second one fills is already cached
+    by the first, so committing it swaps in the twin while the next step is in flight."""
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    prompts = [PROMPTS[2], PROMPTS[2], PROMPTS[3]]
+    expected = _completions(sync_llm.generate(prompts, params))
+    assert expected[0] == expected[1]
+    assert _completions(async_llm.generate(prompts, params)) == expected
+    assert_engine_idle(async_llm.engine)
+
+
 def test_every_step_keeps_the_cache_consistent_and_outputs_come_one_step_later(async_llm):
     engine = async_llm.engine
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

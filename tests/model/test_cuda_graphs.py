@@ -41,3 +41,17 @@ def test_verify_runs_own_query_len_rows_and_short_runs_are_padded_after_their_to
     assert inputs[LENGTHS, :batch].tolist() == [13, 23, 33, 0]
     assert inputs[LOGIT_ROWS, :4].tolist() == [0, 1, 2, 3]
     assert tables[2, :2].tolist() == [1, 2] and tables[3].tolist() == [9, 9, 9, 9]  # unused rows untouched
+
+
+def test_a_row_holding_the_same_table_object_is_not_copied_again_and_any_other_table_is():
+    inputs, tables = _buffers(4, 4, 3)
+    written = [None] * 4
+    a, b = [2, 3], [6]
+    pack_inputs([TokenRun([1], 20, [40], a, True), TokenRun([2], 0, [50], b, True)], 1, 4, inputs, tables, written)
+    assert written[:2] == [a, b] and written[0] is a
+    tables[0, :2] = -5  # what a row already holding `a` is not given again
+    pack_inputs([TokenRun([3], 21, [41], a, True), TokenRun([4], 1, [51], [6], True)], 1, 4, inputs, tables, written)
+    assert tables[0, :2].tolist() == [-5, -5]  # the same object: skipped
+    tables[1, 0] = -5
+    pack_inputs([TokenRun([3], 22, [42], b, True), TokenRun([4], 2, [52], a, True)], 1, 4, inputs, tables, written)
+    assert tables[0, 0] == 6 and tables[1, :2].tolist() == [2, 3]  # rows that changed hands are rewritten
