@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
-from kvforge.engine.scheduler import ScheduledRun
 from kvforge.model.runner import PendingTokens, TokenRun
 from kvforge.types import RequestOutput, Sequence
 
@@ -41,11 +40,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InFlightStep:
-    """A launched decode step whose tokens the host has not read: `runs[i]` computed position
-    `ends[i] - 1` of its sequence and sampled `tokens[i]` (int64, on the device); `host` receives
-    them through a non-blocking copy that `copied` (None on the CPU) marks done."""
+    """A launched decode step whose tokens the host has not read: `seqs[i]` computed position
+    `ends[i] - 1` and sampled `tokens[i]` (int64, on the device); `host` receives them through a
+    non-blocking copy that `copied` (None on the CPU) marks done."""
 
-    runs: list[ScheduledRun]
+    seqs: list[Sequence]
     ends: list[int]
     tokens: torch.Tensor
     host: torch.Tensor
@@ -108,7 +107,7 @@ class OverlappedDecode:
         sched = self.scheduler
         if sched.waiting or not sched.running or len(sched.running) > sched.config.max_num_batched_tokens:
             return None
-        pending = {} if previous is None else {r.seq.seq_id: i for i, r in enumerate(previous.runs)}
+        pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
         seqs, rows = [], []
         for seq in sched.running:
             row = pending.get(seq.seq_id, -1)
@@ -125,7 +124,6 @@ class OverlappedDecode:
             slots = self.cache.append_decode([seq.seq_id for seq in seqs])
         except NoFreeBlocksError:  # changed nothing: the synchronous step preempts
             return None
-        runs = [ScheduledRun(seq, 1, [slot]) for seq, slot in zip(seqs, slots)]
         try:
             items = [TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot],
                               self._table(seq.seq_id, slot), True)
@@ -144,7 +142,7 @@ class OverlappedDecode:
         for seq in seqs:
             seq.num_computed += 1
         self._steps += 1
-        return InFlightStep(runs, [seq.num_computed for seq in seqs], tokens, host, copied)
+        return InFlightStep(seqs, [seq.num_computed for seq in seqs], tokens, host, copied)
 
     def _table(self, seq_id: int, slot: int) -> list[int]:
         """`seq_id`'s block table, whose last block holds `slot` (its newest position): the one last
@@ -165,11 +163,9 @@ class OverlappedDecode:
         bs = self.cache.block_size
         outputs = []
         now = time.monotonic()
-        live = [(r.seq, end, token) for r, end, token in zip(step.runs, step.ends, tokens) if not r.seq.finished]
+        live = [(seq, end, token) for seq, end, token in zip(step.seqs, step.ends, tokens) if not seq.finished]
         try:
             for seq, end, token in live:
-                if seq.finished:  # ended by an earlier one's failure in this loop
-                    continue
                 if end % bs == 0:  # this step filled a block: cache it (a cached twin may replace it)
                     self.cache.commit(seq.seq_id, seq.token_ids[:end])
                     self._tables.pop(seq.seq_id, None)
