@@ -154,17 +154,25 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Store this step's K/V for `layer` and attend with `q` `[T, heads, D]` (RoPE applied).
+    """Rotate `q` `[T, heads, D]` and `k` `[T, kv_heads, D]` by `cos`, `sin` `[T, D/2]`, store this
+    step's K/V for `layer` and attend; `q`, `k`, `v` come before RoPE.
 
-    `k`, `v` `[T, kv_heads, D]`; `k` comes before RoPE and is rotated here with `cos`, `sin`
-    `[T, D/2]`, except into int4 pages, which keep keys before RoPE (their readers rotate each
-    key to its position) and values rotated by a Hadamard matrix (ops/quant.py): the values are
-    rotated as they are stored and the attention output is rotated back here."""
+    int4 pages keep keys before RoPE (their readers rotate each key to its position) and values
+    rotated by a Hadamard matrix (ops/quant.py): the values are rotated as they are stored and the
+    attention output is rotated back here. On the GPU, plain pages take the rotations and the store
+    in one kernel (`rope_store_kv`)."""
     ctx = _context
     if ctx is None:
         raise RuntimeError("paged_attention called outside forward_context")
+    meta, quant = ctx.metadata, ctx.scales(layer)
+    if (meta.varlen is not None or meta.private is not None) and not quant:
+        q = _kernels().rope_store_kv(q, k, v, cos, sin, ctx.k_caches[layer], ctx.v_caches[layer], meta.slot_mapping)
+        return _attention_triton(meta, q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.inv_freq, ctx.rope_table,
+                                 scale, quant)
+    kernels = ops_library.backend_for(q.device)
+    q = kernels.apply_rope(q, cos, sin)
     if not ctx.rotate_values:
-        return _attend(ctx, layer, q, ops_library.backend_for(q.device).apply_rope(k, cos, sin), v, scale)
+        return _attend(ctx, layer, q, kernels.apply_rope(k, cos, sin), v, scale)
     out = _attend(ctx, layer, q, k, ops.hadamard_transform(v), scale)
     return ops.hadamard_transform(out).to(q.dtype)
 
@@ -176,7 +184,8 @@ def _attend(ctx: ForwardContext, layer: int, q: torch.Tensor, k: torch.Tensor, v
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     quant = ctx.scales(layer)
     if meta.varlen is not None or meta.private is not None:
-        return _attention_triton(meta, q, k, v, k_cache, v_cache, ctx.inv_freq, ctx.rope_table, scale, quant)
+        _kernels().store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
+        return _attention_triton(meta, q, k_cache, v_cache, ctx.inv_freq, ctx.rope_table, scale, quant)
     kernels = ops_library.backend_for(q.device)
     kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     k_scale, v_scale = quant.get("k_scale"), quant.get("v_scale")
@@ -209,15 +218,14 @@ def _kernels():
     return torch.ops.kvforge if torch.compiler.is_compiling() else ops_library.backend("triton")
 
 
-def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor,
-                      rope_table: torch.Tensor | None, scale: float, quant: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The GPU path through the custom ops: one store, one unified kernel over the plain rows, and
-    the composed rows level by level (their private K/V through the same kernel with log-sum-exp,
-    each chunk once for every row that sees it, merged in float32). `quant`: the layer's scales
-    (ForwardContext.scales), quantized pages being quantized and dequantized inside the kernels."""
+def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      inv_freq: torch.Tensor, rope_table: torch.Tensor | None, scale: float,
+                      quant: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The GPU path through the custom ops, once this step's K/V are stored: one unified kernel over
+    the plain rows, and the composed rows level by level (their private K/V through the same kernel
+    with log-sum-exp, each chunk once for every row that sees it, merged in float32). `quant`: the
+    layer's scales (ForwardContext.scales), quantized pages being dequantized inside the kernels."""
     kernels = _kernels()
-    kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)
     out = torch.empty_like(q)
     n = meta.num_varlen_rows
     if meta.varlen is not None:

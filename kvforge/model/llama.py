@@ -38,7 +38,7 @@ class Linear(nn.Linear):
         self.packed = ops.pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.packed_linear(x, self.weight, self.bias, self.packed)  # F.linear while not packed
+        return backend_for(x.device).linear(x, self.weight, self.bias, self.packed)
 
 
 class LlamaAttention(nn.Module):
@@ -52,8 +52,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = backend_for(x.device).apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D], rotated by paged_attention
+        q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, H, D]; q and k rotated by paged_attention
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
         out = paged_attention(self.layer, q, k, v, self.scale, cos, sin)  # [T, H, D]
         return self.o_proj(out.reshape(t, cfg.q_size))
@@ -68,7 +68,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]: gate, then up
-        return self.down_proj(backend_for(x.device).silu_and_mul(gate_up))  # [T, hidden]
+        down = self.down_proj  # silu(gate) * up [T, I] -> [T, hidden], one op (fused on GPU at one row)
+        return backend_for(x.device).silu_and_mul_linear(gate_up, down.weight, down.packed)
 
 
 class LlamaDecoderLayer(nn.Module):

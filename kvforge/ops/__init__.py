@@ -9,8 +9,8 @@ from kvforge.ops.cascade import (
     merge_attention_states,
     rerotate_keys,
 )
-from kvforge.ops.kv import gather_kv, gather_seq_kv, store_kv
-from kvforge.ops.linear import can_pack, linear, pack_weight, packed_linear
+from kvforge.ops.kv import gather_kv, gather_seq_kv, rope_store_kv, store_kv
+from kvforge.ops.linear import can_pack, linear, pack_weight, silu_and_mul_linear
 from kvforge.ops.quant import (
     INT4_VALUE_LEVELS,
     KV_FORMATS,
@@ -34,7 +34,6 @@ __all__ = [
     "can_pack",
     "linear",
     "pack_weight",
-    "packed_linear",
     "INT4_VALUE_LEVELS",
     "KV_FORMATS",
     "ROTATED_FORMATS",
@@ -64,9 +63,11 @@ __all__ = [
     "prefill_attention",
     "rerotate_keys",
     "rms_norm",
+    "rope_store_kv",
     "rope_cos_sin",
     "rope_inv_freq",
     "rope_table",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "store_kv",
 ]

@@ -18,6 +18,7 @@ from kvforge.ops.quant import (
     quantize_rows,
     rope_keys,
 )
+from kvforge.ops.rope import apply_rope
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -55,6 +56,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         cache.view(torch.uint8).view(-1, heads, width).index_copy_(0, slot_mapping, data.view(torch.uint8))
         scale.view(-1, heads).index_copy_(0, slot_mapping, row_scale)
 
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The attention layer's RoPE and K/V write in one op, for plain (unquantized) pages: `q`
+    `[T, heads, D]` and `k` `[T, kv_heads, D]` rotated by `cos`, `sin` `[T, D/2]` (`apply_rope`), the
+    rotated keys and `v` stored at `slot_mapping` (`store_kv`: -1 skipped). Returns the rotated `q`
+    (new); `q`, `k` and `v` are not modified."""
+    store_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping)
+    return apply_rope(q, cos, sin)
 
 def _store_channel_blocks(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor) -> None:
     """int4 keys: re-quantize every block the new rows land in over its tokens so far (its earlier

@@ -1,10 +1,10 @@
 """The attention and KV-store ops as `torch.library` custom ops, and the kernel backend per device.
 
-`kvforge::store_kv` and `kvforge::paged_attention` mutate only the tensors they are handed (the
-arena, the output buffers) and have fake implementations, so a model that calls them can be traced by
-`torch.compile` and captured in CUDA graphs. Each dispatches on its tensors' device: CUDA tensors go
-to the Triton kernels (`kvforge.ops.triton`), everything else to the torch references (`kvforge.ops`),
-which have the same signatures.
+`kvforge::store_kv`, `kvforge::rope_store_kv` and `kvforge::paged_attention` mutate only the tensors
+they are handed (the arena, the output buffers) and have fake implementations, so a model that calls
+them can be traced by `torch.compile` and captured in CUDA graphs. Each dispatches on its tensors'
+device: CUDA tensors go to the Triton kernels (`kvforge.ops.triton`), everything else to the torch
+references (`kvforge.ops`), which have the same signatures.
 """
 
 from __future__ import annotations
@@ -57,6 +57,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @store_kv.register_fake
 def _(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     return None
+
+
+@torch.library.custom_op("kvforge::rope_store_kv", mutates_args=("k_cache", "v_cache"))
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`ops.rope_store_kv`: rotate `q` and `k`, store the keys and `v` into plain pages; the rotated `q`."""
+    return backend_for(q.device).rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+@rope_store_kv.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("kvforge::paged_attention", mutates_args=("out", "lse"))

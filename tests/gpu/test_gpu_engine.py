@@ -173,7 +173,7 @@ def test_a_short_suffix_after_a_cached_prefix_replays_an_extend_graph_with_the_e
         assert graphed.shape == eager.shape == (1, engine.model_config.vocab_size)
         torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
         # prompt log-probabilities need every row's logits: eager
-        assert runner.graphs.shape_for([dataclasses.replace(suffix, all_logits=True)]) is None
+        assert runner.graphs.shape_for([suffix._replace(all_logits=True)]) is None
     finally:
         engine.cache.free(99_998)
     assert_engine_idle(engine)

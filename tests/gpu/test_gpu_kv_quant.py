@@ -25,7 +25,7 @@ AGREE = {"int8": 8, "fp8_e4m3": 8, "fp8_e5m2": 4, "int4": 2}
 # its GEMMs on padded rows, whose last bits can differ from the eager GEMMs' (another kernel for
 # another M), and a quantized cache turns such a difference into another code now and then.
 CONTEXT = " ".join(f"Station {i} logged the river's depth, its temperature and the colour of its water."
-                   for i in range(12))
+                   for i in range(40))  # past the longest extend graph
 
 
 def _agreement(a: list[int], b: list[int]) -> int:

@@ -1,9 +1,11 @@
-"""The CPU's packed linear path against the torch reference, and the model's use of it."""
+"""The linear op: its packed CPU path against F.linear, the fused SiLU-and-mul product, and the model's use of
+them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kvforge import ops
 from kvforge.config import ModelConfig
@@ -14,21 +16,33 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 32, 256, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_the_reference(rows, bias):
+def test_packed_linear_matches_f_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 64, generator=g)
     b = torch.randn(96, generator=g) if bias else None
     x = torch.randn(rows, 64, generator=g)
-    want = ops.linear(x, w, b)
-    got = ops.packed_linear(x, w, b, ops.pack_weight(w))
+    want = F.linear(x, w, b)
+    assert torch.equal(ops.linear(x, w, b), want)
+    got = ops.linear(x, w, b, ops.pack_weight(w))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_linear_reads_a_strided_input():
     w = torch.randn(32, 48)
     x = torch.randn(10, 96)[:, ::2]  # not contiguous
-    torch.testing.assert_close(ops.packed_linear(x, w, None, ops.pack_weight(w)), ops.linear(x, w),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.linear(x, w, None, ops.pack_weight(w)), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_silu_and_mul_linear_is_the_down_projection_of_silu_gate_times_up(backend, packed):
+    from kvforge.ops.library import backend as kernels
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(6, 2 * 40, generator=g), torch.randn(24, 40, generator=g)
+    want = F.linear(F.silu(x[:, :40]) * x[:, 40:], w)
+    got = kernels(backend).silu_and_mul_linear(x, w, ops.pack_weight(w) if packed else None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_only_float32_cpu_weights_pack():

@@ -28,9 +28,11 @@ from kvforge.ops import (  # noqa: F401  (the rest of the backend is the referen
     chunk_attention,
     gather_kv,
     gather_seq_kv,
+    linear,
     merge_attention_states,
     paged_attention,
     prefill_attention,
+    rope_store_kv,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _native(x) and x.dim() == 2 and x.stride(-1) == 1:
         return torch.ops.kvforge_cpu.silu_and_mul(x)
     return reference.silu_and_mul(x)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`kvforge.ops.silu_and_mul_linear`, its activation native."""
+    return linear(silu_and_mul(x), weight, None, packed)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

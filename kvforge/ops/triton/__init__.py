@@ -5,10 +5,11 @@ machine without a GPU the kernels run on CPU tensors under `TRITON_INTERPRET=1` 
 package is first imported), which the tests use.
 """
 
-from kvforge.ops.triton.attention import choose_num_splits, paged_attention, store_kv
+from kvforge.ops.triton.attention import choose_num_splits, paged_attention, rope_store_kv, store_kv
 from kvforge.ops.triton.cascade import chunk_attention, merge_attention_states
+from kvforge.ops.triton.gemv import linear, silu_and_mul_linear
 from kvforge.ops.triton.norm import add_rms_norm, rms_norm, silu_and_mul
 from kvforge.ops.triton.rope import apply_rope
 
-__all__ = ["add_rms_norm", "apply_rope", "choose_num_splits", "chunk_attention", "merge_attention_states",
-           "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]
+__all__ = ["add_rms_norm", "apply_rope", "choose_num_splits", "chunk_attention", "linear", "merge_attention_states",
+           "paged_attention", "rms_norm", "rope_store_kv", "silu_and_mul", "silu_and_mul_linear", "store_kv"]

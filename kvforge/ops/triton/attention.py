@@ -403,6 +403,76 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         )
 
 
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr,           # [T, H | KV_HEADS, 2 * HALF], last dim contiguous
+    cos_ptr, sin_ptr,              # [T, HALF]
+    q_out_ptr,                     # [T, H, 2 * HALF] contiguous
+    k_cache_ptr, v_cache_ptr,      # [num_blocks * block_size, KV_HEADS, 2 * HALF] contiguous, plain
+    slot_ptr,                      # [T]; < 0 = skip
+    num_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+    KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
+):
+    # One program per token: rotate its query heads, then its keys, and store keys and values.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, HALF)[None, :]  # [1, HALF]
+    c = tl.load(cos_ptr + t * stride_ct + cols).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + cols).to(tl.float32)
+    heads = tl.arange(0, BLOCK_H)[:, None]  # [BH, 1]
+    mask = heads < num_heads
+    x = q_ptr + t * stride_qt + heads * stride_qh + cols
+    x1 = tl.load(x, mask=mask).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask).to(tl.float32)
+    o = q_out_ptr + t * num_heads * 2 * HALF + heads * 2 * HALF + cols
+    tl.store(o, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o + HALF, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        kh = tl.arange(0, BLOCK_KH)[:, None]  # [BKH, 1]
+        kmask = kh < KV_HEADS
+        key = k_ptr + t * stride_kt + kh * stride_kh + cols
+        k1 = tl.load(key, mask=kmask).to(tl.float32)
+        k2 = tl.load(key + HALF, mask=kmask).to(tl.float32)
+        at = slot * KV_HEADS * 2 * HALF + kh * 2 * HALF + cols
+        tl.store(k_cache_ptr + at, (k1 * c - k2 * s).to(k_cache_ptr.dtype.element_ty), mask=kmask)
+        tl.store(k_cache_ptr + at + HALF, (k2 * c + k1 * s).to(k_cache_ptr.dtype.element_ty), mask=kmask)
+        value = v_ptr + t * stride_vt + kh * stride_vh + cols
+        tl.store(v_cache_ptr + at, tl.load(value, mask=kmask).to(v_cache_ptr.dtype.element_ty), mask=kmask)
+        tl.store(v_cache_ptr + at + HALF, tl.load(value + HALF, mask=kmask).to(v_cache_ptr.dtype.element_ty),
+                 mask=kmask)
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`kvforge.ops.kv.rope_store_kv` in one kernel (one program per token), computed in float32
+    like `apply_rope`: returns the rotated `q` (new, contiguous), writes the rotated keys and `v`
+    into the plain pages at `slot_mapping` (int32 or int64; -1 skipped). q, k and v may be strided
+    views of the fused qkv projection with a contiguous last dim. Never syncs with the device."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    half = dim // 2
+    if (k.shape != (tokens, kv_heads, dim) or v.shape != k.shape or slot_mapping.shape != (tokens,)
+            or k_cache.shape[2:] != (kv_heads, dim) or v_cache.shape != k_cache.shape):
+        raise ValueError(f"rope_store_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
+                         f"{tuple(slot_mapping.shape)} do not fit the cache {tuple(k_cache.shape)}")
+    if k_cache.dtype not in TL_DTYPES or v_cache.dtype != k_cache.dtype or not (k_cache.is_contiguous()
+                                                                                and v_cache.is_contiguous()):
+        raise ValueError("rope_store_kv: plain, contiguous pages only (quantized pages: apply_rope, store_kv)")
+    if (q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride()
+            or cos.shape != (tokens, half) or half & (half - 1)):
+        raise ValueError("rope_store_kv needs unit-stride head dims, cos/sin [T, D/2] of one layout and a "
+                         "power-of-two head_dim")
+    out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+    if tokens:
+        _rope_store_kv_kernel[(tokens,)](
+            q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping, heads, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            KV_HEADS=kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_KH=triton.next_power_of_2(kv_heads), num_warps=1 if heads * dim <= 1024 else 2)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # paged_attention
 # --------------------------------------------------------------------------------------------
