@@ -9,6 +9,7 @@ directory (config.json + model.safetensors or a sharded index + tokenizer.json).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -168,16 +169,41 @@ def _dummy_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype, 
 
 
 # ------------------------------------------------------------------------------------------ GGUF
-def _load_gguf(path: Path) -> LoadedModel:
+@dataclass(frozen=True)
+class _GGUFHeader:
+    """What a GGUF file says before its tensor data: metadata, the tensors (their data memory-mapped,
+    not read) and the model fingerprint (the header's bytes and samples of the data)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, Any]
+    fingerprint: str
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf_header(path: Path, size: int, mtime_ns: int) -> _GGUFHeader:
+    """Parse a GGUF header once per file version (`size`, `mtime_ns`): gguf's reader takes seconds over a
+    tokenizer's vocabulary, and a process that loads the same file again (a draft model equal to the
+    target, several engines) skips it. Callers must not mutate what it returns."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    h = hashlib.sha256(_FINGERPRINT_VERSION + b"gguf")
+    with open(path, "rb") as f:
+        h.update(f.read(reader.data_offset))  # metadata (tokenizer included) + tensor names/types/shapes
+    _hash_samples(h, path, reader.data_offset)
+    return _GGUFHeader(meta, {t.name: t for t in reader.tensors}, h.hexdigest())
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    stat = path.stat()
+    header = _read_gguf_header(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    meta = header.meta
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
     tokenizer = Tokenizer.from_gguf_fields(meta)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = dict(header.tensors)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     config = _gguf_config(path, arch, meta, tensors, tokenizer, rope_freqs)
 
@@ -193,12 +219,8 @@ def _load_gguf(path: Path) -> LoadedModel:
                     key = f"model.layers.{i}.self_attn.{proj}_proj.{kind}"
                     if key in weights:
                         weights[key] = _unpermute(weights[key], heads)
-    h = hashlib.sha256(_FINGERPRINT_VERSION + b"gguf")
-    with open(path, "rb") as f:
-        h.update(f.read(reader.data_offset))  # metadata (tokenizer included) + tensor names/types/shapes
-    _hash_samples(h, path, reader.data_offset)
     name = str(meta.get("general.name") or path.stem)
-    return LoadedModel(config, weights, tokenizer, h.hexdigest(), name, path)
+    return LoadedModel(config, weights, tokenizer, header.fingerprint, name, path)
 
 
 def _gguf_config(path: Path, arch: str, meta: dict[str, Any], tensors: dict, tokenizer: Tokenizer,
