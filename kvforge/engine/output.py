@@ -26,6 +26,7 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Tokenizer, finish: Callable[..., None]):
         self.tokenizer, self._finish = tokenizer, finish
+        self._eos = frozenset(tokenizer.eos_token_ids)  # a set: one lookup per token
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._prompt_ids: dict[int, list[int]] = {}  # the whole prompt, composed ones included
 
@@ -50,14 +51,16 @@ class OutputProcessor:
         """Append `token` to `seq`, extend its text, and finish it on EOS, a stop token id, a stop
         string (cut from the text unless `include_stop_str_in_output`), max_tokens or the model
         length."""
-        seq.token_ids.append(token)
+        ids = seq.token_ids
+        ids.append(token)
         p = seq.params
-        if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
+        if token in self._eos and not p.ignore_eos:
             return self._finish(seq, "stop")
-        if token in p.stop_token_ids:
+        if p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(seq, "stop", token)
         new = self._detok[seq.seq_id].add(token)
-        seq.text += new
+        if new:
+            seq.text += new
         if p.stop and new:
             # A stop string can only end in the new text; look back far enough to catch it whole.
             window = len(new) + max(len(s) for s in p.stop)
@@ -68,7 +71,7 @@ class OutputProcessor:
                 at, s = min(hits)
                 seq.text = seq.text[:at + len(s)] if p.include_stop_str_in_output else seq.text[:at]
                 return self._finish(seq, "stop", s)
-        if seq.num_output_tokens >= p.max_tokens or seq.total_len >= max_model_len:
+        if len(ids) - len(seq.prompt_token_ids) >= p.max_tokens or seq.total_len >= max_model_len:
             self._finish(seq, "length")
 
     def output(self, seq: Sequence) -> RequestOutput | None:

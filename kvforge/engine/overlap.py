@@ -30,7 +30,7 @@ import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
 from kvforge.model.runner import PendingTokens, TokenRun
-from kvforge.types import RequestOutput, Sequence
+from kvforge.types import OutputKind, RequestOutput, Sequence
 
 if TYPE_CHECKING:
     from kvforge.engine.output import OutputProcessor
@@ -125,9 +125,15 @@ class OverlappedDecode:
         except NoFreeBlocksError:  # changed nothing: the synchronous step preempts
             return None
         try:
-            items = [TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot],
-                              self._table(seq.seq_id, slot), True)
-                     for seq, slot, row in zip(seqs, slots, rows)]
+            # Each block table is the one last passed while its last block still holds the new slot
+            # (nothing but a commit changes a decoding sequence's earlier blocks, and a commit drops
+            # it), else the cache's.
+            tables, bs, items = self._tables, self.cache.block_size, []
+            for seq, slot, row in zip(seqs, slots, rows):
+                table = tables.get(seq.seq_id)
+                if table is None or table[-1] != slot // bs:
+                    table = tables[seq.seq_id] = self.cache.block_table(seq.seq_id)
+                items.append(TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot], table, True))
             known = previous is None or all(row < 0 for row in rows)
             logits = self.runner.run(items, None if known else PendingTokens(previous.tokens, rows))
             tokens = logits.argmax(dim=-1)
@@ -143,15 +149,6 @@ class OverlappedDecode:
             seq.num_computed += 1
         self._steps += 1
         return InFlightStep(seqs, [seq.num_computed for seq in seqs], tokens, host, copied)
-
-    def _table(self, seq_id: int, slot: int) -> list[int]:
-        """`seq_id`'s block table, whose last block holds `slot` (its newest position): the one last
-        passed while that still holds (nothing but a commit changes a decoding sequence's earlier
-        blocks, and a commit drops it), else the cache's."""
-        table = self._tables.get(seq_id)
-        if table is None or table[-1] != slot // self.cache.block_size:
-            table = self._tables[seq_id] = self.cache.block_table(seq_id)
-        return table
 
     def _land(self, step: InFlightStep) -> list[RequestOutput]:
         """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:
@@ -173,12 +170,13 @@ class OverlappedDecode:
                     seq.first_token_time = now
                 self._generation_tokens += 1
                 self.outputs.append_token(seq, token, self.max_model_len)
-                out = self.outputs.output(seq)
-                if out is not None:
-                    outputs.append(out)
                 if seq.finished:
+                    outputs.append(self.outputs.output(seq))
                     self._tables.pop(seq.seq_id, None)
                     self._forget(seq)
+                elif seq.params.output_kind is not OutputKind.FINAL_ONLY:  # FINAL_ONLY: nothing yet
+                    if (out := self.outputs.output(seq)) is not None:
+                        outputs.append(out)
         except Exception as e:
             self._unreturned += outputs
             raise self._fail([seq for seq, _, _ in live if not seq.finished], e) from e
