@@ -170,13 +170,11 @@ class OverlappedDecode:
                     seq.first_token_time = now
                 self._generation_tokens += 1
                 self.outputs.append_token(seq, token, self.max_model_len)
-                if seq.finished:
+                if seq.finished or seq.params.output_kind is not OutputKind.FINAL_ONLY:  # else: no output yet
                     outputs.append(self.outputs.output(seq))
+                if seq.finished:
                     self._tables.pop(seq.seq_id, None)
                     self._forget(seq)
-                elif seq.params.output_kind is not OutputKind.FINAL_ONLY:  # FINAL_ONLY: nothing yet
-                    if (out := self.outputs.output(seq)) is not None:
-                        outputs.append(out)
         except Exception as e:
             self._unreturned += outputs
             raise self._fail([seq for seq, _, _ in live if not seq.finished], e) from e

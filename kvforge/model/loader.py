@@ -181,9 +181,9 @@ class _GGUFHeader:
 
 @functools.lru_cache(maxsize=2)
 def _read_gguf_header(path: Path, size: int, mtime_ns: int) -> _GGUFHeader:
-    """Parse a GGUF header once per file version (`size`, `mtime_ns`): gguf's reader takes seconds over a
-    tokenizer's vocabulary, and a process that loads the same file again (a draft model equal to the
-    target, several engines) skips it. Callers must not mutate what it returns."""
+    """Parse a GGUF header once per file version (`size`, `mtime_ns`): gguf's reader takes seconds
+    over a tokenizer's vocabulary, and a process that loads the same file again (a draft model equal
+    to the target, several engines) skips it. Callers must not mutate what it returns."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)

@@ -57,7 +57,6 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         scale.view(-1, heads).index_copy_(0, slot_mapping, row_scale)
 
 
-
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """The attention layer's RoPE and K/V write in one op, for plain (unquantized) pages: `q`

@@ -3,10 +3,10 @@
 On the CPU, `F.linear` hands MKL a weight it re-packs on every call: for a few rows (batched decode,
 short prefills) that packing costs more than the product (2.7x the time of one row at 8 rows). oneDNN
 can reorder a weight once into its blocked layout and multiply any number of rows against it
-(`pack_weight`, then `linear` with the pack). A single row stays on `F.linear`, which streams the plain weight
-faster than oneDNN does (matrix-vector), and so do prefills of more than PACKED_MAX_ROWS rows, where
-MKL's own packing is amortized and measured faster in the engine (32 x 256-token prompts: 8.6-9.1 s
-unpacked vs 9.5-10.5 s packed). A packed layer keeps both weights.
+(`pack_weight`, then `linear` with the pack). A single row stays on `F.linear`, which streams the
+plain weight faster than oneDNN does (matrix-vector), and so do prefills of more than
+PACKED_MAX_ROWS rows, where MKL's own packing is amortized and measured faster in the engine (32 x
+256-token prompts: 8.6-9.1 s unpacked vs 9.5-10.5 s packed). A packed layer keeps both weights.
 """
 
 from __future__ import annotations

@@ -403,7 +403,6 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         )
 
 
-
 @triton.jit
 def _rope_store_kv_kernel(
     q_ptr, k_ptr, v_ptr,           # [T, H | KV_HEADS, 2 * HALF], last dim contiguous
