@@ -152,29 +152,45 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         _context = None
 
 
-def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `q` `[T, heads, D]` and `k` `[T, kv_heads, D]` by `cos`, `sin` `[T, D/2]`, store this
-    step's K/V for `layer` and attend; `q`, `k`, `v` come before RoPE.
+def paged_attention(layer: int, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
+                    qkv_proj: torch.nn.Module, num_heads: int, scale: float, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention layer from the residual stream `x + residual` (`x` alone without a residual):
+    `norm` (an RMSNorm: `weight`, `eps`) and the fused q/k/v projection `qkv_proj` (a Linear:
+    `weight`, `bias`, `packed`) give q `[T, heads, D]` and k, v `[T, kv_heads, D]`; q and k are
+    rotated by `cos`, `sin` `[T, D/2]`, this step's K/V stored for `layer`, and q attends. Returns
+    (the attention output `[T, heads, D]`, the stream `x + residual`).
 
     int4 pages keep keys before RoPE (their readers rotate each key to its position) and values
     rotated by a Hadamard matrix (ops/quant.py): the values are rotated as they are stored and the
-    attention output is rotated back here. On the GPU, plain pages take the rotations and the store
-    in one kernel (`rope_store_kv`)."""
+    attention output is rotated back here. On the GPU, plain pages take the projection, the rotations
+    and the store in one op (`qkv_rope_store_kv`: one kernel for one row, the decode step at batch 1)."""
     ctx = _context
     if ctx is None:
         raise RuntimeError("paged_attention called outside forward_context")
     meta, quant = ctx.metadata, ctx.scales(layer)
+    kernels = ops_library.backend_for(x.device)
+    head_dim = 2 * cos.shape[1]
+    k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     if (meta.varlen is not None or meta.private is not None) and not quant:
-        q = _kernels().rope_store_kv(q, k, v, cos, sin, ctx.k_caches[layer], ctx.v_caches[layer], meta.slot_mapping)
-        return _attention_triton(meta, q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.inv_freq, ctx.rope_table,
-                                 scale, quant)
-    kernels = ops_library.backend_for(q.device)
+        if torch.compiler.is_compiling():  # its graph sees the custom op that writes the pages
+            qkv, residual = kernels.rms_norm_linear(x, residual, norm.weight, norm.eps, qkv_proj.weight,
+                                                    qkv_proj.bias, qkv_proj.packed)
+            q = torch.ops.kvforge.rope_store_kv(*ops.split_qkv(qkv, num_heads, head_dim), cos, sin, k_cache, v_cache,
+                                                meta.slot_mapping)
+        else:
+            q, residual = kernels.qkv_rope_store_kv(x, residual, norm.weight, norm.eps, qkv_proj.weight,
+                                                    qkv_proj.bias, num_heads, cos, sin, k_cache, v_cache,
+                                                    meta.slot_mapping)
+        return _attention_triton(meta, q, k_cache, v_cache, ctx.inv_freq, ctx.rope_table, scale, quant), residual
+    qkv, residual = kernels.rms_norm_linear(x, residual, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias,
+                                            qkv_proj.packed)
+    q, k, v = ops.split_qkv(qkv, num_heads, head_dim)
     q = kernels.apply_rope(q, cos, sin)
     if not ctx.rotate_values:
-        return _attend(ctx, layer, q, kernels.apply_rope(k, cos, sin), v, scale)
+        return _attend(ctx, layer, q, kernels.apply_rope(k, cos, sin), v, scale), residual
     out = _attend(ctx, layer, q, k, ops.hadamard_transform(v), scale)
-    return ops.hadamard_transform(out).to(q.dtype)
+    return ops.hadamard_transform(out).to(q.dtype), residual
 
 
 def _attend(ctx: ForwardContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

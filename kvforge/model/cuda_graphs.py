@@ -64,7 +64,8 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
     buffers: `inputs` int32 [>= 5, >= batch * query_len] (see IDS .. LENGTHS; LENGTHS uses the first
     `batch` entries) and `tables` int32 [>= len(runs), >= every run's block table]. Returns the
     number of logits rows: each run's last `num_logits` rows, in run order, are listed first in
-    LOGIT_ROWS. Padding rows get token 0, the positions after their run's, slot -1; the bucket's
+    LOGIT_ROWS. Padding rows get token 0, position 0 (their RoPE only: the attention kernel places
+    rows by LENGTHS, so every position stays inside the model's rope table), slot -1; the bucket's
     unused sequences length 0. Only `tables[:len(runs)]` is written (a padding row reads nothing).
     `written` (one entry per row of `tables`, kept by the caller across calls) names the block-table
     object each row last received: a row already holding this run's table object is not rewritten,
@@ -88,7 +89,7 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
     for i, r in enumerate(runs):
         n, base = len(r.token_ids), i * q
         inputs[IDS, base:base + n] = r.token_ids
-        inputs[POSITIONS, base:base + q] = np.arange(r.start_pos, r.start_pos + q)
+        inputs[POSITIONS, base:base + n] = np.arange(r.start_pos, r.start_pos + n)
         inputs[SLOTS, base:base + n] = r.slots
         inputs[LENGTHS, i] = r.start_pos + q
         inputs[LOGIT_ROWS, at:at + r.num_logits] = np.arange(base + n - r.num_logits, base + n)

@@ -27,6 +27,13 @@ class RMSNorm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)  # (normed, x + residual)
 
+    def project(self, linear: Linear, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`linear(self(x + residual))`, `x + residual`), the sum just `x` without a `residual`: one op,
+        fused on GPU for one row (the decode step at batch 1)."""
+        return backend_for(x.device).rms_norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias,
+                                                     linear.packed)
+
 
 class Linear(nn.Linear):
     """`nn.Linear` whose float32 CPU weight can be packed once for oneDNN (`pack`, ops/linear.py). The
@@ -49,14 +56,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of `norm(x + residual)` (the layer's input norm; `x` alone in the first layer),
+        projected to q/k/v by `qkv_proj` -> (`[T, hidden]`, the stream `x + residual`)."""
         cfg, t = self.cfg, x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, H, D]; q and k rotated by paged_attention
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
-        out = paged_attention(self.layer, q, k, v, self.scale, cos, sin)  # [T, H, D]
-        return self.o_proj(out.reshape(t, cfg.q_size))
+        out, residual = paged_attention(self.layer, x, residual, norm, self.qkv_proj, cfg.num_heads, self.scale,
+                                        cos, sin)  # [T, H, D]
+        return self.o_proj(out.reshape(t, cfg.q_size)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -66,10 +73,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]: gate, then up
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`gate_up` `[T, 2I]` (gate, then up), the output of `gate_up_proj` (which the layer runs, fused
+        with the norm before it) -> `[T, hidden]`."""
         down = self.down_proj  # silu(gate) * up [T, I] -> [T, hidden], one op (fused on GPU at one row)
-        return backend_for(x.device).silu_and_mul_linear(gate_up, down.weight, down.packed)
+        return backend_for(gate_up.device).silu_and_mul_linear(gate_up, down.weight, down.packed)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,19 +91,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `x + residual` (just `x` before the first layer): each add is fused
-        into the norm that follows it. Returns the new (x, residual)."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
-        return self.mlp(h), residual
+        into the norm that follows it, and each norm into the projection that follows it. Returns the
+        new (x, residual)."""
+        h, residual = self.self_attn(x, residual, self.input_layernorm, cos, sin)  # [T, hidden]
+        gate_up, residual = self.post_attention_layernorm.project(self.mlp.gate_up_proj, h, residual)  # [T, 2I]
+        return self.mlp(gate_up), residual
 
 
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits(hidden) -> [N, vocab].
 
-    `inv_freq` (RoPE frequencies `[head_dim // 2]`) is float32 whatever the model's dtype.
+    `inv_freq` (RoPE frequencies `[head_dim // 2]`) is float32 whatever the model's dtype; `cos_sin`
+    (`[max_position_embeddings, head_dim]`, `ops.rope_table` in the model's dtype) holds the rotation
+    of every position, which a step looks up for its positions.
 
     Must run inside `forward_context` (the step's attention metadata and the arena tensors).
     """
@@ -110,18 +118,23 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", self._rope_inv_freq(torch.device("cpu")), persistent=False)
+        self.register_buffer("cos_sin", self._rope_cos_sin(), persistent=False)
 
     def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
         cfg = self.cfg
         return ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device, torch.float32)
 
+    def _rope_cos_sin(self) -> torch.Tensor:
+        return ops.rope_table(self.inv_freq, self.cfg.max_position_embeddings, self.embed_tokens.weight.dtype)
+
     def _apply(self, fn, recurse=True):
-        """`to`, `cuda`, `half`, `bfloat16`... all come through here. Parameters and other buffers take
-        the new dtype, but `inv_freq` stays float32 (on the new device), re-derived from the config so
-        a trip through a low-precision dtype loses nothing: in bf16 the RoPE angle at position 1000
-        would be off by ~1 rad."""
+        """`to`, `cuda`, `half`, `bfloat16`... all come through here. Parameters take the new dtype, but
+        `inv_freq` stays float32 (on the new device), re-derived from the config so a trip through a
+        low-precision dtype loses nothing: in bf16 the RoPE angle at position 1000 would be off by
+        ~1 rad; `cos_sin` is recomputed from it in the new dtype."""
         super()._apply(fn, recurse)
         self.inv_freq = self._rope_inv_freq(self.inv_freq.device)
+        self.cos_sin = self._rope_cos_sin()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = None  # a copy of the old weight
@@ -139,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm; with `num_layers`, the residual stream after only the
         first `num_layers` layers (their K/V written as usual), for probes."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, D/2]
+        cos, sin = self.cos_sin.index_select(0, positions).chunk(2, dim=-1)  # [T, D/2] each, views
         residual = None
         for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin)

@@ -9,8 +9,8 @@ from kvforge.ops.cascade import (
     merge_attention_states,
     rerotate_keys,
 )
-from kvforge.ops.kv import gather_kv, gather_seq_kv, rope_store_kv, store_kv
-from kvforge.ops.linear import can_pack, linear, pack_weight, silu_and_mul_linear
+from kvforge.ops.kv import gather_kv, gather_seq_kv, qkv_rope_store_kv, rope_store_kv, split_qkv, store_kv
+from kvforge.ops.linear import can_pack, linear, pack_weight, rms_norm_linear, silu_and_mul_linear
 from kvforge.ops.quant import (
     INT4_VALUE_LEVELS,
     KV_FORMATS,
@@ -61,13 +61,16 @@ __all__ = [
     "merge_attention_states",
     "paged_attention",
     "prefill_attention",
+    "qkv_rope_store_kv",
     "rerotate_keys",
     "rms_norm",
+    "rms_norm_linear",
     "rope_store_kv",
     "rope_cos_sin",
     "rope_inv_freq",
     "rope_table",
     "silu_and_mul",
     "silu_and_mul_linear",
+    "split_qkv",
     "store_kv",
 ]

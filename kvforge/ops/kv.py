@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvforge.ops.linear import rms_norm_linear
 from kvforge.ops.quant import (
     dequantize_blocks,
     dequantize_channels,
@@ -65,6 +66,27 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     (new); `q`, `k` and `v` are not modified."""
     store_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping)
     return apply_rope(q, cos, sin)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused q/k/v projection's output `[T, (H + 2K) * D]` as views q `[T, H, D]`, k and v `[T, K, D]`."""
+    t, kv_size = qkv.shape[0], (qkv.shape[1] - num_heads * head_dim) // 2
+    q, k, v = qkv.split([num_heads * head_dim, kv_size, kv_size], dim=-1)
+    return q.view(t, num_heads, head_dim), k.view(t, -1, head_dim), v.view(t, -1, head_dim)
+
+
+def qkv_rope_store_kv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention layer's input side in one op, for plain pages: the fused q/k/v projection `weight`
+    `[(H + 2K) * D, hidden]` (+ `bias`) of the normalized residual stream (`rms_norm_linear`), split
+    into heads of D = 2 * cos.shape[1], then `rope_store_kv`. Returns (the rotated q `[T, H, D]`, new;
+    the stream `x + residual`, `x` itself without a `residual`). Writes only the pages."""
+    qkv, total = rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
+    q, k, v = split_qkv(qkv, num_heads, 2 * cos.shape[1])
+    return rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping), total
+
 
 def _store_channel_blocks(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor) -> None:
     """int4 keys: re-quantize every block the new rows land in over its tokens so far (its earlier

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvforge.ops.norm import silu_and_mul
+from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
 
 # oneDNN picks its blocked layout for this many rows; measured on this project's CPU, 32 serves 2 to
 # 256 rows within a few percent of a layout picked for each.
@@ -49,3 +49,13 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Ten
     """The MLP's down projection of its gate/up activations: `linear(silu_and_mul(x), weight)` for `x`
     `[T, 2I]` and `weight` `[out, I]`. One op so that a backend can fuse the activation into the product."""
     return linear(silu_and_mul(x), weight, None, packed)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    packed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection that follows a norm: (`linear(rms_norm(x + residual), weight, bias, packed)`,
+    `x + residual`), where the sum is `x` itself when `residual` is None (the first layer). One op so
+    that a backend can fuse the residual add and the norm into the product."""
+    h, total = (rms_norm(x, norm_weight, eps), x) if residual is None else add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight, bias, packed), total

@@ -35,7 +35,7 @@ def test_verify_runs_own_query_len_rows_and_short_runs_are_padded_after_their_to
             TokenRun([5, 6], 30, [300, 301], [1, 2], False)]  # a prefill piece needing no logits
     assert pack_inputs(runs, q, batch, inputs, tables) == 4
     assert inputs[IDS].tolist() == [1, 2, 3, 4, 0, 0, 5, 6, 0, 0, 0, 0]
-    assert inputs[POSITIONS].tolist() == [10, 11, 12, 20, 21, 22, 30, 31, 32, 0, 0, 0]
+    assert inputs[POSITIONS].tolist() == [10, 11, 12, 20, 0, 0, 30, 31, 0, 0, 0, 0]  # padding: position 0
     assert inputs[SLOTS].tolist() == [100, 101, 102, 200, -1, -1, 300, 301, -1, -1, -1, -1]
     # each sequence's K/V length counts its q rows, so row j of a run sees keys up to start_pos + j
     assert inputs[LENGTHS, :batch].tolist() == [13, 23, 33, 0]

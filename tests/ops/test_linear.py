@@ -45,6 +45,23 @@ def test_silu_and_mul_linear_is_the_down_projection_of_silu_gate_times_up(backen
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_linear_projects_the_normalized_residual_stream_and_returns_the_sum(backend, residual):
+    from kvforge.ops.library import backend as kernels
+
+    g = torch.Generator().manual_seed(6)
+    x, r = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    norm_w, w, b = torch.randn(40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    total = x + r if residual else x
+    want = F.linear(ops.rms_norm(total, norm_w, 1e-5), w, b)
+    got, got_total = kernels(backend).rms_norm_linear(x, r if residual else None, norm_w, 1e-5, w, b, ops.pack_weight(w))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_total, total)
+    if not residual:
+        assert got_total is x  # the first layer's stream is its input, not a copy
+
+
 def test_only_float32_cpu_weights_pack():
     assert ops.can_pack(torch.randn(4, 4))
     assert not ops.can_pack(torch.randn(4, 4, dtype=torch.bfloat16))

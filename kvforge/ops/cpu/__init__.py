@@ -32,6 +32,7 @@ from kvforge.ops import (  # noqa: F401  (the rest of the backend is the referen
     merge_attention_states,
     paged_attention,
     prefill_attention,
+    qkv_rope_store_kv,
     rope_store_kv,
 )
 
@@ -109,6 +110,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """`kvforge.ops.silu_and_mul_linear`, its activation native."""
     return linear(silu_and_mul(x), weight, None, packed)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    packed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kvforge.ops.rms_norm_linear`, its norm native."""
+    h, total = (rms_norm(x, norm_weight, eps), x) if residual is None else add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight, bias, packed), total
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
