@@ -369,35 +369,40 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         self._num_tokens += len(states)
         return out
 
-    def commit(self, seq_id: int, token_ids: Sequence[int]) -> None:
-        """Cache the full blocks of `seq_id` whose KV is final. `token_ids` are the sequence's
-        tokens from position 0 whose KV has been written (len(token_ids) <= length(seq_id)); each
-        full block among them not committed before is hashed (chained, under the sequence's extra
-        keys) and inserted into the prefix index, emitting one BlockStored per run of inserted
-        blocks. Cheap (a few comparisons) when no new block is full: call it every step.
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_tokens: int | None = None) -> bool:
+        """Cache the full blocks of `seq_id` whose KV is final. The first `num_tokens` of `token_ids`
+        (all of them when None; a caller passes its whole token list and a count rather than a
+        slice, which would copy it) are the sequence's tokens from position 0 whose KV has been
+        written (num_tokens <= length(seq_id)); each full block among them not committed before is
+        hashed (chained, under the sequence's extra keys) and inserted into the prefix index,
+        emitting one BlockStored per run of inserted blocks. Cheap (a few comparisons) when no new
+        block is full: call it every step.
 
         If the index already caches the same content (another sequence computed the same block, e.g.
         both were admitted in the same step), the sequence switches to the cached twin in its block
         table and its own copy goes back to the free queue at once: identical KV is held once, and
-        later blocks chain below the twin. The caller must not be holding slots of committed blocks
-        across this call (the engine re-reads `block_table` every step). A hash that names
-        different content (a collision) stops caching for this sequence; nothing wrong is served.
-        Raises UnknownSequenceError, or ValueError (more tokens than appended), changing nothing.
+        later blocks chain below the twin. Returns whether that happened (the block table changed):
+        the caller must not go on using slots or a block table of the sequence taken before a call
+        that returned True. A hash that names different content (a collision) stops caching for
+        this sequence; nothing wrong is served. Raises UnknownSequenceError, or ValueError (more
+        tokens than appended or given), changing nothing.
         """
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise UnknownSequenceError(seq_id)
-        n = len(token_ids)
+        n = len(token_ids) if num_tokens is None else num_tokens
         if n > seq.length:
             raise ValueError(f"sequence {seq_id}: cannot commit {n} tokens, only {seq.length} are appended")
+        if n > len(token_ids):
+            raise ValueError(f"sequence {seq_id}: cannot commit {n} tokens, only {len(token_ids)} are given")
         bs = self._block_size
         full = n // bs
         first = seq.num_committed
         if full <= first:
-            return
+            return False
         if not self._prefix_caching or not seq.caching:
             seq.num_committed = full
-            return
+            return False
         result = self.tree.insert_chain(seq.tip, seq.blocks[first:full], token_ids, first * bs, seq.extra)
         seq.num_committed = full
         for i, twin in result.twins:
@@ -411,6 +416,7 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         for run in result.stored:
             self._events.record(stored_event, run, bs)
         self._written_through(result.stored)
+        return bool(result.twins)
 
     # ---- chunk pages --------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ class DraftProposer:
                 drafts[p.index].append(token)
         self._drafted = [_Drafted(p.seq, len(p.seq.token_ids), drafts[p.index][:-1]) for p in drafting]
         for p in plans:  # the caught-up blocks are final: cache the full ones
-            self.cache.commit(p.seq.seq_id, p.seq.token_ids[:p.start + p.catch_up])
+            self.cache.commit(p.seq.seq_id, p.seq.token_ids, p.start + p.catch_up)
         return drafts
 
     def _plan(self, seqs: list[tuple[Sequence, int]]) -> list[_Plan]:
@@ -201,7 +201,7 @@ class DraftProposer:
             copy = self.cache.rollback(seq_id, self.cache.length(seq_id) - kept)
             if copy is not None:
                 self.kv_cache.copy_block(*copy)
-            self.cache.commit(seq_id, d.seq.token_ids[:kept])
+            self.cache.commit(seq_id, d.seq.token_ids, kept)
 
     def free(self, seq_id: int) -> None:
         """Drop `seq_id`'s draft sequence and its blocks; unknown ids are ignored."""

@@ -739,7 +739,7 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
                     outputs.append(self._register_filled(seq))
             elif seq.composition is None and seq.num_computed // bs > (seq.num_computed - r.num_tokens) // bs:
                 # a block was filled: cache it
-                self.cache.commit(seq.seq_id, seq.token_ids[:seq.num_computed])
+                self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
         for seq, row in list(zip(sampling, rows)):
             if seq.group is not None and len(seq.group) == 1:  # its prompt is done: the other samples start
                 for child in self._fork(seq):
@@ -835,7 +835,7 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
                 self.kv_cache.copy_block(*copy)
         bs = self.cache.block_size
         if seq.composition is None and seq.num_computed // bs > before // bs:
-            self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]][:seq.num_computed])
+            self.cache.commit(seq.seq_id, [*seq.token_ids, *tokens[:accepted]], seq.num_computed)
         k = _logprobs_to_record(seq.params)
         entries = [] if k is None else token_logprobs(verifying[:len(tokens)], tokens, k)  # row i emitted token i
         for i, token in enumerate(tokens):

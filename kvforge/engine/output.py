@@ -71,7 +71,9 @@ class OutputProcessor:
                 at, s = min(hits)
                 seq.text = seq.text[:at + len(s)] if p.include_stop_str_in_output else seq.text[:at]
                 return self._finish(seq, "stop", s)
-        if len(ids) - len(seq.prompt_token_ids) >= p.max_tokens or seq.total_len >= max_model_len:
+        n = len(ids)
+        positions = n if seq.composition is None else seq.total_len  # a composed prompt reuses chunk tokens
+        if n - len(seq.prompt_token_ids) >= p.max_tokens or positions >= max_model_len:
             self._finish(seq, "length")
 
     def output(self, seq: Sequence) -> RequestOutput | None:

@@ -30,7 +30,7 @@ import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
 from kvforge.model.runner import PendingTokens, TokenRun
-from kvforge.types import OutputKind, RequestOutput, Sequence
+from kvforge.types import OutputKind, RequestOutput, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from kvforge.engine.output import OutputProcessor
@@ -73,12 +73,12 @@ class OverlappedDecode:
         self._overlap = enabled
         self._in_flight: InFlightStep | None = None
         # seq_id -> its block table as the last launch ahead passed it, reused while it still covers
-        # the next slot; dropped when a landing commits a block (a cached twin may replace one) and
+        # the next slot; dropped when a landing's commit puts a cached twin in place of a block, and
         # emptied by every synchronous step (which may preempt, fork or roll back)
         self._tables: dict[int, list[int]] = {}
         # two host buffers for the sampled tokens: one may still be read while the next is filled
-        pin = device.type == "cuda"
-        self._token_buffers = [torch.empty(max_num_seqs, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._pinned = device.type == "cuda"  # known here: is_pinned() asks the CUDA runtime each time
+        self._token_buffers = [torch.empty(max_num_seqs, dtype=torch.long, pin_memory=self._pinned) for _ in range(2)]
 
     def _overlapped_step(self) -> list[RequestOutput] | None:
         """Launch the next decode step ahead and land the one in flight, returning its outputs; or,
@@ -109,13 +109,16 @@ class OverlappedDecode:
             return None
         pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
         seqs, rows = [], []
+        limit = self.max_model_len
         for seq in sched.running:
             row = pending.get(seq.seq_id, -1)
-            if not overlaps(seq) or seq.num_uncomputed != (row < 0):  # a prefill, or a recomputed one
+            n = len(seq.token_ids)
+            if not overlaps(seq) or n - seq.num_computed != (row < 0):  # a prefill, or a recomputed one
                 return None
-            if row >= 0 and (seq.num_output_tokens + 1 >= seq.params.max_tokens
-                             or seq.total_len + 1 >= self.max_model_len):
-                continue  # its pending token is its last
+            # its pending token is its last: max_tokens or the model length (an overlapping sequence
+            # is not composed: its tokens are all its positions)
+            if row >= 0 and (n + 1 >= len(seq.prompt_token_ids) + seq.params.max_tokens or n + 1 >= limit):
+                continue
             seqs.append(seq)
             rows.append(row)
         if not seqs:
@@ -126,29 +129,30 @@ class OverlappedDecode:
             return None
         try:
             # Each block table is the one last passed while its last block still holds the new slot
-            # (nothing but a commit changes a decoding sequence's earlier blocks, and a commit drops
-            # it), else the cache's.
+            # (nothing but a commit's cached twin changes a decoding sequence's earlier blocks, and
+            # that drops it), else the cache's.
             tables, bs, items = self._tables, self.cache.block_size, []
             for seq, slot, row in zip(seqs, slots, rows):
                 table = tables.get(seq.seq_id)
                 if table is None or table[-1] != slot // bs:
                     table = tables[seq.seq_id] = self.cache.block_table(seq.seq_id)
                 items.append(TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot], table, True))
-            known = previous is None or all(row < 0 for row in rows)
+            known = previous is None or max(rows) < 0
             logits = self.runner.run(items, None if known else PendingTokens(previous.tokens, rows))
             tokens = logits.argmax(dim=-1)
             host = self._token_buffers[self._steps % 2][:len(seqs)]
-            host.copy_(tokens, non_blocking=host.is_pinned())
+            host.copy_(tokens, non_blocking=self._pinned)
             copied = None
-            if host.is_pinned():
+            if self._pinned:
                 copied = torch.cuda.Event()
                 copied.record()
         except Exception as e:
             raise self._fail(seqs, e) from e
-        for seq in seqs:
-            seq.num_computed += 1
+        ends = [item.start_pos + 1 for item in items]
+        for seq, end in zip(seqs, ends):
+            seq.num_computed = end
         self._steps += 1
-        return InFlightStep(seqs, [seq.num_computed for seq in seqs], tokens, host, copied)
+        return InFlightStep(seqs, ends, tokens, host, copied)
 
     def _land(self, step: InFlightStep) -> list[RequestOutput]:
         """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:
@@ -160,22 +164,24 @@ class OverlappedDecode:
         bs = self.cache.block_size
         outputs = []
         now = time.monotonic()
-        live = [(seq, end, token) for seq, end, token in zip(step.seqs, step.ends, tokens) if not seq.finished]
         try:
-            for seq, end, token in live:
-                if end % bs == 0:  # this step filled a block: cache it (a cached twin may replace it)
-                    self.cache.commit(seq.seq_id, seq.token_ids[:end])
+            for seq, end, token in zip(step.seqs, step.ends, tokens):
+                if seq.status is SequenceStatus.FINISHED:  # ended meanwhile: its token is dropped
+                    continue
+                # this step filled a block: cache it (a cached twin may take its place in the table)
+                if end % bs == 0 and self.cache.commit(seq.seq_id, seq.token_ids, end):
                     self._tables.pop(seq.seq_id, None)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._generation_tokens += 1
                 self.outputs.append_token(seq, token, self.max_model_len)
-                if seq.finished or seq.params.output_kind is not OutputKind.FINAL_ONLY:  # else: no output yet
+                finished = seq.status is SequenceStatus.FINISHED
+                if finished or seq.params.output_kind is not OutputKind.FINAL_ONLY:  # else: no output yet
                     outputs.append(self.outputs.output(seq))
-                if seq.finished:
+                if finished:
                     self._tables.pop(seq.seq_id, None)
                     self._forget(seq)
         except Exception as e:
             self._unreturned += outputs
-            raise self._fail([seq for seq, _, _ in live if not seq.finished], e) from e
+            raise self._fail([seq for seq in step.seqs if not seq.finished], e) from e
         return outputs

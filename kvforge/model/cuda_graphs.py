@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import is_not
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,16 +75,18 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
     q, rows, k = query_len, batch * query_len, len(runs)
     inputs[:, :rows] = 0
     inputs[SLOTS, :rows] = -1
-    for i, r in enumerate(runs):
-        if written is None or written[i] is not r.block_table:
-            tables[i, :len(r.block_table)] = r.block_table
-            if written is not None:
-                written[i] = r.block_table
+    block_tables = [r.block_table for r in runs]
+    stale = range(k) if written is None else compress(range(k), map(is_not, written, block_tables))
+    for i in stale:
+        table = block_tables[i]
+        tables[i, :len(table)] = table
+    if written is not None:
+        written[:k] = block_tables
     if q == 1:  # the hot decode path: one token and one logits row per run, no per-run numpy calls
         inputs[IDS, :k] = [r.token_ids[0] for r in runs]
         inputs[POSITIONS, :k] = [r.start_pos for r in runs]
         inputs[SLOTS, :k] = [r.slots[0] for r in runs]
-        inputs[LENGTHS, :k] = [r.start_pos + 1 for r in runs]
+        np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
         inputs[LOGIT_ROWS, :k] = np.arange(k)
         return k
     at = 0
@@ -163,16 +167,21 @@ class StepGraphs:
         composition) of at most a captured query length each, within its largest bucket, none with more
         blocks than the static tables hold or reaching past them once padded, and none needing more
         logits rows than the graph gives a sequence (query length 1: exactly its one)."""
-        if any(r.composition is not None or len(r.block_table) > self.max_blocks for r in runs):
+        if (any([r.composition is not None for r in runs])
+                or max([len(r.block_table) for r in runs]) > self.max_blocks):
             return None
-        longest = max(len(r.token_ids) for r in runs)
-        most_logits = max(r.num_logits for r in runs)
+        longest = max([len(r.token_ids) for r in runs])
+        if any([r.all_logits for r in runs]):
+            logits = [r.num_logits for r in runs]
+            most_logits, one_each = max(logits), all(n == 1 for n in logits)
+        else:  # a run's logits rows are its needs_logits (no per-run property call on the decode path)
+            needs = [r.needs_logits for r in runs]
+            most_logits, one_each = int(any(needs)), all(needs)
+        last = max([r.start_pos for r in runs])
         for q, sizes in self.buckets.items():
             if q < longest or len(runs) > sizes[-1] or most_logits > self.logits_per_seq[q]:
                 continue
-            if q == 1 and any(r.num_logits != 1 for r in runs):
-                continue
-            if any(r.start_pos + q > self.max_positions for r in runs):
+            if (q == 1 and not one_each) or last + q > self.max_positions:
                 continue
             return GraphShape(q, next(b for b in sizes if b >= len(runs)))
         return None
@@ -190,7 +199,7 @@ class StepGraphs:
         if pending is not None:
             assert shape.query_len == 1, "pending tokens belong to one-token runs"
             host[SOURCES, :k] = pending.rows
-        nb = max(len(r.block_table) for r in runs)
+        nb = max([len(r.block_table) for r in runs])
         self.inputs[:, :n].copy_(self.host_inputs[:, :n], non_blocking=True)
         self.tables[:k, :nb].copy_(self.host_tables[:k, :nb], non_blocking=True)
         self.copied = torch.cuda.Event()

@@ -120,11 +120,12 @@ class ModelRunner:
         waiting; an eager step reads it first."""
         if not runs:
             raise ValueError("run() needs at least one token run")
-        for i, c in enumerate(runs):
-            if not c.token_ids or len(c.slots) != len(c.token_ids):
-                raise ValueError(f"run {i}: {len(c.token_ids)} tokens but {len(c.slots)} slots")
-        if pending is not None and (len(pending.rows) != len(runs) or any(
-                i >= 0 and len(r.token_ids) != 1 for r, i in zip(runs, pending.rows))):
+        num_tokens = [len(c.token_ids) for c in runs]
+        if 0 in num_tokens or num_tokens != [len(c.slots) for c in runs]:
+            i = next(i for i, c in enumerate(runs) if not c.token_ids or len(c.slots) != len(c.token_ids))
+            raise ValueError(f"run {i}: {num_tokens[i]} tokens but {len(runs[i].slots)} slots")
+        if pending is not None and (len(pending.rows) != len(runs) or (max(num_tokens) > 1 and any(
+                i >= 0 and n != 1 for n, i in zip(num_tokens, pending.rows)))):
             raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
         shape = None if self.graphs is None else self.graphs.shape_for(runs)
         if shape is not None:

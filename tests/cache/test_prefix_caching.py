@@ -143,6 +143,23 @@ def test_the_same_block_computed_twice_is_kept_once_and_later_blocks_chain_below
     manager.free(1)
     assert manager.block_map() == "CC...C...."
     assert free_ids(manager) == [6, 7, 8, 9, 3, 4, 2]
+
+
+def test_commit_reads_the_first_num_tokens_and_says_whether_a_twin_changed_the_block_table(manager):
+    manager.add_sequence(0, capacity=40)
+    manager.add_sequence(1, capacity=40)
+    manager.append(0, 9)  # blocks 0, 1, 2
+    manager.append(1, 9)  # blocks 3, 4, 5
+    tokens = A[:9] + [7, 7, 7]  # longer than what is appended: only the count is read
+    assert manager.commit(0, tokens, 9) is False  # new blocks: the table stands
+    assert manager.commit(0, tokens, 9) is False  # nothing newly full
+    with pytest.raises(ValueError, match="only 4 are given"):
+        manager.commit(1, tokens[:4], 5)
+    assert manager.commit(1, tokens, 5) is True  # block 3 is a twin of block 0
+    assert manager.block_table(1) == [0, 4, 5]
+    assert manager.commit(1, tokens, 9) is True  # and block 4 of block 1
+    assert manager.block_table(1) == [0, 1, 5]
+    manager.check_integrity()
     manager.check_integrity()
 
 
