@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
-from kvforge.model.runner import PendingTokens, TokenRun
+from kvforge.model.runner import DecodeStep, PendingTokens
 from kvforge.types import OutputKind, RequestOutput, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -131,14 +131,17 @@ class OverlappedDecode:
             # Each block table is the one last passed while its last block still holds the new slot
             # (nothing but a commit's cached twin changes a decoding sequence's earlier blocks, and
             # that drops it), else the cache's.
-            tables, bs, items = self._tables, self.cache.block_size, []
-            for seq, slot, row in zip(seqs, slots, rows):
+            tables, bs, block_tables = self._tables, self.cache.block_size, []
+            for seq, slot in zip(seqs, slots):
                 table = tables.get(seq.seq_id)
                 if table is None or table[-1] != slot // bs:
                     table = tables[seq.seq_id] = self.cache.block_table(seq.seq_id)
-                items.append(TokenRun([0 if row >= 0 else seq.token_ids[-1]], seq.num_computed, [slot], table, True))
+                block_tables.append(table)
+            positions = [seq.num_computed for seq in seqs]
             known = previous is None or max(rows) < 0
-            logits = self.runner.run(items, None if known else PendingTokens(previous.tokens, rows))
+            token_ids = [0 if row >= 0 else seq.token_ids[-1] for seq, row in zip(seqs, rows)]  # 0: pending
+            logits = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables),
+                                            None if known else PendingTokens(previous.tokens, rows))
             tokens = logits.argmax(dim=-1)
             host = self._token_buffers[self._steps % 2][:len(seqs)]
             host.copy_(tokens, non_blocking=self._pinned)
@@ -148,7 +151,7 @@ class OverlappedDecode:
                 copied.record()
         except Exception as e:
             raise self._fail(seqs, e) from e
-        ends = [item.start_pos + 1 for item in items]
+        ends = [p + 1 for p in positions]
         for seq, end in zip(seqs, ends):
             seq.num_computed = end
         self._steps += 1

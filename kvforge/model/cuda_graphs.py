@@ -29,7 +29,7 @@ from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_cont
 from kvforge.model.staging import num_splits_for
 
 if TYPE_CHECKING:
-    from kvforge.model.runner import ModelRunner, PendingTokens, TokenRun
+    from kvforge.model.runner import DecodeStep, ModelRunner, PendingTokens, TokenRun
 
 # Rows of the largest graph of query length > 1 (vLLM's default largest capture size, in tokens):
 # past it a step is compute-bound and runs eagerly at no loss.
@@ -75,19 +75,9 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
     q, rows, k = query_len, batch * query_len, len(runs)
     inputs[:, :rows] = 0
     inputs[SLOTS, :rows] = -1
-    block_tables = [r.block_table for r in runs]
-    stale = range(k) if written is None else compress(range(k), map(is_not, written, block_tables))
-    for i in stale:
-        table = block_tables[i]
-        tables[i, :len(table)] = table
-    if written is not None:
-        written[:k] = block_tables
-    if q == 1:  # the hot decode path: one token and one logits row per run, no per-run numpy calls
-        inputs[IDS, :k] = [r.token_ids[0] for r in runs]
-        inputs[POSITIONS, :k] = [r.start_pos for r in runs]
-        inputs[SLOTS, :k] = [r.slots[0] for r in runs]
-        np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
-        inputs[LOGIT_ROWS, :k] = np.arange(k)
+    _pack_tables([r.block_table for r in runs], tables, written)
+    if q == 1:  # the hot decode path: one token and one logits row per run
+        _pack_decode([r.token_ids[0] for r in runs], [r.start_pos for r in runs], [r.slots[0] for r in runs], inputs)
         return k
     at = 0
     for i, r in enumerate(runs):
@@ -99,6 +89,36 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
         inputs[LOGIT_ROWS, at:at + r.num_logits] = np.arange(base + n - r.num_logits, base + n)
         at += r.num_logits
     return at
+
+
+def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None = None) -> int:
+    """`pack_inputs` for a plain decode step given as columns (one token and one logits row per
+    sequence), with no TokenRun per sequence: the same buffers, the same contract."""
+    k = len(step.token_ids)
+    inputs[:, :batch] = 0
+    inputs[SLOTS, :batch] = -1
+    _pack_tables(step.block_tables, tables, written)
+    _pack_decode(step.token_ids, step.positions, step.slots, inputs)
+    return k
+
+
+def _pack_tables(block_tables: list[Sequence[int]], tables: np.ndarray, written: list | None) -> None:
+    k = len(block_tables)
+    stale = range(k) if written is None else compress(range(k), map(is_not, written, block_tables))
+    for i in stale:
+        table = block_tables[i]
+        tables[i, :len(table)] = table
+    if written is not None:
+        written[:k] = block_tables
+
+
+def _pack_decode(token_ids: list[int], positions: list[int], slots: list[int], inputs: np.ndarray) -> None:
+    k = len(token_ids)
+    inputs[IDS, :k] = token_ids
+    inputs[POSITIONS, :k] = positions
+    inputs[SLOTS, :k] = slots
+    np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
+    inputs[LOGIT_ROWS, :k] = np.arange(k)
 
 
 class StepGraphs:
@@ -186,6 +206,22 @@ class StepGraphs:
             return GraphShape(q, next(b for b in sizes if b >= len(runs)))
         return None
 
+    def decode_shape(self, step: DecodeStep) -> GraphShape | None:
+        """`shape_for` of a plain decode step given as columns: the smallest decode bucket that holds
+        it, or None (too many sequences, a table longer than the static tables, a position past them)."""
+        sizes, k = self.buckets[1], len(step.token_ids)
+        if (k > sizes[-1] or max(map(len, step.block_tables)) > self.max_blocks
+                or max(step.positions) >= self.max_positions):
+            return None
+        return GraphShape(1, next(b for b in sizes if b >= k))
+
+    def run_decode(self, step: DecodeStep, shape: GraphShape, pending: PendingTokens | None = None) -> torch.Tensor:
+        """`run` for a plain decode step given as columns (`shape` from `decode_shape(step)`)."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the host buffers are free to rewrite
+        k = pack_decode(step, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy(), self.written)
+        return self._replay(shape, k, max(map(len, step.block_tables)), k, pending)
+
     def run(self, runs: Sequence[TokenRun], shape: GraphShape, pending: PendingTokens | None = None) -> torch.Tensor:
         """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the logits rows of the
         runs (`num_logits` each), in run order: a view of the graph's output, valid until the next
@@ -193,13 +229,18 @@ class StepGraphs:
         the previous step's tokens before the replay; nothing waits for them."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
-        n, k = shape.query_len * shape.batch, len(runs)
-        host = self.host_inputs.numpy()
-        num_logits = pack_inputs(runs, shape.query_len, shape.batch, host, self.host_tables.numpy(), self.written)
+        num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
+                                 self.host_tables.numpy(), self.written)
+        return self._replay(shape, len(runs), max([len(r.block_table) for r in runs]), num_logits, pending)
+
+    def _replay(self, shape: GraphShape, k: int, nb: int, num_logits: int,
+                pending: PendingTokens | None) -> torch.Tensor:
+        """Copy the packed host buffers of `k` sequences (tables of up to `nb` blocks) to the device,
+        gather the pending ids, replay; the first `num_logits` rows of the graph's logits."""
+        n = shape.query_len * shape.batch
         if pending is not None:
             assert shape.query_len == 1, "pending tokens belong to one-token runs"
-            host[SOURCES, :k] = pending.rows
-        nb = max([len(r.block_table) for r in runs])
+            self.host_inputs.numpy()[SOURCES, :k] = pending.rows
         self.inputs[:, :n].copy_(self.host_inputs[:, :n], non_blocking=True)
         self.tables[:k, :nb].copy_(self.host_tables[:k, :nb], non_blocking=True)
         self.copied = torch.cuda.Event()

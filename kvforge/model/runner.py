@@ -60,6 +60,21 @@ class TokenRun(NamedTuple):
         return len(self.token_ids) if self.all_logits else int(self.needs_logits)
 
 
+class DecodeStep(NamedTuple):
+    """A plain decode step as columns, entry i for sequence i: one new token `token_ids[i]` at
+    `positions[i]`, stored at `slots[i]`, its K/V through `block_tables[i]`, its logits returned.
+    Async scheduling builds it with no TokenRun per sequence (`ModelRunner.run_decode`); the same
+    contract as the equivalent runs (`runs()`), a table list never modified once passed."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[Sequence[int]]
+
+    def runs(self) -> list[TokenRun]:
+        return [TokenRun([t], p, [s], b, True) for t, p, s, b in zip(*self)]
+
+
 @dataclass(frozen=True)
 class PendingTokens:
     """Input tokens the host has not read yet (async scheduling): `tokens` (int64 `[n]`, on the
@@ -133,6 +148,20 @@ class ModelRunner:
         if pending is not None:
             runs = pending.resolve(runs)
         return self._forward(runs, self.pages())
+
+    @torch.inference_mode()
+    def run_decode(self, step: DecodeStep, pending: PendingTokens | None = None) -> torch.Tensor:
+        """`run(step.runs(), pending)`, packed straight from the columns into a decode graph when one
+        holds the step (the host's share of a batched decode step is per sequence)."""
+        k = len(step.token_ids)
+        if not k or not len(step.positions) == len(step.slots) == len(step.block_tables) == k:
+            raise ValueError(f"a decode step needs one position, slot and block table per token, got {k} tokens")
+        if pending is not None and len(pending.rows) != k:
+            raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
+        shape = None if self.graphs is None else self.graphs.decode_shape(step)
+        if shape is not None:
+            return self.graphs.run_decode(step, shape, pending)
+        return self.run(step.runs(), pending)
 
     def pages(self) -> ForwardContext:
         """The arena as a forward context sees it (metadata filled in per step)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvforge.model.cuda_graphs import IDS, LENGTHS, LOGIT_ROWS, POSITIONS, SLOTS, pack_inputs
-from kvforge.model.runner import TokenRun
+from kvforge.model.cuda_graphs import IDS, LENGTHS, LOGIT_ROWS, POSITIONS, SLOTS, pack_decode, pack_inputs
+from kvforge.model.runner import DecodeStep, TokenRun
 
 
 def _buffers(rows: int, batch: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,3 +55,13 @@ def test_a_row_holding_the_same_table_object_is_not_copied_again_and_any_other_t
     tables[1, 0] = -5
     pack_inputs([TokenRun([3], 22, [42], b, True), TokenRun([4], 2, [52], a, True)], 1, 4, inputs, tables, written)
     assert tables[0, 0] == 6 and tables[1, :2].tolist() == [2, 3]  # rows that changed hands are rewritten
+
+
+def test_a_decode_step_given_as_columns_packs_as_its_runs_do():
+    step = DecodeStep([11, 12, 13], [5, 0, 17], [40, 50, 60], [[2, 3], [6], [1, 4]])
+    by_runs, by_columns = _buffers(8, 4, 3), _buffers(8, 4, 3)
+    assert pack_inputs(step.runs(), 1, 4, *by_runs) == pack_decode(step, 4, *by_columns) == 3
+    assert np.array_equal(by_runs[0], by_columns[0]) and np.array_equal(by_runs[1], by_columns[1])
+    written = [None] * 4
+    pack_decode(step, 4, *by_columns, written)
+    assert written[:3] == step.block_tables  # the table objects the rows now hold
