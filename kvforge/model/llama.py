@@ -102,8 +102,8 @@ class LlamaForCausalLM(nn.Module):
     """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits(hidden) -> [N, vocab].
 
     `inv_freq` (RoPE frequencies `[head_dim // 2]`) is float32 whatever the model's dtype; `cos_sin`
-    (`[max_position_embeddings, head_dim]`, `ops.rope_table` in the model's dtype) holds the rotation
-    of every position, which a step looks up for its positions.
+    (`[2, max_position_embeddings, head_dim // 2]`: `ops.rope_cos_sin` of every position, in the
+    model's dtype) holds the rotations a step gathers for its positions, in one gather.
 
     Must run inside `forward_context` (the step's attention metadata and the arena tensors).
     """
@@ -125,7 +125,8 @@ class LlamaForCausalLM(nn.Module):
         return ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device, torch.float32)
 
     def _rope_cos_sin(self) -> torch.Tensor:
-        return ops.rope_table(self.inv_freq, self.cfg.max_position_embeddings, self.embed_tokens.weight.dtype)
+        positions = torch.arange(self.cfg.max_position_embeddings, device=self.inv_freq.device)
+        return torch.stack(ops.rope_cos_sin(positions, self.inv_freq, self.embed_tokens.weight.dtype))
 
     def _apply(self, fn, recurse=True):
         """`to`, `cuda`, `half`, `bfloat16`... all come through here. Parameters take the new dtype, but
@@ -152,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm; with `num_layers`, the residual stream after only the
         first `num_layers` layers (their K/V written as usual), for probes."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.cos_sin.index_select(0, positions).chunk(2, dim=-1)  # [T, D/2] each, views
+        cos, sin = self.cos_sin.index_select(1, positions)  # [T, D/2] each, contiguous
         residual = None
         for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin)

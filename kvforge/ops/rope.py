@@ -39,12 +39,11 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rope_table(inv_freq: torch.Tensor, num_positions: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """cos and sin of positions 0 .. num_positions - 1 in one table `[num_positions, head_dim]` of
-    `dtype`: row p holds cos(p * inv_freq) then sin(p * inv_freq), as `rope_cos_sin` computes them.
-    The model looks its rotations up in one (a row gather instead of computing the angles each step);
-    the readers of keys stored before RoPE (int4 pages, ops/quant.py) in a float32 one."""
-    cos, sin = rope_cos_sin(torch.arange(num_positions, device=inv_freq.device), inv_freq, dtype)
+def rope_table(inv_freq: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """cos and sin of positions 0 .. num_positions - 1 in one float32 table `[num_positions, head_dim]`:
+    row p holds cos(p * inv_freq) then sin(p * inv_freq), as `rope_cos_sin` computes them. The
+    readers of keys stored before RoPE (int4 pages, ops/quant.py) look their rotations up in it."""
+    cos, sin = rope_cos_sin(torch.arange(num_positions, device=inv_freq.device), inv_freq, torch.float32)
     return torch.cat((cos, sin), dim=-1).contiguous()
 
 
