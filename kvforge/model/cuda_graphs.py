@@ -72,13 +72,13 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
     `written` (one entry per row of `tables`, kept by the caller across calls) names the block-table
     object each row last received: a row already holding this run's table object is not rewritten,
     so a caller that reuses a sequence's table list while it is unchanged skips its copy."""
-    q, rows, k = query_len, batch * query_len, len(runs)
+    if query_len == 1:  # the hot decode path: one token and one logits row per run
+        return _pack_columns([r.token_ids[0] for r in runs], [r.start_pos for r in runs], [r.slots[0] for r in runs],
+                             [r.block_table for r in runs], batch, inputs, tables, written)
+    q, rows = query_len, batch * query_len
     inputs[:, :rows] = 0
     inputs[SLOTS, :rows] = -1
     _pack_tables([r.block_table for r in runs], tables, written)
-    if q == 1:  # the hot decode path: one token and one logits row per run
-        _pack_decode([r.token_ids[0] for r in runs], [r.start_pos for r in runs], [r.slots[0] for r in runs], inputs)
-        return k
     at = 0
     for i, r in enumerate(runs):
         n, base = len(r.token_ids), i * q
@@ -94,11 +94,20 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
 def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None = None) -> int:
     """`pack_inputs` for a plain decode step given as columns (one token and one logits row per
     sequence), with no TokenRun per sequence: the same buffers, the same contract."""
-    k = len(step.token_ids)
+    return _pack_columns(*step, batch, inputs, tables, written)
+
+
+def _pack_columns(token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[Sequence[int]],
+                  batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None) -> int:
+    k = len(token_ids)
     inputs[:, :batch] = 0
     inputs[SLOTS, :batch] = -1
-    _pack_tables(step.block_tables, tables, written)
-    _pack_decode(step.token_ids, step.positions, step.slots, inputs)
+    _pack_tables(block_tables, tables, written)
+    inputs[IDS, :k] = token_ids
+    inputs[POSITIONS, :k] = positions
+    inputs[SLOTS, :k] = slots
+    np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
+    inputs[LOGIT_ROWS, :k] = np.arange(k)
     return k
 
 
@@ -110,15 +119,6 @@ def _pack_tables(block_tables: list[Sequence[int]], tables: np.ndarray, written:
         tables[i, :len(table)] = table
     if written is not None:
         written[:k] = block_tables
-
-
-def _pack_decode(token_ids: list[int], positions: list[int], slots: list[int], inputs: np.ndarray) -> None:
-    k = len(token_ids)
-    inputs[IDS, :k] = token_ids
-    inputs[POSITIONS, :k] = positions
-    inputs[SLOTS, :k] = slots
-    np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
-    inputs[LOGIT_ROWS, :k] = np.arange(k)
 
 
 class StepGraphs:
