@@ -12,9 +12,10 @@ Parts (`--parts`, default all of the first five):
             the same 32k + 32 tokens, and HF's: a deep copy of the prefix's DynamicCache + a forward
             of the suffix, and its full prefill.
   cascade   64 requests composed from one shared 4k-token system chunk + a 32-token query each:
-            decode step time with cascade attention (the chunk read once per layer for all 64) vs the
-            same tokens as plain prompts (prefix-cached blocks, each request reads its 4k keys), both
-            eager (the composed path runs eagerly), and the plain path in CUDA graphs.
+            decode step time with cascade attention (the chunk read once per layer for all 64; a
+            cascade decode graph) vs the same tokens as plain prompts (prefix-cached blocks, each
+            request reads its 4k keys), eager and in CUDA graphs; 64 steps timed once every prefill
+            is done. And one layer's attention alone, both ways, kernels in CUDA graphs.
   rag       4 x 1k-token context chunks + a 32-token question: TTFT with chunk reuse (r = 0 and 0.15)
             vs a full prefill of the same tokens (prefix cache emptied first).
   smollm    the embedded SmolLM2-135M GGUF in bf16, decode throughput at batch 1, 32, 128 vs HF
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from kvforge import LLM, SamplingParams
+from kvforge.types import OutputKind
 
 CONFIG_1B = Path(__file__).parent / "data" / "llama-3.2-1b"
 BATCHES = (1, 32, 128)
@@ -158,28 +160,36 @@ def prefix_rows(llm: LLM, hf, vocab: int, rng: random.Random) -> dict:
 
 
 def cascade_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
+    """Decode step time of 64 requests over one 4k-token system chunk, composed (cascade) and as plain
+    prompts (eager and in CUDA graphs): the median of three runs of 64 timed steps each, taken once
+    every prefill is done (outputs when each request ends, as LLM.generate gives them)."""
     engine = llm.engine
     system = random_prompts(rng, 1, 4096, vocab)[0]
     chunk = llm.register_chunk(system, kind="system")
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, output_kind=OutputKind.FINAL_ONLY)
 
-    def composed(new):
-        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    def composed(tag):
+        for i, q in enumerate(random_prompts(rng, 64, 32, vocab)):
+            engine.add_chunk_request(f"{tag}-{i}", [chunk], {"prompt_token_ids": q}, params, recompute_ratio=0.0)
 
-        def go():
-            for i, q in enumerate(random_prompts(rng, 64, 32, vocab)):
-                engine.add_chunk_request(f"c{time.monotonic_ns()}-{i}", [chunk], {"prompt_token_ids": q}, params,
-                                         recompute_ratio=0.0)
+    def plain(tag):
+        for i, q in enumerate(random_prompts(rng, 64, 32, vocab)):
+            engine.add_request(f"{tag}-{i}", {"prompt_token_ids": system + q}, params)
+
+    def step_ms(add):
+        runs = []
+        for rep in range(3):
+            add(f"r{time.monotonic_ns()}-{rep}")
+            sched = engine.scheduler
+            while sched.waiting or any(s.num_computed < s.num_prompt_tokens for s in sched.running):
+                engine.step()
+            for _ in range(4):  # the first decode steps
+                engine.step()
+            runs.append(sync_time(lambda: [engine.step() for _ in range(64)]) / 64)
             while engine.has_unfinished_requests():
                 engine.step()
-
-        return sync_time(go)
-
-    def plain(new):
-        return kv_run(llm, [system + q for q in random_prompts(rng, 64, 32, vocab)], new)
-
-    def step_ms(fn):
-        fn(2)
-        return round((fn(65) - fn(1)) / 64 * 1e3, 3)
+        engine.check_integrity()
+        return round(statistics.median(runs) * 1e3, 3)
 
     cascade = step_ms(composed)
     graphs, engine.runner.graphs = engine.runner.graphs, None
@@ -198,11 +208,14 @@ def cascade_attention_rows(rng: random.Random) -> dict:
     CUDA graph, so launch overhead is out): 64 decoding requests over a shared 4096-token chunk plus
     33 private tokens each, at the 1B shape (32 heads, 8 KV heads, D 64, bf16, pages of 16).
     Without cascade: one paged-attention launch over each request's 4129 keys (the shared pages in
-    every block table). With cascade: chunk attention over the shared pages once for all 64 rows,
-    paged attention over the private pages with log-sum-exp, and the merge."""
+    every block table). With cascade, as a cascade decode graph runs it: paged attention over the
+    private pages with log-sum-exp, then the segment batch (the shared pages read once for all 64
+    rows, split over the SMs) and the merge."""
     from triton.testing import do_bench
 
+    from kvforge.model.staging import SegmentStaging
     from kvforge.ops import triton as kernels
+    from kvforge.types import ChunkPlacement
 
     n, heads, kv_heads, dim, page, shared, own = 64, 32, 8, 64, 16, 4096, 33
     shared_pages, own_pages = shared // page, -(-own // page)
@@ -223,11 +236,15 @@ def cascade_attention_rows(rng: random.Random) -> dict:
                                 device="cuda"), full_tables, scale, out, lse, 1,
                                 kernels.choose_num_splits(n, kv_heads, shared + own))
 
+    staging = SegmentStaging(n, shared_pages, inv_freq, kv_heads, torch.device("cuda"))
+    staging.pack([(ChunkPlacement("system", 0, 0, shared, tuple(range(shared_pages))),)] * n, n)
+    staging.upload()
+    segments, own_out, own_lens = staging.batch(n), torch.empty_like(q), torch.full((n,), own, dtype=torch.int32,
+                                                                                     device="cuda")
+
     def cascade():
-        o, s = kernels.chunk_attention(q, k_cache, v_cache, chunk_table, shared, 0, inv_freq, None, scale)
-        kernels.paged_attention(q, k_cache, v_cache, cu, torch.full((n,), own, dtype=torch.int32, device="cuda"),
-                                own_tables, scale, out, lse, 1, 1)
-        kernels.merge_attention_states([(o, s), (out.float(), lse)])
+        kernels.paged_attention(q, k_cache, v_cache, cu, own_lens, own_tables, scale, own_out, lse, 1, 1)
+        kernels.segment_attention(q, k_cache, v_cache, segments, own_out, lse, scale, out)
 
     times = {}
     for name, fn in (("plain", plain), ("cascade", cascade)):

@@ -15,9 +15,10 @@ writes it before any later step, in stream order, can reuse the block). A sequen
 token is its last by length is not launched again.
 
 Only steps whose every running sequence decodes plainly overlap: greedy, no logits processors, no
-log-probabilities, one sample per request, no chunks, no speculation, nothing waiting to be
-admitted, and free blocks for every next slot. Any other step first lands the step in flight and
-then runs synchronously, exactly as without async scheduling.
+log-probabilities, one sample per request, no chunk being filled, no speculation, nothing waiting
+to be admitted, and free blocks for every next slot. Sequences composed from chunks overlap too
+(their steps replay a cascade decode graph where one holds them). Any other step first lands the
+step in flight and then runs synchronously, exactly as without async scheduling.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ class InFlightStep:
 def overlaps(seq: Sequence) -> bool:
     """Whether `seq`'s decode steps may run ahead of its tokens: the next token is the argmax of the
     raw logits and nothing else of the step is needed on the host before the next one starts."""
-    return (seq.params.plain_greedy and seq.group is None and seq.composition is None and seq.fills_chunk is None
-            and not seq.draft)
+    return seq.params.plain_greedy and seq.group is None and seq.fills_chunk is None and not seq.draft
 
 
 class OverlappedDecode:
@@ -110,15 +110,18 @@ class OverlappedDecode:
         pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
         seqs, rows = [], []
         limit = self.max_model_len
+        composed = False
         for seq in sched.running:
             row = pending.get(seq.seq_id, -1)
             n = len(seq.token_ids)
             if not overlaps(seq) or n - seq.num_computed != (row < 0):  # a prefill, or a recomputed one
                 return None
-            # its pending token is its last: max_tokens or the model length (an overlapping sequence
-            # is not composed: its tokens are all its positions)
-            if row >= 0 and (n + 1 >= len(seq.prompt_token_ids) + seq.params.max_tokens or n + 1 >= limit):
+            # its pending token is its last: max_tokens or the model length (a composed sequence also
+            # spans its reused chunk tokens)
+            spans = n if seq.composition is None else seq.total_len
+            if row >= 0 and (n + 1 >= len(seq.prompt_token_ids) + seq.params.max_tokens or spans + 1 >= limit):
                 continue
+            composed = composed or seq.composition is not None
             seqs.append(seq)
             rows.append(row)
         if not seqs:
@@ -140,7 +143,8 @@ class OverlappedDecode:
             positions = [seq.num_computed for seq in seqs]
             known = previous is None or max(rows) < 0
             token_ids = [0 if row >= 0 else seq.token_ids[-1] for seq, row in zip(seqs, rows)]  # 0: pending
-            logits = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables),
+            compositions = [seq.composition for seq in seqs] if composed else None
+            logits = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables, compositions),
                                             None if known else PendingTokens(previous.tokens, rows))
             tokens = logits.argmax(dim=-1)
             host = self._token_buffers[self._steps % 2][:len(seqs)]
@@ -171,8 +175,9 @@ class OverlappedDecode:
             for seq, end, token in zip(step.seqs, step.ends, tokens):
                 if seq.status is SequenceStatus.FINISHED:  # ended meanwhile: its token is dropped
                     continue
-                # this step filled a block: cache it (a cached twin may take its place in the table)
-                if end % bs == 0 and self.cache.commit(seq.seq_id, seq.token_ids, end):
+                # this step filled a block: cache it (a cached twin may take its place in the table);
+                # a composed sequence's blocks hold tokens at other positions than their own: never
+                if end % bs == 0 and seq.composition is None and self.cache.commit(seq.seq_id, seq.token_ids, end):
                     self._tables.pop(seq.seq_id, None)
                 if seq.first_token_time is None:
                     seq.first_token_time = now

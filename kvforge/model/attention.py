@@ -103,7 +103,8 @@ class AttentionMetadata:
 
     Packed rows: the plain rows first (on CPU: the decode groups, then the prefill spans; on GPU: one
     `varlen` batch of both), then the composed spans. On GPU, `cascade` lists the step's chunk
-    attentions and `private` is the composed spans' own K/V as a varlen batch over their rows.
+    attentions and `private` is the composed spans' own K/V as a varlen batch over their rows; a
+    cascade decode graph has no composed spans but `segments` (see the field).
     """
 
     slot_mapping: torch.Tensor  # [T] flat arena slot of each new token (-1: padding, not stored)
@@ -114,6 +115,9 @@ class AttentionMetadata:
     num_varlen_rows: int = 0  # rows of `varlen` (padding rows included)
     cascade: tuple[CascadeCall, ...] = ()
     private: VarlenBatch | None = None
+    # A cascade decode graph's step: `varlen` holds every row's own K/V (a composed sequence's private
+    # K/V), `segments` the chunk segments its composed rows read, merged into the output.
+    segments: ops.SegmentBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,8 @@ def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.T
                       inv_freq: torch.Tensor, rope_table: torch.Tensor | None, scale: float,
                       quant: dict[str, torch.Tensor]) -> torch.Tensor:
     """The GPU path through the custom ops, once this step's K/V are stored: one unified kernel over
-    the plain rows, and the composed rows level by level (their private K/V through the same kernel
+    the plain rows (merged with their chunk segments in a cascade decode graph), and the composed
+    rows level by level (their private K/V through the same kernel
     with log-sum-exp, each chunk once for every row that sees it, merged in float32). `quant`: the
     layer's scales (ForwardContext.scales), quantized pages being dequantized inside the kernels."""
     kernels = _kernels()
@@ -247,8 +252,12 @@ def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.T
     if meta.varlen is not None:
         b = meta.varlen
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)[:n]
+        own = out[:n] if meta.segments is None else torch.empty_like(q[:n])
         kernels.paged_attention(q[:n], k_cache, v_cache, b.cu_query_lens, b.seq_lens, b.block_tables,
-                                scale, out[:n], lse, b.max_query_len, b.num_splits, **quant, rope_table=rope_table)
+                                scale, own, lse, b.max_query_len, b.num_splits, **quant, rope_table=rope_table)
+        if meta.segments is not None:
+            ops_library.backend("triton").segment_attention(q[:n], k_cache, v_cache, meta.segments, own, lse, scale,
+                                                            out[:n], **quant, rope_table=rope_table)
     if meta.private is not None:
         triton = ops_library.backend("triton")
         b, qc = meta.private, q[n:]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
-from kvforge.model.staging import num_splits_for
+from kvforge.model.staging import MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, SegmentStaging, num_splits_for
 
 if TYPE_CHECKING:
     from kvforge.model.runner import DecodeStep, ModelRunner, PendingTokens, TokenRun
@@ -54,10 +54,12 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 @dataclass(frozen=True)
 class GraphShape:
-    """The graph a step replays: `query_len` rows per sequence, `batch` sequences."""
+    """The graph a step replays: `query_len` rows per sequence, `batch` sequences; `cascade`: a decode
+    step whose sequences may be composed from chunks (their chunk segments read once per step)."""
 
     query_len: int
     batch: int
+    cascade: bool = False
 
 
 def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray,
@@ -93,12 +95,28 @@ def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np
 
 def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None = None) -> int:
     """`pack_inputs` for a plain decode step given as columns (one token and one logits row per
-    sequence), with no TokenRun per sequence: the same buffers, the same contract."""
-    return _pack_columns(*step, batch, inputs, tables, written)
+    sequence; no compositions), with no TokenRun per sequence: the same buffers, the same contract."""
+    return _pack_columns(step.token_ids, step.positions, step.slots, step.block_tables, batch, inputs, tables, written)
+
+
+def pack_cascade(runs: Sequence[TokenRun], batch: int, inputs: np.ndarray, tables: np.ndarray,
+                 segments: SegmentStaging, written: list | None = None) -> int:
+    """`pack_inputs` for a cascade decode graph: one-token runs, some composed from chunks (see
+    `StepGraphs.cascade_shape`). A composed run's row sits at its absolute position, attends to its
+    private K/V (its block table, `start_pos + 1` positions) and reads its chunks' segments, packed
+    into `segments`."""
+    k = _pack_columns([r.token_ids[0] for r in runs],
+                      [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
+                      [r.slots[0] for r in runs], [r.block_table for r in runs], batch, inputs, tables, written,
+                      [r.start_pos + 1 for r in runs])
+    segments.pack([() if r.composition is None else r.composition.placements for r in runs], batch)
+    return k
 
 
 def _pack_columns(token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[Sequence[int]],
-                  batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None) -> int:
+                  batch: int, inputs: np.ndarray, tables: np.ndarray, written: list | None,
+                  lengths: list[int] | None = None) -> int:
+    """The decode columns into the buffers; K/V lengths `lengths`, by default each position + 1."""
     k = len(token_ids)
     inputs[:, :batch] = 0
     inputs[SLOTS, :batch] = -1
@@ -106,7 +124,10 @@ def _pack_columns(token_ids: list[int], positions: list[int], slots: list[int], 
     inputs[IDS, :k] = token_ids
     inputs[POSITIONS, :k] = positions
     inputs[SLOTS, :k] = slots
-    np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
+    if lengths is None:
+        np.add(inputs[POSITIONS, :k], 1, out=inputs[LENGTHS, :k])
+    else:
+        inputs[LENGTHS, :k] = lengths
     inputs[LOGIT_ROWS, :k] = np.arange(k)
     return k
 
@@ -123,8 +144,10 @@ def _pack_tables(block_tables: list[Sequence[int]], tables: np.ndarray, written:
 
 class StepGraphs:
     """The captured graphs of one runner (whose arena they read and write): query length 1 (decode)
-    up to `max_batch` sequences; each longer query length in `query_lens` (verification: every row's
-    logits) and in EXTEND_QUERY_LENS (one logits row per sequence) up to MAX_GRAPH_ROWS rows."""
+    up to `max_batch` sequences, plain and cascade (sequences composed from chunks, each chunk
+    segment read once for all the rows that read it; plain pages only); each longer query length in
+    `query_lens` (verification: every row's logits) and in EXTEND_QUERY_LENS (one logits row per
+    sequence) up to MAX_GRAPH_ROWS rows."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, query_lens: Sequence[int] = (1,)):
         if max_batch <= 0:
@@ -142,6 +165,10 @@ class StepGraphs:
         self.max_positions = max_blocks * runner.block_size
         model, dev = runner.model, runner.device
         kv_heads = model.cfg.num_kv_heads
+        # Cascade decode graphs read plain pages (quantized ones keep composed steps eager).
+        quantized = runner.k_scales is not None and runner.k_scales[0] is not None
+        self.segments = None if quantized else SegmentStaging(
+            max_batch, max_blocks, model.inv_freq, kv_heads, dev)
         rows = max(q * b[-1] for q, b in self.buckets.items())
         with torch.inference_mode():
             self.inputs = torch.zeros(6, rows, dtype=torch.int32, device=dev)
@@ -159,13 +186,16 @@ class StepGraphs:
             slots.fill_(-1)
             pool = None
             shapes = [GraphShape(q, bs) for q, sizes in self.buckets.items() for bs in sizes]
-            for shape in sorted(shapes, key=lambda s: -s.query_len * s.batch):
+            if self.segments is not None:
+                shapes += [GraphShape(1, bs, cascade=True) for bs in self.buckets[1]]
+            for shape in sorted(shapes, key=lambda s: (-s.query_len * s.batch, s.cascade)):
                 q, bs = shape.query_len, shape.batch
                 n = q * bs
                 meta = AttentionMetadata(
                     slot_mapping=slots[:n], num_varlen_rows=n,
                     varlen=VarlenBatch(self.cu[q][:bs + 1], lengths[:bs], self.tables[:bs], q,
-                                       num_splits_for(bs, kv_heads, self.max_positions, q, n)))
+                                       num_splits_for(bs, kv_heads, self.max_positions, q, n)),
+                    segments=self.segments.batch(bs) if shape.cascade else None)
                 ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
                 def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]) -> torch.Tensor:
@@ -187,8 +217,9 @@ class StepGraphs:
         composition) of at most a captured query length each, within its largest bucket, none with more
         blocks than the static tables hold or reaching past them once padded, and none needing more
         logits rows than the graph gives a sequence (query length 1: exactly its one)."""
-        if (any([r.composition is not None for r in runs])
-                or max([len(r.block_table) for r in runs]) > self.max_blocks):
+        if any([r.composition is not None for r in runs]):
+            return self.cascade_shape(runs)
+        if max([len(r.block_table) for r in runs]) > self.max_blocks:
             return None
         longest = max([len(r.token_ids) for r in runs])
         if any([r.all_logits for r in runs]):
@@ -205,6 +236,35 @@ class StepGraphs:
                 continue
             return GraphShape(q, next(b for b in sizes if b >= len(runs)))
         return None
+
+    def cascade_shape(self, runs: Sequence[TokenRun]) -> GraphShape | None:
+        """The cascade decode graph for a step of one-token runs (each needing its logits), some
+        composed from chunks, or None: too many runs, a table longer than the static tables, a
+        position past them, a composed run reading more than MAX_ROW_SEGMENTS chunks, a chunk it
+        does not see whole (recomputed tokens hidden, or keys after its position: its query's own
+        rows, which run eagerly), or more than MAX_STEP_SEGMENTS distinct segments in the step."""
+        sizes = self.buckets[1]
+        if self.segments is None or len(runs) > sizes[-1]:
+            return None
+        segments = set()
+        for r in runs:
+            if len(r.token_ids) != 1 or not r.needs_logits or r.all_logits or len(r.block_table) > self.max_blocks:
+                return None
+            c = r.composition
+            if c is None:
+                if r.start_pos >= self.max_positions:
+                    return None
+                continue
+            position = c.position(r.start_pos)
+            if position >= self.max_positions or len(c.placements) > MAX_ROW_SEGMENTS:
+                return None
+            for p in c.placements:
+                if p.recomputed or p.offset + p.num_tokens > position or len(p.page_indices) > self.max_blocks:
+                    return None
+                segments.add((p.chunk_id, p.offset))
+        if len(segments) > MAX_STEP_SEGMENTS:
+            return None
+        return GraphShape(1, next(b for b in sizes if b >= len(runs)), cascade=True)
 
     def decode_shape(self, step: DecodeStep) -> GraphShape | None:
         """`shape_for` of a plain decode step given as columns: the smallest decode bucket that holds
@@ -229,8 +289,13 @@ class StepGraphs:
         the previous step's tokens before the replay; nothing waits for them."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
-        num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
-                                 self.host_tables.numpy(), self.written)
+        if shape.cascade:
+            num_logits = pack_cascade(runs, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy(),
+                                      self.segments, self.written)
+            self.segments.upload()
+        else:
+            num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
+                                     self.host_tables.numpy(), self.written)
         return self._replay(shape, len(runs), max([len(r.block_table) for r in runs]), num_logits, pending)
 
     def _replay(self, shape: GraphShape, k: int, nb: int, num_logits: int,

@@ -61,18 +61,23 @@ class TokenRun(NamedTuple):
 
 
 class DecodeStep(NamedTuple):
-    """A plain decode step as columns, entry i for sequence i: one new token `token_ids[i]` at
-    `positions[i]`, stored at `slots[i]`, its K/V through `block_tables[i]`, its logits returned.
-    Async scheduling builds it with no TokenRun per sequence (`ModelRunner.run_decode`); the same
-    contract as the equivalent runs (`runs()`), a table list never modified once passed."""
+    """A decode step as columns, entry i for sequence i: one new token `token_ids[i]` at
+    `positions[i]`, stored at `slots[i]`, its K/V through `block_tables[i]`, its logits returned;
+    with `compositions`, sequence i is composed from chunks where `compositions[i]` is not None
+    (`positions[i]` then counts its private tokens, as TokenRun.start_pos does). Async scheduling
+    builds it with no TokenRun per plain sequence (`ModelRunner.run_decode`); the same contract as
+    the equivalent runs (`runs()`), a table list never modified once passed."""
 
     token_ids: list[int]
     positions: list[int]
     slots: list[int]
     block_tables: list[Sequence[int]]
+    compositions: list[Composition | None] | None = None
 
     def runs(self) -> list[TokenRun]:
-        return [TokenRun([t], p, [s], b, True) for t, p, s, b in zip(*self)]
+        compositions = self.compositions or [None] * len(self.token_ids)
+        return [TokenRun([t], p, [s], b, True, c)
+                for t, p, s, b, c in zip(self.token_ids, self.positions, self.slots, self.block_tables, compositions)]
 
 
 @dataclass(frozen=True)
@@ -152,12 +157,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run_decode(self, step: DecodeStep, pending: PendingTokens | None = None) -> torch.Tensor:
         """`run(step.runs(), pending)`, packed straight from the columns into a decode graph when one
-        holds the step (the host's share of a batched decode step is per sequence)."""
+        holds a plain step (the host's share of a batched decode step is per sequence); a step with
+        composed sequences goes through `run` (a cascade decode graph, or eagerly)."""
         k = len(step.token_ids)
         if not k or not len(step.positions) == len(step.slots) == len(step.block_tables) == k:
             raise ValueError(f"a decode step needs one position, slot and block table per token, got {k} tokens")
         if pending is not None and len(pending.rows) != k:
             raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
+        if step.compositions is not None:
+            return self.run(step.runs(), pending)
         shape = None if self.graphs is None else self.graphs.decode_shape(step)
         if shape is not None:
             return self.graphs.run_decode(step, shape, pending)

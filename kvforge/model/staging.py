@@ -3,12 +3,15 @@ copy from pinned memory (the GPU path of the runner)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from kvforge import ops
 from kvforge.model.attention import VarlenBatch
+from kvforge.types import ChunkPlacement
 
 # (new tokens, K/V length including them, block table) of one sequence of a varlen batch
 VarlenRow = tuple[int, int, Sequence[int]]
@@ -81,3 +84,154 @@ class HostStaging:
             out[name] = VarlenBatch(cu, seq_lens, tables, max_q,
                                     num_splits_for(len(batch), self.num_kv_heads, max_k, max_q, rows))
         return out
+
+
+# A cascade decode step (SegmentStaging): chunk segments one sequence may read, distinct segments of
+# one step, and the fewest keys a split of a segment's key range is worth.
+MAX_ROW_SEGMENTS = 8
+MAX_STEP_SEGMENTS = 64
+SPLIT_KEYS = 256
+
+
+class SegmentStaging:
+    """The host and device buffers of a SegmentBatch (ops/cascade.py) for decode steps of up to
+    `max_rows` rows, each reading at most MAX_ROW_SEGMENTS chunk segments (of up to `max_blocks`
+    pages), MAX_STEP_SEGMENTS distinct ones a step. `pack` fills the pinned host buffers, `upload`
+    copies them (non-blocking; the caller keeps the host buffers unchanged until the copy is done),
+    and `batch(rows)` gives the device views a graph of `rows` rows reads, the same every step."""
+
+    def __init__(self, max_rows: int, max_blocks: int, inv_freq: torch.Tensor, num_kv_heads: int,
+                 device: torch.device, target_tasks: int | None = None):
+        from kvforge.ops.triton.cascade import num_sms
+
+        self.num_kv_heads = num_kv_heads
+        # Split a step's segments until its tasks (work items x kv heads) fill the GPU twice over
+        # (`target_tasks` forces another count: tests, tuning).
+        self.target_tasks = target_tasks or 2 * num_sms(device)
+        pairs, segs, tile = max_rows * MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, ops.SEGMENT_TILE_PAIRS
+        self.max_items = max(self.target_tasks // num_kv_heads, pairs // tile + segs) + 1
+        self.num_slots = max(pairs, tile * self.target_tasks // num_kv_heads)
+        self.inv_freq = inv_freq.detach().cpu().double().numpy()
+        dim = 2 * len(self.inv_freq)
+        self.rotation: dict[int, np.ndarray] = {}  # offset -> cos, sin of offset * inv_freq (float32)
+        sizes = {"items": 6 * self.max_items, "num_items": 1, "pair_rows": pairs, "pair_slots": pairs,
+                 "row_slots": max_rows + 1, "offsets": segs, "rotations": segs * dim}
+        self.host = torch.zeros(sum(sizes.values()), dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.dev = torch.zeros_like(self.host, device=device)
+        self.host_tables = torch.zeros(segs, max_blocks, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.tables = torch.zeros_like(self.host_tables, device=device)
+        self.written: list = [None] * segs  # the page list each table row holds (see pack_inputs)
+        self.views: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+        at = 0
+        for name, size in sizes.items():
+            host, dev = self.host.numpy()[at:at + size], self.dev[at:at + size]
+            if name == "items":
+                host, dev = host.reshape(6, -1), dev.view(6, -1)
+            if name == "rotations":
+                host, dev = host.view(np.float32).reshape(segs, dim), dev.view(torch.float32).view(segs, dim)
+            self.views[name] = (host, dev)
+            at += size
+        self.num_tables = 0
+        self.packed: tuple[list, int] | None = None  # what the host buffers hold: (placements, rows)
+        self.fresh = False  # the host buffers changed since the last upload
+
+    def batch(self, rows: int) -> ops.SegmentBatch:
+        """The device views for steps of up to `rows` rows."""
+        dev = {name: d for name, (_, d) in self.views.items()}
+        return ops.SegmentBatch(dev["items"], dev["num_items"], dev["pair_rows"], dev["pair_slots"],
+                                dev["row_slots"][:rows + 1], dev["offsets"], dev["rotations"], self.tables,
+                                self.num_slots)
+
+    def pack(self, placements: Sequence[Sequence[ChunkPlacement]], num_rows: int) -> None:
+        """Fill the host buffers for a step whose row r reads the chunk segments `placements[r]`
+        (none for a plain row; rows past len(placements), up to `num_rows`, read none). The same
+        (chunk, offset) is one segment however many rows read it. A step whose rows hold the same
+        placement objects as the last packed step's (a steady decode batch) changes nothing."""
+        last = self.packed
+        if (last is not None and last[1] == num_rows and len(last[0]) == len(placements)
+                and all(map(operator.is_, last[0], placements))):
+            return
+        self.packed = None  # until this packing is complete
+        h = {name: host for name, (host, _) in self.views.items()}
+        index: dict[tuple[str, int], int] = {}
+        segments: list[ChunkPlacement] = []
+        readers: list[list[int]] = []  # per segment, its rows in order
+        for r, row in enumerate(placements):
+            if len(row) > MAX_ROW_SEGMENTS:
+                raise ValueError(f"row {r} reads {len(row)} chunk segments; at most {MAX_ROW_SEGMENTS}")
+            for p in row:
+                s = index.setdefault((p.chunk_id, p.offset), len(segments))
+                if s == len(segments):
+                    segments.append(p)
+                    readers.append([])
+                readers[s].append(r)
+        if len(segments) > MAX_STEP_SEGMENTS:
+            raise ValueError(f"a step reads {len(segments)} chunk segments; at most {MAX_STEP_SEGMENTS}")
+        tile = ops.SEGMENT_TILE_PAIRS
+        tiles = sum(-(-len(rows) // tile) for rows in readers)
+        splits = max(1, self.target_tasks // max(1, tiles * self.num_kv_heads))
+        # Slots row-major: row r's segments' splits are slots row_slots[r] .. row_slots[r + 1] - 1.
+        keys_per_split = [_keys_per_split(p.num_tokens, splits) for p in segments]
+        num_splits = [-(-p.num_tokens // k) for p, k in zip(segments, keys_per_split)]
+        base: dict[tuple[int, int], int] = {}  # (segment, row) -> its first slot
+        row_slots = h["row_slots"]
+        row_slots[0] = 0
+        at = 0
+        for r in range(num_rows):
+            for p in placements[r] if r < len(placements) else ():
+                s = index[(p.chunk_id, p.offset)]
+                base[s, r] = at
+                at += num_splits[s]
+            row_slots[r + 1] = at
+        if at > self.num_slots:
+            raise RuntimeError(f"a cascade step needs {at} partial-result slots, more than the {self.num_slots} held")
+        items, pair = [], 0
+        for s, rows in enumerate(readers):
+            p = segments[s]
+            for first in range(0, len(rows), tile):
+                count = min(tile, len(rows) - first)
+                for j in range(num_splits[s]):
+                    start = j * keys_per_split[s]
+                    items.append((s, pair + first, count, start, min(start + keys_per_split[s], p.num_tokens), j))
+            h["pair_rows"][pair:pair + len(rows)] = rows
+            h["pair_slots"][pair:pair + len(rows)] = [base[s, r] for r in rows]
+            pair += len(rows)
+            h["offsets"][s] = p.offset
+            h["rotations"][s] = self._rotation(p.offset)
+        if len(items) > self.max_items:
+            raise RuntimeError(f"a cascade step has {len(items)} work items, more than the {self.max_items} held")
+        if items:
+            h["items"][:, :len(items)] = np.asarray(items, dtype=np.int32).T
+        h["num_items"][0] = len(items)
+        tables = self.host_tables.numpy()
+        for s, p in enumerate(segments):
+            if self.written[s] is not p.page_indices:
+                tables[s, :len(p.page_indices)] = p.page_indices
+                self.written[s] = p.page_indices
+        self.num_tables = len(segments)
+        self.widest = max((len(p.page_indices) for p in segments), default=0)
+        self.packed, self.fresh = (list(placements), num_rows), True
+
+    def upload(self) -> None:
+        """Copy the packed host buffers to the device buffers (non-blocking), if they changed."""
+        if not self.fresh:
+            return
+        self.fresh = False
+        self.dev.copy_(self.host, non_blocking=True)
+        if self.num_tables:
+            self.tables[:self.num_tables, :self.widest].copy_(self.host_tables[:self.num_tables, :self.widest],
+                                                              non_blocking=True)
+
+    def _rotation(self, offset: int) -> np.ndarray:
+        """cos then sin of offset * inv_freq, angles in float64 (as ops.rope_cos_sin), float32."""
+        if offset not in self.rotation:
+            angles = self.inv_freq * offset
+            self.rotation[offset] = np.concatenate((np.cos(angles), np.sin(angles))).astype(np.float32)
+        return self.rotation[offset]
+
+
+def _keys_per_split(num_tokens: int, splits: int) -> int:
+    """Keys of each split when `num_tokens` keys are cut in up to `splits` pieces of at least
+    SPLIT_KEYS keys, rounded up to the kernel's key tile (64)."""
+    pieces = max(1, min(splits, num_tokens // SPLIT_KEYS))
+    return 64 * -(-(-(-num_tokens // pieces)) // 64)

@@ -2,12 +2,15 @@
 
 from kvforge.ops.attention import decode_attention, kv_bias_from_lengths, paged_attention, prefill_attention
 from kvforge.ops.cascade import (
+    SEGMENT_TILE_PAIRS,
+    SegmentBatch,
     attention_with_lse,
     attention_with_lse_reference,
     chunk_attention,
     chunk_keys,
     merge_attention_states,
     rerotate_keys,
+    segment_attention,
 )
 from kvforge.ops.kv import gather_kv, gather_seq_kv, qkv_rope_store_kv, rope_store_kv, split_qkv, store_kv
 from kvforge.ops.linear import can_pack, linear, pack_weight, rms_norm_linear, silu_and_mul_linear
@@ -63,6 +66,9 @@ __all__ = [
     "prefill_attention",
     "qkv_rope_store_kv",
     "rerotate_keys",
+    "SEGMENT_TILE_PAIRS",
+    "SegmentBatch",
+    "segment_attention",
     "rms_norm",
     "rms_norm_linear",
     "rope_store_kv",

@@ -15,12 +15,17 @@ A query row that sees no key of a level gets out = 0 and lse = -inf there, which
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from kvforge.ops.kv import gather_seq_kv
 from kvforge.ops.quant import keys_before_rope
 from kvforge.ops.rope import apply_rope, rope_cos_sin
+
+# Pairs (of one segment) a SegmentBatch work item covers at most: its query rows are the M side of
+# the tensor-core tile, SEGMENT_TILE_PAIRS x the GQA group.
+SEGMENT_TILE_PAIRS = 16
 
 
 # PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp (an ATen op).
@@ -133,3 +138,66 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     k = chunk_keys(k_cache, block_table, num_tokens, offset, inv_freq, k_scale, rope_table)
     return attention_with_lse(q, k, gather_seq_kv(v_cache, block_table, num_tokens, v_scale), bias, scale)
+
+
+class SegmentBatch(NamedTuple):
+    """The chunk attention of a decode step's rows as one batch of work, every count on the device so
+    a CUDA graph replays it for any step that fits its buffers (the graph's cascade decode step).
+
+    A pair is (chunk segment, query row): the row attends to the segment's keys. Pairs of one
+    segment are consecutive. Work item w (of the first `num_items[0]`) computes pairs
+    first..first + count - 1 (at most SEGMENT_TILE_PAIRS, all of segment `seg`, query rows
+    `pair_rows[...]`) over the segment's keys key_start..key_end - 1 (the split `split` of its key
+    range), writing each pair's partial result (out, lse) to slot `pair_slots[pair] + split`. Query
+    row r's partial results are slots `row_slots[r]`..`row_slots[r + 1] - 1`; they are merged with
+    the row's own attention (its private K/V) by log-sum-exp. Segment s's keys are read through
+    `tables[s]`, stored with RoPE at 0.. and re-rotated by `offsets[s]` as they are read:
+    `rotations[s]` is cos then sin of offsets[s] * inv_freq (float32, angles taken in float64);
+    int4 keys, stored before RoPE, are rotated to offsets[s] + key with the rope table instead.
+    A slot no work item writes is never read."""
+
+    items: torch.Tensor  # int32 [6, W]: segment, first pair, pairs, first key, end key, split
+    num_items: torch.Tensor  # int32 [1]
+    pair_rows: torch.Tensor  # int32 [P]
+    pair_slots: torch.Tensor  # int32 [P]
+    row_slots: torch.Tensor  # int32 [n + 1]
+    offsets: torch.Tensor  # int32 [S]
+    rotations: torch.Tensor  # float32 [S, D]
+    tables: torch.Tensor  # int32 [S, nb]
+    num_slots: int  # slots a step may use (the partial results' buffer rows)
+
+
+def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: SegmentBatch,
+                      own_out: torch.Tensor, own_lse: torch.Tensor, scale: float, out: torch.Tensor,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                      rope_table: torch.Tensor | None = None) -> None:
+    """Attention of the decode rows `q` `[n, H, D]` over their own K/V and the chunk segments of
+    `batch` (see SegmentBatch): `own_out` `[n, H, D]`, `own_lse` `[n, H]` (float32) are each row's
+    attention over its own K/V, merged with its segments' partial results into `out` `[n, H, D]`
+    (out's dtype). Writes `out` only. Quantized pages are dequantized with `k_scale`, `v_scale`."""
+    n, heads, dim = q.shape
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[(own_out[r], own_lse[r])] for r in range(n)]
+    slot_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    count = int(batch.num_items[0])
+    for seg, first, pairs, start, end, split in batch.items[:, :count].t().tolist():
+        if start >= end:
+            continue
+        table, offset = batch.tables[seg].long(), int(batch.offsets[seg])
+        if keys_before_rope(k_scale):
+            k = gather_seq_kv(k_cache, table, end, k_scale, rope_table, offset)
+        else:
+            k = gather_seq_kv(k_cache, table, end, k_scale)
+            if offset:
+                cos, sin = batch.rotations[seg].view(2, 1, dim // 2)
+                k = apply_rope(k.float(), cos, sin).to(k.dtype)
+        v = gather_seq_kv(v_cache, table, end, v_scale)
+        rows = batch.pair_rows[first:first + pairs].long()
+        o, lse = attention_with_lse(q.index_select(0, rows), k[start:], v[start:], None, scale)
+        for i, pair in enumerate(range(first, first + pairs)):
+            slot_of[int(batch.pair_slots[pair]) + split] = (o[i], lse[i])
+    for r in range(n):
+        for slot in range(int(batch.row_slots[r]), int(batch.row_slots[r + 1])):
+            if slot in slot_of:
+                parts[r].append(slot_of[slot])
+        o, _ = merge_attention_states([(o[None], lse[None]) for o, lse in parts[r]])
+        out[r] = o[0].to(out.dtype)

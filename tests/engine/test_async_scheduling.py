@@ -141,6 +141,35 @@ def test_steps_that_cannot_overlap_run_synchronously(sync_llm, async_llm, monkey
     assert_engine_idle(async_llm.engine)
 
 
+def test_sequences_composed_from_chunks_run_ahead_and_give_the_synchronous_tokens(sync_llm, async_llm,
+                                                                                   monkeypatch):
+    """Composed sequences (with and without recomputed chunk tokens) decode ahead of their inputs
+    beside plain ones; their blocks are never committed to the prefix cache."""
+    docs = ["The lamp costs 3 coins and is sold on weekdays. ", "The rug costs 17 coins and is blue. "]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for llm in (sync_llm, async_llm):
+        engine = llm.engine
+        chunks = [llm.register_chunk(d) for d in docs]
+        calls = _spy_pending(monkeypatch, engine) if llm is async_llm else []
+        for i in range(4):
+            engine.add_chunk_request(f"c{i}", chunks[i % 2:] + chunks[:i % 2], f"Question {i}: which costs more?",
+                                     params, recompute_ratio=(0.0, 0.5)[i % 2])
+        engine.add_request("p", PROMPTS[0], params)
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        for c in chunks:
+            llm.unregister_chunk(c.chunk_id)
+        assert_engine_idle(engine)
+        results.append(out)
+        monkeypatch.undo()
+    assert results[1] == results[0] and len(results[0]) == 5
+    assert sum(calls) > 15
+
+
 def test_preemption_under_a_small_arena_gives_the_synchronous_tokens():
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     small = {"kv_cache_memory": None, "num_blocks": 10, "block_size": 16}

@@ -58,10 +58,48 @@ def test_float32_on_cuda_gives_the_cpu_engines_greedy_tokens(cpu_llm, gpu_llm):
     assert_engine_idle(gpu_llm.engine)
 
 
-def test_cuda_graph_decode_gives_the_eager_decodes_tokens(gpu_llm):
-    eager = make_llm(device="cuda", dtype="float32", enforce_eager=True)
-    assert eager.engine.runner.graphs is None
-    assert _tokens(eager.generate(MORE, GREEDY)) == _tokens(gpu_llm.generate(MORE, GREEDY))
+@pytest.fixture(scope="module")
+def eager_llm():
+    return make_llm(device="cuda", dtype="float32", enforce_eager=True)
+
+
+def test_cuda_graph_decode_gives_the_eager_decodes_tokens(gpu_llm, eager_llm):
+    assert eager_llm.engine.runner.graphs is None
+    assert _tokens(eager_llm.generate(MORE, GREEDY)) == _tokens(gpu_llm.generate(MORE, GREEDY))
+
+
+def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_llm, eager_llm):
+    system = "<|im_start|>system\nYou answer from the documents, briefly.<|im_end|>\n"
+    docs = [f"Document {i}: the {w} costs {i * 7 + 3} coins. " for i, w in enumerate(["lamp", "chair", "rug"])]
+    graphs = gpu_llm.engine.runner.graphs
+    replays = []
+    run = graphs.run
+    graphs.run = lambda runs, shape, pending=None: replays.append(shape) or run(runs, shape, pending)
+    results = []
+    try:
+        for llm in (eager_llm, gpu_llm):
+            sys_chunk = llm.register_chunk(system, kind="system")
+            chunks = [llm.register_chunk(d) for d in docs]
+            engine, out = llm.engine, {}
+            for i in range(8):
+                picked = [chunks[(i + j) % 3] for j in range(1 + i % 3)]
+                engine.add_chunk_request(f"c{i}", [sys_chunk, *picked], f"Question {i}: what costs the most?",
+                                         GREEDY, recompute_ratio=0.0)
+                engine.add_request(f"p{i}", MORE[i], GREEDY)
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.finished:
+                        out[o.request_id] = o.outputs[0].token_ids
+            for c in [sys_chunk, *chunks]:
+                llm.unregister_chunk(c.chunk_id)
+            assert_engine_idle(engine)
+            results.append(out)
+    finally:
+        graphs.run = run
+    cascade = sum(s.cascade for s in replays)
+    same = sum(results[0][k] == results[1][k] for k in results[0])
+    print(f"\ncascade decode graphs: {cascade} replays; {same}/{len(results[0])} requests with the eager tokens")
+    assert cascade >= 16 and same == len(results[0])
 
 
 def _last_logits(llm, ids: list[int]) -> torch.Tensor:

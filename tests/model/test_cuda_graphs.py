@@ -6,6 +6,7 @@ in run order. The graphs themselves are tested on a GPU (tests/gpu)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from kvforge.model.cuda_graphs import IDS, LENGTHS, LOGIT_ROWS, POSITIONS, SLOTS, pack_decode, pack_inputs
 from kvforge.model.runner import DecodeStep, TokenRun
@@ -65,3 +66,31 @@ def test_a_decode_step_given_as_columns_packs_as_its_runs_do():
     written = [None] * 4
     pack_decode(step, 4, *by_columns, written)
     assert written[:3] == step.block_tables  # the table objects the rows now hold
+
+
+def test_a_cascade_decode_step_puts_composed_rows_at_their_positions_and_shares_their_chunks():
+    from kvforge.model.cuda_graphs import pack_cascade
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement, Composition
+
+    system = ChunkPlacement("sys", 0, 0, 40, tuple(range(10, 20)))
+    doc = ChunkPlacement("doc", 1, 40, 8, (30, 31))
+    # prompt: the system chunk, a document, a 4-token query; 2 tokens generated since
+    comp = Composition((system, doc), tuple(range(52)), (48, 49, 50, 51))
+    runs = [TokenRun([7], 5, [90], [1], True, comp),  # private token 5: position 48 + 4 + 1 = 53
+            TokenRun([8], 9, [91], [2], True),  # a plain decode
+            TokenRun([9], 4, [92], [3], True, Composition((system,), tuple(range(44)), (40, 41, 42, 43)))]
+    inputs, tables = _buffers(8, 4, 3)
+    staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"),
+                             target_tasks=2)
+    assert pack_cascade(runs, 4, inputs, tables, staging) == 3
+    assert inputs[POSITIONS, :4].tolist() == [53, 9, 44, 0]
+    assert inputs[LENGTHS, :4].tolist() == [6, 10, 5, 0]  # composed rows attend to their private K/V
+    host = {name: h for name, (h, _) in staging.views.items()}
+    assert host["num_items"][0] == 2  # the system chunk once for rows 0 and 2, the document for row 0
+    assert host["items"][:, :2].T.tolist() == [[0, 0, 2, 0, 40, 0], [1, 2, 1, 0, 8, 0]]
+    assert host["pair_rows"][:3].tolist() == [0, 2, 0]
+    assert host["row_slots"][:5].tolist() == [0, 2, 2, 3, 3]  # row 0: two slots, row 2: one
+    assert host["pair_slots"][:3].tolist() == [0, 2, 1]
+    assert host["offsets"][:2].tolist() == [0, 40]

@@ -97,7 +97,7 @@ def test_key_splits_merge_to_the_unsplit_result(num_splits):
 
 
 def test_the_default_config_splits_long_chunks_by_the_sm_count(monkeypatch):
-    monkeypatch.setattr(tcascade, "_num_sms", lambda device: 8)  # 8 SMs, 2 kv heads, 1 tile: 4 splits
+    monkeypatch.setattr(tcascade, "num_sms", lambda device: 8)  # 8 SMs, 2 kv heads, 1 tile: 4 splits
     assert tcascade._chunk_config(rows=10, kv_heads=2, num_tokens=1000, device=torch.device(DEVICE))[3] == 4
     g = torch.Generator().manual_seed(8)
     k_cache, v_cache, table = _chunk(g, 1000, 32, 2, 32, torch.float32)
@@ -202,3 +202,67 @@ def test_real_shape_decoding_rows_over_a_4k_system_chunk(n, offset):
     bias = _bias(g, "hidden_row", n, 4096) if n > 1 else None
     inv = ops.rope_inv_freq(64, 500000.0).float()
     _compare(q, k_cache, v_cache, table, 4096, offset, inv, bias, 0.125, torch.bfloat16)
+
+
+def _segment_step(g, dtype, kv_heads=2, group=3, dim=16, page=4):
+    """An arena holding three chunks (one long enough to split) and six rows' private pages; rows 0
+    and 5 are plain, the others read chunks, chunk "a" at offset 0 by three rows, chunk "b" at two
+    offsets. Returns (q, k_cache, v_cache, placements per row, own (table, length) per row)."""
+    from kvforge.types import ChunkPlacement
+
+    lengths = {"a": 37, "b": 600, "c": 9}
+    own_lens = [5, 3, 1, 7, 2, 4]
+    need = sum(math.ceil(n / page) for n in lengths.values()) + sum(math.ceil(n / page) for n in own_lens)
+    k_cache = torch.randn(need + 3, page, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(need + 3, page, kv_heads, dim, generator=g).to(dtype)
+    free = torch.randperm(need + 3, generator=g).tolist()
+
+    def take(n):
+        return tuple(free.pop() for _ in range(math.ceil(n / page)))
+
+    pages = {c: take(n) for c, n in lengths.items()}
+
+    def place(c, offset):
+        return ChunkPlacement(c, 1, offset, lengths[c], pages[c])
+
+    placements = [(), (place("a", 0), place("b", 37)), (place("a", 0),), (place("b", 100),),
+                  (place("a", 0), place("b", 37), place("c", 637)), ()]
+    own = [(take(n), n) for n in own_lens]
+    q = torch.randn(len(own_lens), kv_heads * group, dim, generator=g).to(dtype)
+    return q, k_cache.to(DEVICE), v_cache.to(DEVICE), placements, own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target_tasks", [2, 96])  # one split per segment; the long chunk split
+def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, target_tasks):
+    from kvforge.model.staging import SegmentStaging
+
+    g = torch.Generator().manual_seed(3)
+    q, k_cache, v_cache, placements, own = _segment_step(g, dtype)
+    n, heads, dim = q.shape
+    q = q.to(DEVICE)
+    inv_freq, scale = _inv_freq(dim), dim ** -0.5
+    own_out, own_lse, expected = torch.empty_like(q), torch.empty(n, heads), []
+    for r, (table, length) in enumerate(own):
+        t = torch.tensor(table, device=DEVICE)
+        k, v = ops.gather_seq_kv(k_cache, t, length), ops.gather_seq_kv(v_cache, t, length)
+        o, lse = ops.attention_with_lse(q[r:r + 1], k, v, None, scale)
+        own_out[r], own_lse[r] = o[0].to(dtype), lse[0]
+        ks, vs = [k], [v]
+        for p in placements[r]:
+            pt = torch.tensor(p.page_indices, device=DEVICE)
+            ks.append(ops.chunk_keys(k_cache, pt, p.num_tokens, p.offset, inv_freq.to(DEVICE)))
+            vs.append(ops.gather_seq_kv(v_cache, pt, p.num_tokens))
+        expected.append(ops.attention_with_lse(q[r:r + 1], torch.cat(ks), torch.cat(vs), None, scale)[0][0])
+    expected = torch.stack(expected)
+    staging = SegmentStaging(8, 256, inv_freq, k_cache.shape[2], torch.device(DEVICE), target_tasks=target_tasks)
+    staging.pack(placements, n)
+    staging.upload()
+    batch = staging.batch(n)
+    if target_tasks > 2:
+        assert int(batch.num_items[0]) > 4  # the long chunk's key range is split
+    own_lse = own_lse.to(DEVICE)
+    for impl in (ops.segment_attention, tcascade.segment_attention):
+        out = torch.full_like(q, float("nan"))
+        impl(q, k_cache, v_cache, batch, own_out, own_lse, scale, out)
+        torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), **TOL[dtype])

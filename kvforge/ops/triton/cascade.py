@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvforge.ops.cascade import SEGMENT_TILE_PAIRS, SegmentBatch
 from kvforge.ops.triton.attention import (
     INT4_CHANNELS,
     PLAIN,
@@ -74,13 +75,41 @@ def _chunk_attention_kernel(
     if ROTATE:
         cos = tl.load(rot_ptr + dh, mask=d_ok, other=1.0)[:, None]  # [BLOCK_HALF, 1]
         sin = tl.load(rot_ptr + HALF + dh, mask=d_ok, other=0.0)[:, None]
+    else:
+        cos, sin = 1.0, 0.0  # unused
 
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, num_tokens)
+    o1, o2, lse = _attend_keys(
+        q1, q2, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rope_ptr, cos, sin,
+        bias_ptr + tok[:, None] * stride_bias, row_ok, start, end, offset, kvh, dh, d_ok, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        PAGE, HALF, BLOCK_M, BLOCK_N, BLOCK_HALF, ROTATE, HAS_BIAS, PRECISION, dot_dtype,
+        KV_HEADS, K_FORMAT, V_FORMAT, VALUE_DTYPE)
+    out_at = out_ptr + split * stride_os + tok[:, None] * stride_on + head[:, None] * stride_oh + dh[None, :]
+    tl.store(out_at, o1, mask=q_mask)
+    tl.store(out_at + HALF, o2, mask=q_mask)
+    tl.store(lse_ptr + split * stride_ls + tok * stride_ln + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_keys(q1, q2, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rope_ptr, cos, sin, bias_rows, row_ok,
+                 start, end, offset, kvh, dh, d_ok, qk_scale,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, KV_HEADS: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
+                 VALUE_DTYPE: tl.constexpr):
+    """Attention of the packed query rows (q1, q2: the two halves of their head dims, `[BLOCK_M,
+    BLOCK_HALF]`) over one chunk's keys start..end - 1 of kv head `kvh`, read page by page through
+    `table_ptr` and re-rotated by (cos, sin) `[BLOCK_HALF, 1]` when ROTATE (int4 keys: rotated to
+    offset + key instead); `bias_rows` `[BLOCK_M, 1]` points at each row's additive bias (HAS_BIAS).
+    Returns the normalized output halves (float32) and each row's log-sum-exp (natural log; -inf,
+    with output 0, for a row that saw no key)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, num_tokens)
     for first in range(start, end, BLOCK_N):
         keys = first + tl.arange(0, BLOCK_N)
         key_ok = keys < end
@@ -101,12 +130,11 @@ def _chunk_attention_kernel(
             pos = (offset + keys)[None, :]
             k1, k2 = (rope_on_read(k1, k2, pos, dh[:, None], kv_mask, rope_ptr, 2 * HALF),
                       rope_on_read(k2, k1, pos, dh[:, None] + HALF, kv_mask, rope_ptr, 2 * HALF))
-        k1, k2 = k1.to(VALUE_DTYPE).to(dot_dtype), k2.to(VALUE_DTYPE).to(dot_dtype)
+        k1, k2 = k1.to(VALUE_DTYPE).to(DOT_DTYPE), k2.to(VALUE_DTYPE).to(DOT_DTYPE)
         s = tl.dot(q1, k1, input_precision=PRECISION)
         s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
-            b_at = bias_ptr + tok[:, None] * stride_bias + keys[None, :]
-            s += tl.load(b_at, mask=row_ok[:, None] & key_ok[None, :], other=0.0) * 1.4426950408889634
+            s += tl.load(bias_rows + keys[None, :], mask=row_ok[:, None] & key_ok[None, :], other=0.0) * 1.4426950408889634
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
@@ -119,8 +147,8 @@ def _chunk_attention_kernel(
                      V_FORMAT, KV_HEADS, 2 * HALF, PAGE)  # [BLOCK_N, BLOCK_HALF]
         v2 = load_kv(v_ptr, v_scale_ptr, v_row, slot[:, None], page[:, None], kvh, dh[None, :] + HALF, v_mask,
                      V_FORMAT, KV_HEADS, 2 * HALF, PAGE)
-        p = p.to(VALUE_DTYPE).to(dot_dtype)
-        v1, v2 = v1.to(VALUE_DTYPE).to(dot_dtype), v2.to(VALUE_DTYPE).to(dot_dtype)
+        p = p.to(VALUE_DTYPE).to(DOT_DTYPE)
+        v1, v2 = v1.to(VALUE_DTYPE).to(DOT_DTYPE), v2.to(VALUE_DTYPE).to(DOT_DTYPE)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -128,10 +156,96 @@ def _chunk_attention_kernel(
     seen = l_i > 0.0
     inv = 1.0 / tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    out_at = out_ptr + split * stride_os + tok[:, None] * stride_on + head[:, None] * stride_oh + dh[None, :]
-    tl.store(out_at, acc1 * inv[:, None], mask=q_mask)
-    tl.store(out_at + HALF, acc2 * inv[:, None], mask=q_mask)
-    tl.store(lse_ptr + split * stride_ls + tok * stride_ln + head, lse, mask=row_ok)
+    return acc1 * inv[:, None], acc2 * inv[:, None], lse
+
+
+@triton.jit
+def _segment_attention_kernel(
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, items_ptr, num_items_ptr, pair_rows_ptr, pair_slots_ptr,
+    offsets_ptr, rot_ptr, tables_ptr, rope_ptr, out_ptr, lse_ptr, qk_scale,
+    stride_items, stride_table, stride_rot,
+    stride_qn, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_on, stride_oh,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, KV_HEADS: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
+    VALUE_DTYPE: tl.constexpr,
+):
+    # Persistent: program p takes tasks p, p + programs, ... of the (work item, kv head) tasks, their
+    # count read from the device, so one launch (and one CUDA graph) serves any step. Packed row r of
+    # a task is pair first + r // GROUP, query head kvh * GROUP + r % GROUP.
+    dh = tl.arange(0, BLOCK_HALF)
+    d_ok = dh < HALF
+    r = tl.arange(0, BLOCK_M)
+    dot_dtype = tl.float32 if UPCAST else VALUE_DTYPE
+    tasks = tl.load(num_items_ptr) * KV_HEADS
+    for task in range(tl.program_id(0), tasks, tl.num_programs(0)):
+        item, kvh = task // KV_HEADS, task % KV_HEADS
+        seg = tl.load(items_ptr + item)
+        first = tl.load(items_ptr + stride_items + item)
+        count = tl.load(items_ptr + 2 * stride_items + item)
+        start = tl.load(items_ptr + 3 * stride_items + item)
+        end = tl.load(items_ptr + 4 * stride_items + item)
+        split = tl.load(items_ptr + 5 * stride_items + item)
+        row_ok = r // GROUP < count
+        pair = first + r // GROUP
+        tok = tl.load(pair_rows_ptr + pair, mask=row_ok, other=0).to(tl.int64)
+        slot = (tl.load(pair_slots_ptr + pair, mask=row_ok, other=0) + split).to(tl.int64)
+        head = kvh * GROUP + r % GROUP
+        q_at = q_ptr + tok[:, None] * stride_qn + head[:, None] * stride_qh + dh[None, :]
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q1 = tl.load(q_at, mask=q_mask, other=0.0).to(VALUE_DTYPE).to(dot_dtype)
+        q2 = tl.load(q_at + HALF, mask=q_mask, other=0.0).to(VALUE_DTYPE).to(dot_dtype)
+        if ROTATE:  # offset 0 has cos 1, sin 0: a rotation that changes nothing
+            cos = tl.load(rot_ptr + seg * stride_rot + dh, mask=d_ok, other=1.0)[:, None]
+            sin = tl.load(rot_ptr + seg * stride_rot + HALF + dh, mask=d_ok, other=0.0)[:, None]
+        else:
+            cos, sin = 1.0, 0.0  # unused
+        o1, o2, lse = _attend_keys(
+            q1, q2, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, tables_ptr + seg.to(tl.int64) * stride_table, rope_ptr,
+            cos, sin, lse_ptr, row_ok, start, end, tl.load(offsets_ptr + seg), kvh, dh, d_ok, qk_scale,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            PAGE, HALF, BLOCK_M, BLOCK_N, BLOCK_HALF, ROTATE, False, PRECISION, dot_dtype,
+            KV_HEADS, K_FORMAT, V_FORMAT, VALUE_DTYPE)
+        out_at = out_ptr + slot[:, None] * stride_on + head[:, None] * stride_oh + dh[None, :]
+        tl.store(out_at, o1, mask=q_mask)
+        tl.store(out_at + HALF, o2, mask=q_mask)
+        tl.store(lse_ptr + slot * (KV_HEADS * GROUP) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_rows_kernel(own_out_ptr, own_lse_ptr, parts_out_ptr, parts_lse_ptr, row_slots_ptr, out_ptr,
+                       stride_own, stride_own_lse, stride_out, HEADS: tl.constexpr, DIM: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (query row, head): its own attention, then its partial results (slots),
+    # BLOCK_S slots at a time, merged online.
+    row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DIM
+    s = tl.arange(0, BLOCK_S)
+    top = tl.load(own_lse_ptr + row * stride_own_lse + head)
+    seen = top > float("-inf")
+    acc = tl.load(own_out_ptr + row * stride_own + head * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+    acc = tl.where(seen, acc, 0.0)  # a row with no key of its own (a padding row) has out anything
+    total = tl.where(seen, 1.0, 0.0)  # weights relative to exp(top)
+    end = tl.load(row_slots_ptr + row + 1)
+    for first in range(tl.load(row_slots_ptr + row), end, BLOCK_S):
+        slots = first + s
+        ok = slots < end
+        lse = tl.load(parts_lse_ptr + slots * HEADS + head, mask=ok, other=float("-inf"))
+        o = tl.load(parts_out_ptr + (slots * HEADS + head)[:, None] * DIM + d[None, :],
+                    mask=(ok & (lse > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
+        new = tl.maximum(top, tl.max(lse, 0))
+        safe = tl.where(new == float("-inf"), 0.0, new)
+        a = tl.exp(top - safe)
+        w = tl.exp(lse - safe)
+        acc = acc * a + tl.sum(o * w[:, None], 0)
+        total = total * a + tl.sum(w, 0)
+        top = new
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + row * stride_out + head * DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -164,7 +278,7 @@ def _merge_kernel(parts_out_ptr, parts_lse_ptr, out_ptr, lse_ptr, num_parts, num
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter runs programs one by one: splitting only adds work
@@ -179,7 +293,7 @@ def _chunk_config(rows: int, kv_heads: int, num_tokens: int, device: torch.devic
     block_m = min(128, max(16, triton.next_power_of_2(rows)))
     block_n = 64
     tiles = triton.cdiv(rows, block_m)
-    splits = max(1, min(_num_sms(device) // (tiles * kv_heads), triton.cdiv(num_tokens, _MIN_KEYS_PER_SPLIT)))
+    splits = max(1, min(num_sms(device) // (tiles * kv_heads), triton.cdiv(num_tokens, _MIN_KEYS_PER_SPLIT)))
     return block_m, block_n, 8 if block_m >= 128 else 4, splits
 
 
@@ -268,6 +382,60 @@ def _chunk_attention(q, k_cache, v_cache, block_table, num_tokens, offset, inv_f
     if splits == 1:
         return parts_out[0], parts_lse[0]
     return merge_stacked(parts_out, parts_lse)
+
+
+def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: SegmentBatch,
+                      own_out: torch.Tensor, own_lse: torch.Tensor, scale: float, out: torch.Tensor,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                      rope_table: torch.Tensor | None = None) -> None:
+    """`kvforge.ops.cascade.segment_attention` in Triton, in two launches whose sizes do not depend
+    on the step (so a CUDA graph captures them once): the segments' partial results by persistent
+    programs over the batch's work items, then one program per query row merging them with its own
+    attention into `out`. Nothing is read back to the host."""
+    n, heads, dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    if heads % kv_heads or dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: head_dim must "
+                         f"be even, heads a multiple of kv_heads")
+    if own_out.shape != q.shape or own_lse.shape != q.shape[:2] or out.shape != q.shape:
+        raise ValueError("own_out and out must be shaped like q, own_lse [n, heads]")
+    k_format, v_format = kv_formats(k_cache, v_cache, k_scale, v_scale, dim)
+    values = k_cache.dtype if k_format == PLAIN else q.dtype
+    if values not in TL_DTYPES:
+        raise ValueError(f"segment_attention runs its products in the cache's dtype, or q's over quantized pages: "
+                         f"one of {list(TL_DTYPES)}, got {values}")
+    value_dtype = TL_DTYPES[values]
+    rope = key_rope_table(k_format, rope_table, dim, k_cache)
+    for t in (k_cache, v_cache, q, own_out, out):
+        if t.stride(-1) != 1:
+            raise ValueError("segment_attention needs the head dim contiguous")
+    if own_out.stride(1) != dim or out.stride(1) != dim:
+        raise ValueError("segment_attention needs own_out's and out's heads contiguous")
+    group = heads // kv_heads
+    half = dim // 2
+    parts_out = torch.empty(batch.num_slots, heads, dim, device=q.device, dtype=torch.float32)
+    parts_lse = torch.empty(batch.num_slots, heads, device=q.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2(SEGMENT_TILE_PAIRS * group))
+    _segment_attention_kernel[(4 * num_sms(q.device),)](
+        q, k_cache, v_cache, k_scale if k_scale is not None else k_cache,
+        v_scale if v_scale is not None else v_cache, batch.items, batch.num_items, batch.pair_rows,
+        batch.pair_slots, batch.offsets, batch.rotations, batch.tables, rope, parts_out, parts_lse, scale * _LOG2E,
+        batch.items.stride(0), batch.tables.stride(0), batch.rotations.stride(0),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        parts_out.stride(0), parts_out.stride(1),
+        GROUP=group, PAGE=page, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        BLOCK_M=block_m, BLOCK_N=64, ROTATE=k_format != INT4_CHANNELS.value,
+        PRECISION="ieee" if value_dtype == tl.float32 else "tf32", UPCAST=q.device.type == "cpu",
+        KV_HEADS=kv_heads, K_FORMAT=k_format, V_FORMAT=v_format, VALUE_DTYPE=value_dtype,
+        num_warps=4, num_stages=2,
+    )
+    if n:
+        _merge_rows_kernel[(n, heads)](
+            own_out, own_lse, parts_out, parts_lse, batch.row_slots, out,
+            own_out.stride(0), own_lse.stride(0), out.stride(0), HEADS=heads, DIM=dim,
+            BLOCK_S=16, BLOCK_D=triton.next_power_of_2(dim), num_warps=2)
 
 
 def merge_stacked(parts_out: torch.Tensor, parts_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
