@@ -25,7 +25,7 @@ from kvforge.ops.rope import apply_rope, rope_cos_sin
 
 # Pairs (of one segment) a SegmentBatch work item covers at most: its query rows are the M side of
 # the tensor-core tile, SEGMENT_TILE_PAIRS x the GQA group.
-SEGMENT_TILE_PAIRS = 16
+SEGMENT_TILE_PAIRS = 32
 
 
 # PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp (an ATen op).
