@@ -10,7 +10,9 @@ unused sequences store nothing and attend to nothing (length 0). q = 1 is the pl
 (every row's logits); q = k + 1 verifies k drafted tokens per sequence (speculative decoding),
 where a plain decode or a short catch-up run rides along padded; the extend graphs (q in
 EXTEND_QUERY_LENS) run prefills of up to 512 tokens (a prompt, a prompt's suffix after its cached
-prefix), with one logits row per sequence. Graphs are captured largest first into one memory pool.
+prefix), with one logits row per sequence. A cascade decode graph (q = 1) also reads the chunk
+segments of the sequences composed from chunks, from a SegmentBatch whose counts live on the device
+(staging.SegmentStaging packs it). Graphs are captured largest first into one memory pool.
 """
 
 from __future__ import annotations
@@ -213,10 +215,10 @@ class StepGraphs:
             torch.cuda.synchronize(dev)
 
     def shape_for(self, runs: Sequence[TokenRun]) -> GraphShape | None:
-        """The smallest graph that can run this step, or None: runs of plain sequences (no chunk
-        composition) of at most a captured query length each, within its largest bucket, none with more
-        blocks than the static tables hold or reaching past them once padded, and none needing more
-        logits rows than the graph gives a sequence (query length 1: exactly its one)."""
+        """The smallest graph that can run this step, or None: runs of at most a captured query length
+        each, within its largest bucket, none with more blocks than the static tables hold or reaching
+        past them once padded, and none needing more logits rows than the graph gives a sequence
+        (query length 1: exactly its one). A step with a run composed from chunks: `cascade_shape`."""
         if any([r.composition is not None for r in runs]):
             return self.cascade_shape(runs)
         if max([len(r.block_table) for r in runs]) > self.max_blocks:

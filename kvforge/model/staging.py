@@ -1,5 +1,6 @@
 """Host-to-device staging of a step's metadata: built once on the host, copied in one non-blocking
-copy from pinned memory (the GPU path of the runner)."""
+copy from pinned memory (the GPU path of the runner); and the segment batch of a cascade decode
+graph's step (SegmentStaging)."""
 
 from __future__ import annotations
 

@@ -94,3 +94,21 @@ def test_a_cascade_decode_step_puts_composed_rows_at_their_positions_and_shares_
     assert host["row_slots"][:5].tolist() == [0, 2, 2, 3, 3]  # row 0: two slots, row 2: one
     assert host["pair_slots"][:3].tolist() == [0, 2, 1]
     assert host["offsets"][:2].tolist() == [0, 40]
+
+
+def test_a_steady_cascade_batch_is_packed_and_copied_once_and_a_changed_one_again():
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement
+
+    a = (ChunkPlacement("a", 0, 0, 40, tuple(range(10, 20))),)
+    b = (ChunkPlacement("b", 1, 0, 8, (30, 31)),)
+    staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2)
+    staging.pack([a, (), a], 4)
+    staging.upload()
+    assert staging.dev[:].tolist() == staging.host.tolist() and not staging.fresh
+    staging.host.zero_()  # a steady batch (the same placement objects) does not touch the buffers
+    staging.pack([a, (), a], 4)
+    assert not staging.fresh and not staging.host.any()
+    staging.pack([a, b, a], 4)  # a row's chunks changed
+    assert staging.fresh and staging.views["num_items"][0][0] == 2
