@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from kvforge import ops
+from kvforge.config import ceil_div
 from kvforge.model.attention import VarlenBatch
 from kvforge.types import ChunkPlacement
 
@@ -112,7 +113,7 @@ class SegmentStaging:
         pairs, segs, tile = max_rows * MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, ops.SEGMENT_TILE_PAIRS
         self.max_items = max(self.target_tasks // num_kv_heads, pairs // tile + segs) + 1
         self.num_slots = max(pairs, tile * self.target_tasks // num_kv_heads)
-        self.inv_freq = inv_freq.detach().cpu().double().numpy()
+        self.inv_freq = inv_freq.detach().cpu()
         dim = 2 * len(self.inv_freq)
         self.rotation: dict[int, np.ndarray] = {}  # offset -> cos, sin of offset * inv_freq (float32)
         sizes = {"items": 6 * self.max_items, "num_items": 1, "pair_rows": pairs, "pair_slots": pairs,
@@ -169,11 +170,11 @@ class SegmentStaging:
         if len(segments) > MAX_STEP_SEGMENTS:
             raise ValueError(f"a step reads {len(segments)} chunk segments; at most {MAX_STEP_SEGMENTS}")
         tile = ops.SEGMENT_TILE_PAIRS
-        tiles = sum(-(-len(rows) // tile) for rows in readers)
+        tiles = sum(ceil_div(len(rows), tile) for rows in readers)
         splits = max(1, self.target_tasks // max(1, tiles * self.num_kv_heads))
         # Slots row-major: row r's segments' splits are slots row_slots[r] .. row_slots[r + 1] - 1.
         keys_per_split = [_keys_per_split(p.num_tokens, splits) for p in segments]
-        num_splits = [-(-p.num_tokens // k) for p, k in zip(segments, keys_per_split)]
+        num_splits = [ceil_div(p.num_tokens, k) for p, k in zip(segments, keys_per_split)]
         base: dict[tuple[int, int], int] = {}  # (segment, row) -> its first slot
         row_slots = h["row_slots"]
         row_slots[0] = 0
@@ -224,10 +225,10 @@ class SegmentStaging:
                                                               non_blocking=True)
 
     def _rotation(self, offset: int) -> np.ndarray:
-        """cos then sin of offset * inv_freq, angles in float64 (as ops.rope_cos_sin), float32."""
+        """cos then sin of offset * inv_freq (`ops.rope_cos_sin`, float32), computed once per offset."""
         if offset not in self.rotation:
-            angles = self.inv_freq * offset
-            self.rotation[offset] = np.concatenate((np.cos(angles), np.sin(angles))).astype(np.float32)
+            cos, sin = ops.rope_cos_sin(torch.tensor([offset]), self.inv_freq, torch.float32)
+            self.rotation[offset] = torch.cat((cos, sin), dim=1)[0].numpy()
         return self.rotation[offset]
 
 
@@ -235,4 +236,4 @@ def _keys_per_split(num_tokens: int, splits: int) -> int:
     """Keys of each split when `num_tokens` keys are cut in up to `splits` pieces of at least
     SPLIT_KEYS keys, rounded up to the kernel's key tile (64)."""
     pieces = max(1, min(splits, num_tokens // SPLIT_KEYS))
-    return 64 * -(-(-(-num_tokens // pieces)) // 64)
+    return 64 * ceil_div(ceil_div(num_tokens, pieces), 64)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kvforge.ops.cascade import SEGMENT_TILE_PAIRS, SegmentBatch
+from kvforge.ops.rope import rope_cos_sin
 from kvforge.ops.triton.attention import (
     INT4_CHANNELS,
     PLAIN,
@@ -298,9 +299,9 @@ def _chunk_config(rows: int, kv_heads: int, num_tokens: int, device: torch.devic
 
 
 def _rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """cos then sin of offset * inv_freq `[D]` float32, the angles taken in float64 as rope_cos_sin does."""
-    angles = inv_freq.to(device=device, dtype=torch.float64) * offset
-    return torch.cat((angles.cos(), angles.sin())).to(torch.float32)
+    """cos then sin of offset * inv_freq `[D]` float32 (`rope_cos_sin`)."""
+    cos, sin = rope_cos_sin(torch.tensor([offset], device=device), inv_freq.to(device), torch.float32)
+    return torch.cat((cos, sin), dim=1)[0]
 
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
