@@ -144,9 +144,8 @@ class OverlappedDecode:
             known = previous is None or max(rows) < 0
             token_ids = [0 if row >= 0 else seq.token_ids[-1] for seq, row in zip(seqs, rows)]  # 0: pending
             compositions = [seq.composition for seq in seqs] if composed else None
-            logits = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables, compositions),
+            tokens = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables, compositions),
                                             None if known else PendingTokens(previous.tokens, rows))
-            tokens = logits.argmax(dim=-1)
             host = self._token_buffers[self._steps % 2][:len(seqs)]
             host.copy_(tokens, non_blocking=self._pinned)
             copied = None

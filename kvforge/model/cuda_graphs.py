@@ -13,6 +13,10 @@ EXTEND_QUERY_LENS) run prefills of up to 512 tokens (a prompt, a prompt's suffix
 prefix), with one logits row per sequence. A cascade decode graph (q = 1) also reads the chunk
 segments of the sequences composed from chunks, from a SegmentBatch whose counts live on the device
 (staging.SegmentStaging packs it). Graphs are captured largest first into one memory pool.
+
+A graph's logits stay in the model's dtype; a replay casts the rows it returns to float32. Decode
+graphs (q = 1) also take each row's greedy token inside the graph (`greedy_tokens`), so a step
+that needs only those (async scheduling) reads no logits at all.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
 from kvforge.model.staging import MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, SegmentStaging, num_splits_for
+from kvforge.ops import library as ops_library
 
 if TYPE_CHECKING:
     from kvforge.model.runner import DecodeStep, ModelRunner, PendingTokens, TokenRun
@@ -180,7 +185,9 @@ class StepGraphs:
             self.written: list = [None] * max_batch  # the block-table object each host table row holds
             self.copied: torch.cuda.Event | None = None
             self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
-            self.logits: dict[GraphShape, torch.Tensor] = {}
+            self.logits: dict[GraphShape, torch.Tensor] = {}  # in the model's dtype
+            self.tokens: dict[GraphShape, torch.Tensor] = {}  # decode graphs: each row's greedy token
+            greedy = ops_library.backend("triton").greedy_tokens
             # the query offsets of each query length: [0, q, 2q, ...], kept alive for the graphs to read
             self.cu = {q: torch.arange(0, q * sizes[-1] + 1, q, dtype=torch.int32, device=dev)
                        for q, sizes in self.buckets.items()}
@@ -200,16 +207,20 @@ class StepGraphs:
                     segments=self.segments.batch(bs) if shape.cascade else None)
                 ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
-                def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]) -> torch.Tensor:
+                def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]):
                     with forward_context(ctx):
                         hidden = model(ids[:n], positions[:n])
-                        return model.compute_logits(hidden if q == 1 else hidden.index_select(0, logit_rows[:k]))
+                        logits = model.compute_logits(hidden if q == 1 else hidden.index_select(0, logit_rows[:k]),
+                                                      float32=False)
+                        return logits, greedy(logits) if q == 1 else None
 
                 step()  # compile and warm the kernels outside the capture
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.logits[shape] = step()
+                    self.logits[shape], tokens = step()
+                if tokens is not None:
+                    self.tokens[shape] = tokens
                 pool = graph.pool()
                 self.graphs[shape] = graph
             torch.cuda.synchronize(dev)
@@ -277,18 +288,21 @@ class StepGraphs:
             return None
         return GraphShape(1, next(b for b in sizes if b >= k))
 
-    def run_decode(self, step: DecodeStep, shape: GraphShape, pending: PendingTokens | None = None) -> torch.Tensor:
+    def run_decode(self, step: DecodeStep, shape: GraphShape, pending: PendingTokens | None = None,
+                   greedy: bool = False) -> torch.Tensor:
         """`run` for a plain decode step given as columns (`shape` from `decode_shape(step)`)."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
         k = pack_decode(step, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy(), self.written)
-        return self._replay(shape, k, max(map(len, step.block_tables)), k, pending)
+        return self._replay(shape, k, max(map(len, step.block_tables)), k, pending, greedy)
 
-    def run(self, runs: Sequence[TokenRun], shape: GraphShape, pending: PendingTokens | None = None) -> torch.Tensor:
-        """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the logits rows of the
-        runs (`num_logits` each), in run order: a view of the graph's output, valid until the next
-        replay. `pending` (one-token runs only, so query length 1): ids gathered on the device from
-        the previous step's tokens before the replay; nothing waits for them."""
+    def run(self, runs: Sequence[TokenRun], shape: GraphShape, pending: PendingTokens | None = None,
+            greedy: bool = False) -> torch.Tensor:
+        """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the float32 logits rows of
+        the runs (`num_logits` each), in run order, or with `greedy` (decode graphs only) each row's
+        greedy token (int64, a view of the graph's output: valid until its next replay). `pending`
+        (one-token runs only, so query length 1): ids gathered on the device from the previous
+        step's tokens before the replay; nothing waits for them."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
         if shape.cascade:
@@ -298,12 +312,13 @@ class StepGraphs:
         else:
             num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
                                      self.host_tables.numpy(), self.written)
-        return self._replay(shape, len(runs), max([len(r.block_table) for r in runs]), num_logits, pending)
+        return self._replay(shape, len(runs), max([len(r.block_table) for r in runs]), num_logits, pending, greedy)
 
     def _replay(self, shape: GraphShape, k: int, nb: int, num_logits: int,
-                pending: PendingTokens | None) -> torch.Tensor:
+                pending: PendingTokens | None, greedy: bool) -> torch.Tensor:
         """Copy the packed host buffers of `k` sequences (tables of up to `nb` blocks) to the device,
-        gather the pending ids, replay; the first `num_logits` rows of the graph's logits."""
+        gather the pending ids, replay; the first `num_logits` rows of the graph's logits (float32),
+        or of its greedy tokens."""
         n = shape.query_len * shape.batch
         if pending is not None:
             assert shape.query_len == 1, "pending tokens belong to one-token runs"
@@ -320,5 +335,9 @@ class StepGraphs:
                 sources = self.inputs[SOURCES, :k]
                 gathered = pending.tokens.index_select(0, sources.clamp(min=0)).to(torch.int32)
                 ids.copy_(torch.where(sources >= 0, gathered, ids))
+        if greedy and shape not in self.tokens:
+            raise ValueError(f"greedy tokens come from decode graphs (query length 1), not {shape}")
         self.graphs[shape].replay()
-        return self.logits[shape][:num_logits]
+        if greedy:
+            return self.tokens[shape][:num_logits]
+        return self.logits[shape][:num_logits].float()

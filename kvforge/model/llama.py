@@ -161,8 +161,11 @@ class LlamaForCausalLM(nn.Module):
             return x + residual
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits `[N, vocab]` of `hidden` `[N, hidden]`: float32, or in the model's dtype (a CUDA
+        graph's output, cast only when a step needs the logits themselves)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""

@@ -24,6 +24,7 @@ from kvforge.model.attention import (
 from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.staging import HostStaging
+from kvforge.ops import library as ops_library
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -156,20 +157,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_decode(self, step: DecodeStep, pending: PendingTokens | None = None) -> torch.Tensor:
-        """`run(step.runs(), pending)`, packed straight from the columns into a decode graph when one
-        holds a plain step (the host's share of a batched decode step is per sequence); a step with
-        composed sequences goes through `run` (a cascade decode graph, or eagerly)."""
+        """The greedy token (int64, on the arena's device) of each sequence of `step`: `run(step.runs(),
+        pending)`'s argmax, taken inside the decode graph when one runs the step (no logits leave
+        it), so it is valid until that graph's next replay. A plain step is packed straight from the
+        columns (the host's share of a batched decode step is per sequence); a step with composed
+        sequences goes through a cascade decode graph, or eagerly."""
         k = len(step.token_ids)
         if not k or not len(step.positions) == len(step.slots) == len(step.block_tables) == k:
             raise ValueError(f"a decode step needs one position, slot and block table per token, got {k} tokens")
         if pending is not None and len(pending.rows) != k:
             raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
-        if step.compositions is not None:
-            return self.run(step.runs(), pending)
-        shape = None if self.graphs is None else self.graphs.decode_shape(step)
-        if shape is not None:
-            return self.graphs.run_decode(step, shape, pending)
-        return self.run(step.runs(), pending)
+        graphs = self.graphs
+        if step.compositions is None:
+            shape = None if graphs is None else graphs.decode_shape(step)
+            if shape is not None:
+                return graphs.run_decode(step, shape, pending, greedy=True)
+            runs = step.runs()
+        else:
+            runs = step.runs()
+            shape = None if graphs is None else graphs.cascade_shape(runs)
+            if shape is not None:
+                return graphs.run(runs, shape, pending, greedy=True)
+        logits = self.run(runs, pending)
+        return ops_library.backend("triton").greedy_tokens(logits) if self.on_gpu else ops.greedy_tokens(logits)
 
     def pages(self) -> ForwardContext:
         """The arena as a forward context sees it (metadata filled in per step)."""

@@ -32,6 +32,7 @@ from kvforge.ops.quant import (
 )
 from kvforge.ops.norm import add_rms_norm, rms_norm, silu_and_mul
 from kvforge.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_table
+from kvforge.ops.sample import greedy_tokens
 
 __all__ = [
     "can_pack",
@@ -60,6 +61,7 @@ __all__ = [
     "decode_attention",
     "gather_kv",
     "gather_seq_kv",
+    "greedy_tokens",
     "kv_bias_from_lengths",
     "merge_attention_states",
     "paged_attention",

@@ -74,7 +74,7 @@ def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_
     graphs = gpu_llm.engine.runner.graphs
     replays = []
     run = graphs.run
-    graphs.run = lambda runs, shape, pending=None: replays.append(shape) or run(runs, shape, pending)
+    graphs.run = lambda runs, shape, *args, **kw: replays.append(shape) or run(runs, shape, *args, **kw)
     results = []
     try:
         for llm in (eager_llm, gpu_llm):

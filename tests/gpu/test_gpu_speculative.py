@@ -27,9 +27,9 @@ def _recording_shapes(llm) -> list:
     graphs, shapes = llm.engine.runner.graphs, []
     replay = graphs.run
 
-    def run(runs, shape, pending=None):
+    def run(runs, shape, *args, **kw):
         shapes.append(shape)
-        return replay(runs, shape, pending)
+        return replay(runs, shape, *args, **kw)
 
     graphs.run = run
     return shapes
