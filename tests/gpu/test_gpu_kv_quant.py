@@ -21,9 +21,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # themselves equal the references (tests/ops/test_triton_kv_quant.py, at real shapes on a GPU).
 AGREE = {"int8": 8, "fp8_e4m3": 8, "fp8_e5m2": 4, "int4": 2}
 # Graphs against eager: prompts longer than the largest extend graph, so both engines prefill
-# eagerly and decode graphs are compared with eager decode. A prefill through an extend graph runs
-# its GEMMs on padded rows, whose last bits can differ from the eager GEMMs' (another kernel for
-# another M), and a quantized cache turns such a difference into another code now and then.
+# eagerly and decode graphs are compared with eager decode, by the same agreement rule. A prefill
+# through an extend graph runs its GEMMs on padded rows, whose last bits can differ from the eager
+# GEMMs' (another kernel for another M), and a quantized cache turns such a difference into another
+# code now and then; decode graphs and eager decode differ likewise (measured on an H200, int4:
+# [24, 23, 24, 24]).
 CONTEXT = " ".join(f"Station {i} logged the river's depth, its temperature and the colour of its water."
                    for i in range(40))  # past the longest extend graph
 
@@ -45,7 +47,10 @@ def test_a_quantized_cache_on_cuda_follows_the_cpu_engine_and_graphs_follow_eage
     long_prompts = [f"{CONTEXT}\n{p}" for p in PROMPTS]
     assert len(gpu.get_tokenizer().encode(long_prompts[0])) > max(EXTEND_QUERY_LENS)
     graphs = [o.outputs[0].token_ids for o in gpu.generate(long_prompts, GREEDY)]
-    assert [o.outputs[0].token_ids for o in eager.generate(long_prompts, GREEDY)] == graphs
+    eagerly = [o.outputs[0].token_ids for o in eager.generate(long_prompts, GREEDY)]
+    agree = [_agreement(e, g) for e, g in zip(eagerly, graphs)]
+    print(f"{fmt} graphs vs eager: greedy tokens agree for {agree} of {GREEDY.max_tokens}")
+    assert min(agree) >= AGREE[fmt] and sum(a == GREEDY.max_tokens for a in agree) >= len(agree) / 2
     assert_engine_idle(gpu.engine)
 
 
