@@ -319,6 +319,7 @@ class StepGraphs:
         """Copy the packed host buffers of `k` sequences (tables of up to `nb` blocks) to the device,
         gather the pending ids, replay; the first `num_logits` rows of the graph's logits (float32),
         or of its greedy tokens."""
+        assert not greedy or shape in self.tokens, "greedy tokens come from decode graphs (query length 1)"
         n = shape.query_len * shape.batch
         if pending is not None:
             assert shape.query_len == 1, "pending tokens belong to one-token runs"
@@ -335,8 +336,6 @@ class StepGraphs:
                 sources = self.inputs[SOURCES, :k]
                 gathered = pending.tokens.index_select(0, sources.clamp(min=0)).to(torch.int32)
                 ids.copy_(torch.where(sources >= 0, gathered, ids))
-        if greedy and shape not in self.tokens:
-            raise ValueError(f"greedy tokens come from decode graphs (query length 1), not {shape}")
         self.graphs[shape].replay()
         if greedy:
             return self.tokens[shape][:num_logits]

@@ -24,7 +24,6 @@ from kvforge.model.attention import (
 from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
 from kvforge.model.staging import HostStaging
-from kvforge.ops import library as ops_library
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -168,18 +167,16 @@ class ModelRunner:
         if pending is not None and len(pending.rows) != k:
             raise ValueError("pending tokens need one row (or -1) per run, and only one-token runs can be pending")
         graphs = self.graphs
-        if step.compositions is None:
-            shape = None if graphs is None else graphs.decode_shape(step)
+        if graphs is not None and step.compositions is None:
+            shape = graphs.decode_shape(step)
             if shape is not None:
                 return graphs.run_decode(step, shape, pending, greedy=True)
-            runs = step.runs()
-        else:
-            runs = step.runs()
-            shape = None if graphs is None else graphs.cascade_shape(runs)
+        runs = step.runs()
+        if graphs is not None and step.compositions is not None:
+            shape = graphs.cascade_shape(runs)
             if shape is not None:
                 return graphs.run(runs, shape, pending, greedy=True)
-        logits = self.run(runs, pending)
-        return ops_library.backend("triton").greedy_tokens(logits) if self.on_gpu else ops.greedy_tokens(logits)
+        return ops.greedy_tokens(self.run(runs, pending))  # an eager step: one argmax launch
 
     def pages(self) -> ForwardContext:
         """The arena as a forward context sees it (metadata filled in per step)."""
