@@ -1,22 +1,26 @@
-"""Async scheduling: the next decode step is scheduled and launched before the host reads the
-tokens of the step in flight (vLLM's `async_scheduling`, SGLang's overlap scheduler).
+"""Async scheduling: the next step is scheduled and launched before the host reads the tokens of
+the step in flight (vLLM's `async_scheduling`, SGLang's overlap scheduler).
 
 `OverlappedDecode` is a base class of `LLMEngine` (one object, one API), kept in its own file; it
-uses the engine's state. With it, a plain greedy decode step goes like this:
+uses the engine's state. With it, a step goes like this:
 
-    step k:  reserve slots for step k+1 -> launch k+1 (its input tokens: step k's sampled tokens,
-             gathered on the device) -> read step k's tokens -> detokenize, stop, build outputs
+    step k:  reserve slots for step k+1 -> launch k+1 (its decoding sequences' input tokens: step
+             k's sampled tokens, gathered on the device; then prompt pieces of running and waiting
+             sequences) -> read step k's tokens -> detokenize, stop, build outputs
 
 so the host's share of a step (scheduling, packing, detokenizing, outputs) runs while the device
-computes the next one, and `step()` returns each step's outputs one call later. A sequence whose
-step-k token finishes it (EOS, a stop string) has already been launched in step k+1: that token is
-dropped when step k+1 lands, and its slot went back with its blocks when it finished (the device
-writes it before any later step, in stream order, can reuse the block). A sequence whose pending
-token is its last by length is not launched again.
+computes the next one, prefill steps included, and `step()` returns each step's outputs one call
+later. A sequence whose step-k token finishes it (EOS, a stop string) has already been launched in
+step k+1: that token is dropped when step k+1 lands, and its slot went back with its blocks when it
+finished (the device writes it before any later step, in stream order, can reuse the block). A
+sequence whose pending token is its last by length is not launched again. A step's prompt blocks
+are committed to the prefix cache when it is launched: whatever reads them later runs after it.
 
-Only steps whose every running sequence decodes plainly overlap: greedy, no logits processors, no
-log-probabilities, one sample per request, no chunk being filled, no speculation, nothing waiting
-to be admitted, and free blocks for every next slot. Sequences composed from chunks overlap too
+Only steps whose every sequence is plain overlap: greedy, no logits processors, no
+log-probabilities, one sample per request, no chunk being filled, no speculation; a step that
+would have to preempt does not (the admission of waiting sequences and running prompts stop at
+the first that does not fit), and a decode that finds no free block for its next slot does not
+overlap. Sequences composed from chunks overlap while they decode, alone with plain decodes
 (their steps replay a cascade decode graph where one holds them). Any other step first lands the
 step in flight and then runs synchronously, exactly as without async scheduling.
 """
@@ -30,7 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
-from kvforge.model.runner import DecodeStep, PendingTokens
+from kvforge import ops
+from kvforge.model.runner import DecodeStep, PendingTokens, TokenRun
 from kvforge.types import OutputKind, RequestOutput, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -52,6 +57,12 @@ class InFlightStep:
     copied: torch.cuda.Event | None
 
 
+def _admissible(seq: Sequence) -> bool:
+    """Whether waiting `seq` may be admitted by a step launched ahead: its prompt's K/V goes to its
+    own blocks (not composed from chunks) and its first token is a plain argmax."""
+    return overlaps(seq) and seq.composition is None
+
+
 def overlaps(seq: Sequence) -> bool:
     """Whether `seq`'s decode steps may run ahead of its tokens: the next token is the argmax of the
     raw logits and nothing else of the step is needed on the host before the next one starts."""
@@ -67,6 +78,7 @@ class OverlappedDecode:
     outputs: OutputProcessor
     max_model_len: int
     _steps: int
+    _prompt_tokens: int
     _generation_tokens: int
 
     def _init_overlap(self, enabled: bool, max_num_seqs: int, device: torch.device) -> None:
@@ -101,35 +113,47 @@ class OverlappedDecode:
         return landed
 
     def _launch_ahead(self, previous: InFlightStep | None) -> InFlightStep | None:
-        """Reserve one slot for every running sequence that continues and launch their decode step,
-        taking the input token of each sequence of `previous` from its sampled tokens on the device;
-        None (nothing changed) when the step cannot overlap."""
+        """Reserve the next step's slots and launch it: one token for every running sequence that
+        decodes and continues (the input token of each sequence of `previous` taken from its sampled
+        tokens on the device), then prompt pieces of running and waiting sequences
+        (`Scheduler.schedule_ahead`); None (nothing changed) when the step cannot overlap."""
         sched = self.scheduler
-        if sched.waiting or not sched.running or len(sched.running) > sched.config.max_num_batched_tokens:
-            return None
+        budget = sched.config.max_num_batched_tokens
         pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
+        if sched.waiting and not _admissible(sched.waiting[0]):  # a synchronous step admits it
+            return None
         seqs, rows = [], []
         limit = self.max_model_len
-        composed = False
+        composed = prefilling = False
         for seq in sched.running:
             row = pending.get(seq.seq_id, -1)
-            n = len(seq.token_ids)
-            if not overlaps(seq) or n - seq.num_computed != (row < 0):  # a prefill, or a recomputed one
+            uncomputed = len(seq.token_ids) - seq.num_computed
+            if not overlaps(seq) or uncomputed + (row >= 0) == 0 or (uncomputed and row >= 0):
                 return None
+            if uncomputed > 1:  # prefilling: Scheduler.schedule_ahead's
+                if seq.composition is not None:
+                    return None
+                prefilling = True
+                continue
             # its pending token is its last: max_tokens or the model length (a composed sequence also
             # spans its reused chunk tokens)
-            spans = n if seq.composition is None else seq.total_len
-            if row >= 0 and (n + 1 >= len(seq.prompt_token_ids) + seq.params.max_tokens or spans + 1 >= limit):
+            spans = len(seq.token_ids) if seq.composition is None else seq.total_len
+            if row >= 0 and (len(seq.token_ids) + 1 >= len(seq.prompt_token_ids) + seq.params.max_tokens
+                             or spans + 1 >= limit):
                 continue
             composed = composed or seq.composition is not None
             seqs.append(seq)
             rows.append(row)
-        if not seqs:
+        if len(seqs) > budget or (composed and (prefilling or sched.waiting)):  # composed: decodes alone
             return None
         try:
-            slots = self.cache.append_decode([seq.seq_id for seq in seqs])
+            slots = self.cache.append_decode([seq.seq_id for seq in seqs]) if seqs else []
         except NoFreeBlocksError:  # changed nothing: the synchronous step preempts
             return None
+        prompts = [] if composed else sched.schedule_ahead(budget - len(seqs), _admissible)
+        if not seqs and not prompts:
+            return None
+        launched = seqs + [r.seq for r in prompts]
         try:
             # Each block table is the one last passed while its last block still holds the new slot
             # (nothing but a commit's cached twin changes a decoding sequence's earlier blocks, and
@@ -141,24 +165,43 @@ class OverlappedDecode:
                     table = tables[seq.seq_id] = self.cache.block_table(seq.seq_id)
                 block_tables.append(table)
             positions = [seq.num_computed for seq in seqs]
-            known = previous is None or max(rows) < 0
+            known = previous is None or max(rows, default=-1) < 0
             token_ids = [0 if row >= 0 else seq.token_ids[-1] for seq, row in zip(seqs, rows)]  # 0: pending
-            compositions = [seq.composition for seq in seqs] if composed else None
-            tokens = self.runner.run_decode(DecodeStep(token_ids, positions, slots, block_tables, compositions),
-                                            None if known else PendingTokens(previous.tokens, rows))
-            host = self._token_buffers[self._steps % 2][:len(seqs)]
+            step = DecodeStep(token_ids, positions, slots, block_tables,
+                              [seq.composition for seq in seqs] if composed else None)
+            if not prompts:
+                tokens = self.runner.run_decode(step, None if known else PendingTokens(previous.tokens, rows))
+            else:  # prompt pieces too: an eager step, the pending tokens gathered on the device
+                runs = step.runs() + [self._prompt_run(r.seq, r.num_tokens, r.slots) for r in prompts]
+                tokens = ops.greedy_tokens(self.runner.run(
+                    runs, None if known else PendingTokens(previous.tokens, rows + [-1] * len(prompts))))
+            sampled = seqs + [r.seq for r in prompts if r.seq.num_computed + r.num_tokens == len(r.seq.token_ids)]
+            host = self._token_buffers[self._steps % 2][:len(sampled)]
             host.copy_(tokens, non_blocking=self._pinned)
             copied = None
             if self._pinned:
                 copied = torch.cuda.Event()
                 copied.record()
         except Exception as e:
-            raise self._fail(seqs, e) from e
-        ends = [p + 1 for p in positions]
-        for seq, end in zip(seqs, ends):
-            seq.num_computed = end
+            raise self._fail(launched, e) from e
+        for seq, position in zip(seqs, positions):
+            seq.num_computed = position + 1
+        for r in prompts:  # their K/V is final once the step runs (stream order): cache the full blocks
+            seq = r.seq
+            seq.num_computed += r.num_tokens
+            if seq.num_computed <= seq.num_prompt_tokens:
+                self._prompt_tokens += r.num_tokens
+            if self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed):
+                self._tables.pop(seq.seq_id, None)
         self._steps += 1
-        return InFlightStep(seqs, ends, tokens, host, copied)
+        return InFlightStep(sampled, [seq.num_computed for seq in sampled], tokens, host, copied)
+
+    def _prompt_run(self, seq: Sequence, num_tokens: int, slots: list[int]) -> TokenRun:
+        """The TokenRun of `num_tokens` prompt tokens of `seq` from its first uncomputed one; its
+        logits when they end the prompt."""
+        start = seq.num_computed
+        return TokenRun(seq.token_ids[start:start + num_tokens], start, slots, self.cache.block_table(seq.seq_id),
+                        start + num_tokens == len(seq.token_ids))
 
     def _land(self, step: InFlightStep) -> list[RequestOutput]:
         """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:

@@ -25,6 +25,7 @@ chunk's pages, which it holds from the start: it needs no block and is never pre
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
@@ -119,8 +120,40 @@ class Scheduler:
                 scheduled[seq.seq_id] = ScheduledRun(seq, n, self._reserve(seq, n))
                 budget -= n
             runs = list(scheduled.values())
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        if not preempted:
+            self._admit(runs, budget)
+        return SchedulerOutput(runs, preempted)
+
+    def schedule_ahead(self, budget: int, admissible: Callable[[Sequence], bool]) -> list[ScheduledRun]:
+        """The prompt work of a step launched before the tokens in flight are read (async
+        scheduling), within `budget` tokens: the next piece of each running sequence that is still
+        prefilling (more than one uncomputed token; the caller schedules the decoding ones), then
+        waiting sequences, admitted as `schedule` admits them while `admissible` holds for the next
+        one. Never preempts: a running sequence
+        whose blocks do not fit ends the list (a synchronous step preempts for it). Reserves the
+        runs' slots, as `schedule` does."""
+        runs: list[ScheduledRun] = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.num_uncomputed <= 1:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self._can_reserve(seq, n):
+                return runs
+            runs.append(ScheduledRun(seq, n, self._reserve(seq, n)))
+            budget -= n
+        self._admit(runs, budget, admissible)
+        return runs
+
+    def _admit(self, runs: list[ScheduledRun], budget: int,
+               admissible: Callable[[Sequence], bool] | None = None) -> None:
+        """Admit waiting sequences, in queue order, while `budget` tokens, `max_num_seqs` and free
+        blocks allow (and `admissible` holds), appending their first runs (slots reserved) to `runs`."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if admissible is not None and not admissible(seq):
+                break
             if seq.fills_chunk is None:
                 # Every token of a waiting sequence is uncomputed; a cached prefix skips its full blocks.
                 # (A composed sequence's private tokens are not a prefix, and prompt log-probabilities
@@ -145,7 +178,6 @@ class Scheduler:
             self.running.append(seq)
             runs.append(ScheduledRun(seq, n, self._reserve(seq, n)))
             budget -= n
-        return SchedulerOutput(runs, preempted)
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Start `child`, a new sequence whose tokens are a copy of running `parent`'s (plus, perhaps,

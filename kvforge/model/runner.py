@@ -90,11 +90,6 @@ class PendingTokens:
     tokens: torch.Tensor
     rows: Sequence[int]
 
-    def resolve(self, runs: Sequence[TokenRun]) -> list[TokenRun]:
-        """`runs` with the pending tokens read from the device (it waits for them): for eager steps."""
-        values = self.tokens.tolist()
-        return [r if i < 0 else r._replace(token_ids=[values[i]]) for r, i in zip(runs, self.rows)]
-
 
 class ModelRunner:
     """Runs the model over a packed batch. Owns no cache state: the arena tensors are lent to it.
@@ -136,8 +131,7 @@ class ModelRunner:
         """Compute every run; return float32 logits (on the arena's device): `num_logits` rows per run
         (the last new token's with `needs_logits`, every new token's with `all_logits`), in the order
         the runs were given. Writes the runs' K/V into their slots. With `pending`, some runs' input
-        token is still on the device (see PendingTokens): a graph step gathers it there without
-        waiting; an eager step reads it first."""
+        token is still on the device (see PendingTokens), gathered there without waiting."""
         if not runs:
             raise ValueError("run() needs at least one token run")
         num_tokens = [len(c.token_ids) for c in runs]
@@ -150,9 +144,7 @@ class ModelRunner:
         shape = None if self.graphs is None else self.graphs.shape_for(runs)
         if shape is not None:
             return self.graphs.run(runs, shape, pending)
-        if pending is not None:
-            runs = pending.resolve(runs)
-        return self._forward(runs, self.pages())
+        return self._forward(runs, self.pages(), pending=pending)
 
     @torch.inference_mode()
     def run_decode(self, step: DecodeStep, pending: PendingTokens | None = None) -> torch.Tensor:
@@ -183,9 +175,11 @@ class ModelRunner:
         return ForwardContext(None, self.k_caches, self.v_caches, self.model.inv_freq, self.k_scales, self.v_scales,
                               self.rope_table, self.rotated)
 
-    def _forward(self, runs: Sequence[TokenRun], pages: ForwardContext, num_layers: int | None = None) -> torch.Tensor:
+    def _forward(self, runs: Sequence[TokenRun], pages: ForwardContext, num_layers: int | None = None,
+                 pending: PendingTokens | None = None) -> torch.Tensor:
         """One eager forward of `runs` over the arena tensors of `pages`; logits of the runs that need
-        them (or, with `num_layers`, nothing: the probe's K/V are what it is for)."""
+        them (or, with `num_layers`, nothing: the probe's K/V are what it is for). `pending`: the runs'
+        input tokens still on the device, gathered into the step's ids there."""
         # Packed order: decodes (one new token each), longest K/V first; then prefills; then the
         # sequences composed from document chunks.
         plain = [i for i, c in enumerate(runs) if c.composition is None]
@@ -214,6 +208,9 @@ class ModelRunner:
                 private.append((n, c.start_pos + n, c.block_table))
             slots.extend(c.slots)
             end_of[i] = start + n
+        # packed rows whose token is pending, and the pending row each one reads
+        gather = ([], []) if pending is None else ([end_of[i] - 1 for i, r in enumerate(pending.rows) if r >= 0],
+                                                   [r for r in pending.rows if r >= 0])
         rows = [r for i, c in enumerate(runs) for r in range(end_of[i] - c.num_logits, end_of[i])]
         composed_spans = tuple(composed_spans)
         cascade = plan_cascade(composed_spans, self.device) if composed_spans else ()
@@ -223,12 +220,13 @@ class ModelRunner:
             varlen = [(len(runs[i].token_ids), runs[i].start_pos + len(runs[i].token_ids), runs[i].block_table)
                       for i in decodes + prefills]
             dev = self.staging.upload(ids=ids, positions=positions, slots=slots, rows=rows,
-                                      varlen=varlen, private=private)
+                                      varlen=varlen, private=private, gather=gather)
             meta = AttentionMetadata(
                 slot_mapping=dev["slots"], composed=composed_spans,
                 varlen=dev["varlen"] if num_plain else None, num_varlen_rows=plain_rows,
                 cascade=cascade, private=dev["private"] if private else None)
             ids_t, positions_t, rows_t = dev["ids"], dev["positions"], dev["rows"]
+            gather_at, gather_src = dev["gather"]
         else:
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor(slots, dtype=torch.long),
@@ -236,6 +234,9 @@ class ModelRunner:
                 prefills=tuple(spans), composed=composed_spans, cascade=cascade)
             ids_t, positions_t = torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
             rows_t = torch.tensor(rows, dtype=torch.long)
+            gather_at, gather_src = (torch.tensor(g, dtype=torch.long) for g in gather)
+        if gather[0]:
+            ids_t.index_copy_(0, gather_at.long(), pending.tokens.index_select(0, gather_src).to(ids_t.dtype))
         ctx = dataclasses.replace(pages, metadata=meta)
         with forward_context(ctx):
             hidden = self.model(ids_t, positions_t, num_layers=num_layers)

@@ -40,11 +40,13 @@ class HostStaging:
         self.copied: torch.cuda.Event | None = None
 
     def upload(self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], rows: Sequence[int],
-               varlen: Sequence[VarlenRow], private: Sequence[VarlenRow]) -> dict:
+               varlen: Sequence[VarlenRow], private: Sequence[VarlenRow],
+               gather: tuple[Sequence[int], Sequence[int]] = ((), ())) -> dict:
         """Copy the step's metadata to the device in one copy. Returns device tensors (int32) under
-        "ids", "positions", "slots", "rows" and the VarlenBatch of each list under "varlen" and
-        "private" (None for an empty list)."""
-        pieces: list[np.ndarray] = [np.asarray(x, dtype=np.int32) for x in (ids, positions, slots, rows)]
+        "ids", "positions", "slots", "rows", the two lists of `gather` (index lists of one length)
+        under "gather", and the VarlenBatch of each list under "varlen" and "private" (None for an
+        empty list)."""
+        pieces: list[np.ndarray] = [np.asarray(x, dtype=np.int32) for x in (ids, positions, slots, rows, *gather)]
         shapes: list[tuple[int, ...]] = [p.shape for p in pieces]
         for batch in (varlen, private):
             if batch:
@@ -73,7 +75,8 @@ class HostStaging:
             views.append(dev[at:at + size].view(shape))
             at += size
         out["ids"], out["positions"], out["slots"], out["rows"] = views[:4]
-        at = 4
+        out["gather"] = (views[4], views[5])
+        at = 6
         for name, batch in (("varlen", varlen), ("private", private)):
             if not batch:
                 out[name] = None

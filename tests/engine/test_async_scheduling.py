@@ -107,23 +107,28 @@ def test_aborting_a_request_in_flight_leaves_the_others_as_they_were(sync_llm, a
     assert_engine_idle(engine)
 
 
-def test_a_request_arriving_mid_decode_joins_and_everyone_gets_the_synchronous_tokens(sync_llm, async_llm):
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    expected = _completions(sync_llm.generate(PROMPTS, params))
-    engine = async_llm.engine
-    engine.add_request("j0", PROMPTS[0], params)
+def _staggered(engine, tag: str, params: list[SamplingParams], joins: dict[int, list[int]]) -> list:
+    """Run PROMPTS[i] with params[i] through `engine`, the requests of `joins[k]` added after the
+    k-th step (those of step 0 first), the cache checked after every step; their completions."""
+    for i in joins.get(0, []):
+        engine.add_request(f"{tag}{i}", PROMPTS[i], params[i])
     done, steps = {}, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
         steps += 1
-        if steps in (3, 5, 9):
-            i = (3, 5, 9).index(steps) + 1
-            engine.add_request(f"j{i}", PROMPTS[i], params)
+        for i in joins.get(steps, []):
+            engine.add_request(f"{tag}{i}", PROMPTS[i], params[i])
         engine.check_integrity()
-    assert [_completions([done[f"j{i}"]])[0] for i in range(4)] == expected
     assert_engine_idle(engine)
+    return [_completions([done[f"{tag}{i}"]])[0] for i in range(len(params))]
+
+
+def test_a_request_arriving_mid_decode_joins_and_everyone_gets_the_synchronous_tokens(sync_llm, async_llm):
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * 4
+    expected = _completions(sync_llm.generate(PROMPTS, params))
+    assert _staggered(async_llm.engine, "j", params, {0: [0], 3: [1], 5: [2], 9: [3]}) == expected
 
 
 def test_steps_that_cannot_overlap_run_synchronously(sync_llm, async_llm, monkeypatch):
@@ -214,3 +219,21 @@ def test_async_scheduling_is_validated_and_off_by_default_on_the_cpu():
     with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
         EngineConfig(async_scheduling="yes")
     assert make_llm(device="cpu").engine._overlap is False
+
+
+def test_prompt_pieces_launched_beside_pending_decodes_give_the_synchronous_tokens(monkeypatch):
+    """With a small token budget prompts prefill in pieces while other requests decode: those steps
+    launch ahead too (prompt pieces and decodes whose input token is still on the device, in one
+    step), and everyone gets the synchronous engine's tokens, the cache consistent after each step."""
+    small = {"max_num_batched_tokens": 16, "max_num_seqs": 4}
+    expected = _completions(make_llm(async_scheduling=False, **small).generate(PROMPTS, MIXED))
+    llm = make_llm(async_scheduling=True, **small)
+    engine, real, mixed = llm.engine, llm.engine.runner.run, []
+
+    def run(runs, pending=None):
+        mixed.append(pending is not None and any(i >= 0 for i in pending.rows) and max(len(r.token_ids) for r in runs) > 1)
+        return real(runs, pending)
+
+    monkeypatch.setattr(engine.runner, "run", run)
+    assert _staggered(engine, "m", MIXED, {0: [0, 1], 4: [2, 3]}) == expected
+    assert sum(mixed) >= 2
