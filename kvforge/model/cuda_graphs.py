@@ -301,8 +301,8 @@ class StepGraphs:
         """Replay the graph of `shape` (from `shape_for(runs)`) over `runs`; the float32 logits rows of
         the runs (`num_logits` each), in run order, or with `greedy` (decode graphs only) each row's
         greedy token (int64, a view of the graph's output: valid until its next replay). `pending`
-        (one-token runs only, so query length 1): ids gathered on the device from the previous
-        step's tokens before the replay; nothing waits for them."""
+        (for one-token runs): ids gathered on the device from the previous step's tokens before the
+        replay; nothing waits for them."""
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
         if shape.cascade:
@@ -320,20 +320,23 @@ class StepGraphs:
         gather the pending ids, replay; the first `num_logits` rows of the graph's logits (float32),
         or of its greedy tokens."""
         assert not greedy or shape in self.tokens, "greedy tokens come from decode graphs (query length 1)"
-        n = shape.query_len * shape.batch
-        if pending is not None:
-            assert shape.query_len == 1, "pending tokens belong to one-token runs"
-            self.host_inputs.numpy()[SOURCES, :k] = pending.rows
+        q = shape.query_len
+        n = q * shape.batch
+        if pending is not None:  # sequence i's rows start at i * q; a pending run is its first row
+            sources = self.host_inputs.numpy()[SOURCES]
+            if q > 1:
+                sources[:n] = -1
+            sources[:k * q:q] = pending.rows
         self.inputs[:, :n].copy_(self.host_inputs[:, :n], non_blocking=True)
         self.tables[:k, :nb].copy_(self.host_tables[:k, :nb], non_blocking=True)
         self.copied = torch.cuda.Event()
         self.copied.record()
         if pending is not None:
-            ids = self.inputs[IDS, :k]
-            if list(pending.rows) == list(range(k)):  # the previous step's batch, in its order
+            ids = self.inputs[IDS, :k * q]
+            if q == 1 and list(pending.rows) == list(range(k)):  # the previous step's batch, in its order
                 ids.copy_(pending.tokens[:k])
             else:
-                sources = self.inputs[SOURCES, :k]
+                sources = self.inputs[SOURCES, :k * q]
                 gathered = pending.tokens.index_select(0, sources.clamp(min=0)).to(torch.int32)
                 ids.copy_(torch.where(sources >= 0, gathered, ids))
         self.graphs[shape].replay()

@@ -29,14 +29,17 @@ def _completions(outs):
 
 
 def _spy_pending(monkeypatch, engine) -> list[bool]:
-    """Record, for each runner call, whether some input token was still on the device."""
-    calls, real = [], engine.runner.run
+    """Record, for each step launched ahead, whether it went while the step before it was still in
+    flight (so some input tokens were still on the device): counted at the engine, whichever path
+    (eager, a graph) the runner takes."""
+    calls, real = [], engine._launch_ahead
 
-    def run(runs, pending=None):
-        calls.append(pending is not None and any(i >= 0 for i in pending.rows))
-        return real(runs, pending)
+    def launch(previous):
+        step = real(previous)
+        calls.append(step is not None and previous is not None and bool(previous.seqs))
+        return step
 
-    monkeypatch.setattr(engine.runner, "run", run)
+    monkeypatch.setattr(engine, "_launch_ahead", launch)
     return calls
 
 
@@ -188,15 +191,15 @@ def test_preemption_under_a_small_arena_gives_the_synchronous_tokens():
 def test_a_launch_that_fails_ends_its_requests_and_the_engine_keeps_serving(async_llm, monkeypatch):
     engine = async_llm.engine
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    real, calls = engine.runner.run, []
+    real, calls = engine.runner.run_decode, []
 
-    def flaky(runs, pending=None):
+    def flaky(step, pending=None):
         calls.append(1)
-        if len(calls) == 4:  # a decode launched ahead
+        if len(calls) == 3:  # a decode launched ahead
             raise RuntimeError("boom")
-        return real(runs, pending)
+        return real(step, pending)
 
-    monkeypatch.setattr(engine.runner, "run", flaky)
+    monkeypatch.setattr(engine.runner, "run_decode", flaky)
     for i, prompt in enumerate(PROMPTS[:2]):
         engine.add_request(f"f{i}", prompt, params)
     with pytest.raises(StepError, match="boom") as info:
