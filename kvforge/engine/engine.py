@@ -690,6 +690,30 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
             if self.drafter is not None:
                 self.drafter.settle()
 
+    def _token_run(self, seq: Sequence, num_tokens: int, slots: list[int]) -> TokenRun:
+        """The TokenRun of `seq`'s next `num_tokens` tokens (from its first uncomputed one) into its
+        blocks, or a chunk's pages when it fills one; the last token's logits when they end its
+        tokens (a chunk fill's: none), every token's while its prompt log-probabilities are owed."""
+        start = seq.num_computed
+        if seq.fills_chunk is None:
+            table, logits = self.cache.block_table(seq.seq_id), start + num_tokens == len(seq.token_ids)
+        else:
+            table, logits = self.cache.chunk_pages(seq.fills_chunk).block_ids, False
+        return TokenRun(seq.token_ids[start:start + num_tokens], start, slots, table, logits, seq.composition,
+                        all_logits=computes_whole_prompt(seq))
+
+    def _computed(self, seq: Sequence, num_tokens: int) -> bool:
+        """Advance `seq` past `num_tokens` computed tokens (counted as prompt tokens while within its
+        prompt) and cache the blocks they filled (a plain sequence's; never a composed one's or a
+        chunk fill's). Returns whether the commit swapped in a cached twin (its block table changed)."""
+        seq.num_computed += num_tokens
+        if seq.num_computed <= seq.num_prompt_tokens:
+            self._prompt_tokens += num_tokens
+        bs = self.cache.block_size
+        return (seq.fills_chunk is None and seq.composition is None
+                and seq.num_computed // bs > (seq.num_computed - num_tokens) // bs
+                and self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed))
+
     def _fail(self, seqs: list[Sequence], cause: Exception) -> StepError:
         """End the requests of `seqs`, whose computation failed in this step (their blocks are freed),
         and return the StepError naming them, for the caller to raise."""
@@ -701,19 +725,13 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
     def _run(self, runs: list[ScheduledRun]) -> list[RequestOutput]:
         items = []
         for r in runs:
-            seq, start = r.seq, r.seq.num_computed
+            seq = r.seq
             if seq.draft:  # its last token and the drafted ones, each one's logits verifying the next
-                items.append(TokenRun([seq.token_ids[-1], *seq.draft], start, r.slots,
+                items.append(TokenRun([seq.token_ids[-1], *seq.draft], seq.num_computed, r.slots,
                                       self.cache.block_table(seq.seq_id), True, seq.composition, all_logits=True))
-                continue
-            if seq.fills_chunk is None:
-                table, logits = self.cache.block_table(seq.seq_id), start + r.num_tokens == len(seq.token_ids)
             else:
-                table, logits = self.cache.chunk_pages(seq.fills_chunk).block_ids, False
-            items.append(TokenRun(seq.token_ids[start:start + r.num_tokens], start, r.slots, table, logits,
-                                  seq.composition, all_logits=computes_whole_prompt(seq)))
+                items.append(self._token_run(seq, r.num_tokens, r.slots))
         logits = self.runner.run(items)
-        bs = self.cache.block_size
         outputs = []
         sampling: list[Sequence] = []
         rows: list[int] = []  # the logits row each sampled sequence draws from
@@ -731,15 +749,9 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
             if item.needs_logits:
                 sampling.append(seq)
                 rows.append(at - 1)
-            seq.num_computed += r.num_tokens
-            if seq.num_computed <= seq.num_prompt_tokens:
-                self._prompt_tokens += r.num_tokens
-            if seq.fills_chunk is not None:
-                if seq.num_computed == len(seq.token_ids):
-                    outputs.append(self._register_filled(seq))
-            elif seq.composition is None and seq.num_computed // bs > (seq.num_computed - r.num_tokens) // bs:
-                # a block was filled: cache it
-                self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            self._computed(seq, r.num_tokens)
+            if seq.fills_chunk is not None and seq.num_computed == len(seq.token_ids):
+                outputs.append(self._register_filled(seq))
         for seq, row in list(zip(sampling, rows)):
             if seq.group is not None and len(seq.group) == 1:  # its prompt is done: the other samples start
                 for child in self._fork(seq):

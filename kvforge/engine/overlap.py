@@ -35,7 +35,7 @@ import torch
 
 from kvforge.cache import KVCacheManager, NoFreeBlocksError
 from kvforge import ops
-from kvforge.model.runner import DecodeStep, PendingTokens, TokenRun
+from kvforge.model.runner import DecodeStep, PendingTokens
 from kvforge.types import OutputKind, RequestOutput, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ class OverlappedDecode:
     outputs: OutputProcessor
     max_model_len: int
     _steps: int
-    _prompt_tokens: int
     _generation_tokens: int
 
     def _init_overlap(self, enabled: bool, max_num_seqs: int, device: torch.device) -> None:
@@ -118,17 +117,17 @@ class OverlappedDecode:
         tokens on the device), then prompt pieces of running and waiting sequences
         (`Scheduler.schedule_ahead`); None (nothing changed) when the step cannot overlap."""
         sched = self.scheduler
-        budget = sched.config.max_num_batched_tokens
-        pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
         if sched.waiting and not _admissible(sched.waiting[0]):  # a synchronous step admits it
             return None
+        budget = sched.config.max_num_batched_tokens
+        pending = {} if previous is None else {seq.seq_id: i for i, seq in enumerate(previous.seqs)}
         seqs, rows = [], []
         limit = self.max_model_len
         composed = prefilling = False
         for seq in sched.running:
             row = pending.get(seq.seq_id, -1)
             uncomputed = len(seq.token_ids) - seq.num_computed
-            if not overlaps(seq) or uncomputed + (row >= 0) == 0 or (uncomputed and row >= 0):
+            if not overlaps(seq) or (row >= 0) == (uncomputed > 0):  # a pending token or uncomputed ones
                 return None
             if uncomputed > 1:  # prefilling: Scheduler.schedule_ahead's
                 if seq.composition is not None:
@@ -150,7 +149,7 @@ class OverlappedDecode:
             slots = self.cache.append_decode([seq.seq_id for seq in seqs]) if seqs else []
         except NoFreeBlocksError:  # changed nothing: the synchronous step preempts
             return None
-        prompts = [] if composed else sched.schedule_ahead(budget - len(seqs), _admissible)
+        prompts = sched.schedule_ahead(budget - len(seqs), _admissible)  # none beside composed decodes
         if not seqs and not prompts:
             return None
         launched = seqs + [r.seq for r in prompts]
@@ -172,7 +171,7 @@ class OverlappedDecode:
             if not prompts:
                 tokens = self.runner.run_decode(step, None if known else PendingTokens(previous.tokens, rows))
             else:  # prompt pieces too: an eager step, the pending tokens gathered on the device
-                runs = step.runs() + [self._prompt_run(r.seq, r.num_tokens, r.slots) for r in prompts]
+                runs = step.runs() + [self._token_run(r.seq, r.num_tokens, r.slots) for r in prompts]
                 tokens = ops.greedy_tokens(self.runner.run(
                     runs, None if known else PendingTokens(previous.tokens, rows + [-1] * len(prompts))))
             sampled = seqs + [r.seq for r in prompts if r.seq.num_computed + r.num_tokens == len(r.seq.token_ids)]
@@ -187,21 +186,10 @@ class OverlappedDecode:
         for seq, position in zip(seqs, positions):
             seq.num_computed = position + 1
         for r in prompts:  # their K/V is final once the step runs (stream order): cache the full blocks
-            seq = r.seq
-            seq.num_computed += r.num_tokens
-            if seq.num_computed <= seq.num_prompt_tokens:
-                self._prompt_tokens += r.num_tokens
-            if self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed):
-                self._tables.pop(seq.seq_id, None)
+            if self._computed(r.seq, r.num_tokens):
+                self._tables.pop(r.seq.seq_id, None)
         self._steps += 1
         return InFlightStep(sampled, [seq.num_computed for seq in sampled], tokens, host, copied)
-
-    def _prompt_run(self, seq: Sequence, num_tokens: int, slots: list[int]) -> TokenRun:
-        """The TokenRun of `num_tokens` prompt tokens of `seq` from its first uncomputed one; its
-        logits when they end the prompt."""
-        start = seq.num_computed
-        return TokenRun(seq.token_ids[start:start + num_tokens], start, slots, self.cache.block_table(seq.seq_id),
-                        start + num_tokens == len(seq.token_ids))
 
     def _land(self, step: InFlightStep) -> list[RequestOutput]:
         """Read `step`'s tokens (waiting for them) and do what a synchronous step does after sampling:

@@ -129,9 +129,8 @@ class Scheduler:
         scheduling), within `budget` tokens: the next piece of each running sequence that is still
         prefilling (more than one uncomputed token; the caller schedules the decoding ones), then
         waiting sequences, admitted as `schedule` admits them while `admissible` holds for the next
-        one. Never preempts: a running sequence
-        whose blocks do not fit ends the list (a synchronous step preempts for it). Reserves the
-        runs' slots, as `schedule` does."""
+        one. Never preempts: a running sequence whose blocks do not fit ends the list (a synchronous
+        step preempts for it). Reserves the runs' slots, as `schedule` does."""
         runs: list[ScheduledRun] = []
         for seq in self.running:
             if budget <= 0:

@@ -178,11 +178,29 @@ def test_sequences_composed_from_chunks_run_ahead_and_give_the_synchronous_token
     assert sum(calls) > 15
 
 
-def test_preemption_under_a_small_arena_gives_the_synchronous_tokens():
+def test_preemption_under_a_small_arena_gives_the_synchronous_tokens(monkeypatch):
+    """Only synchronous steps preempt: a step launched ahead admits and continues prompts only as far
+    as blocks allow."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     small = {"kv_cache_memory": None, "num_blocks": 10, "block_size": 16}
     expected = _completions(make_llm(async_scheduling=False, **small).generate(PROMPTS, params))
     llm = make_llm(async_scheduling=True, **small)
+    sched, ahead = llm.engine.scheduler, []
+    real_ahead, real_preempt = sched.schedule_ahead, sched._preempt
+
+    def schedule_ahead(*args):
+        ahead.append(True)
+        try:
+            return real_ahead(*args)
+        finally:
+            ahead.pop()
+
+    def preempt(seq):
+        assert not ahead, "a step launched ahead preempted"
+        real_preempt(seq)
+
+    monkeypatch.setattr(sched, "schedule_ahead", schedule_ahead)
+    monkeypatch.setattr(sched, "_preempt", preempt)
     assert _completions(llm.generate(PROMPTS, params)) == expected
     assert llm.stats().num_preemptions > 0
     assert_engine_idle(llm.engine)
