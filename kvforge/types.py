@@ -360,7 +360,7 @@ class Sequence:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)  # with params.prompt_logprobs
     draft: list[int] = field(default_factory=list)  # speculative tokens proposed for this step (computed after the last)
-    # The prompt's ids as the int64 array the engine validated them through, or None: prefix-cache
+    # The prompt's ids as the uint32 array (`token_array`) the engine validated them through, or None: prefix-cache
     # lookups take it instead of converting the list (one O(n) pass less for a long prompt).
     prompt_array: np.ndarray | None = field(default=None, repr=False, compare=False)
 

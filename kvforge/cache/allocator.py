@@ -70,9 +70,10 @@ class BlockAllocator:
         revived = 0
         for node in nodes:
             block = node.block
-            if block.ref_cnt == 0:
+            ref_cnt = block.ref_cnt
+            if not ref_cnt:
                 revived += 1
-            block.ref_cnt += 1
+            block.ref_cnt = ref_cnt + 1
         self.tree.mark_revived(revived)
         self.tree.touch(nodes)
 
@@ -80,14 +81,16 @@ class BlockAllocator:
         """Drop one reference on each block, in order (touching cached ones): at ref_cnt 0 an
         uncached block joins the tail of the free queue, a cached one becomes evictable."""
         queue = self.pool.free_queue
-        cached: list[Block] = []
+        cached: list[RadixNode] = []
         for block in blocks:
-            if block.ref_cnt <= 0:
+            ref_cnt = block.ref_cnt - 1
+            if ref_cnt < 0:
                 raise RuntimeError(f"block {block.block_id} released with ref_cnt {block.ref_cnt}")
-            block.ref_cnt -= 1
-            if block.block_hash is not None:
-                cached.append(block)
-            elif block.ref_cnt == 0:
+            block.ref_cnt = ref_cnt
+            node = block.node
+            if node is not None:
+                cached.append(node)
+            elif not ref_cnt:
                 queue.append(block)
         if cached:
             self.tree.mark_released(cached)

@@ -14,6 +14,10 @@ evicted, before the blocks a future prefix match would want.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvforge.cache.radix import RadixNode
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -27,15 +31,18 @@ class Block:
     evictable. `block_hash` is set while the block is cached in the prefix index (`radix.py`); a
     cached block keeps it at ref_cnt 0 (it is then evictable, not in the free queue) until it is
     evicted, so it can still be matched (lazy eviction). Blocks in the free queue have no hash.
+    `node` is the radix node caching the block, set and cleared with `block_hash` by the index (so
+    releasing a cached block needs no lookup by hash); None while uncached.
     `prev_free`/`next_free` are owned by `FreeBlockQueue`: non-None exactly while the block is queued.
     """
 
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "node", "prev_free", "next_free")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: bytes | None = None
+        self.node: RadixNode | None = None
         self.prev_free: Block | None = None
         self.next_free: Block | None = None
 

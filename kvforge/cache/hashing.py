@@ -24,7 +24,9 @@ from collections.abc import Sequence
 
 HASH_BYTES = 32  # sha256 digest size
 _ROOT_PARENT = bytes(HASH_BYTES)
-_U32 = next(code for code in "IL" if array(code).itemsize == 4)  # 'I' on every mainstream platform
+# The array typecode of a native uint32 ('I' on every mainstream platform): `array(U32, ids)` converts a
+# list of ids in one C pass that refuses anything outside [0, 2**32).
+U32 = next(code for code in "IL" if array(code).itemsize == 4)
 _SWAP = sys.byteorder == "big"
 _sha256 = hashlib.sha256
 _pack_len = struct.Struct("<I").pack
@@ -33,7 +35,7 @@ _pack_len = struct.Struct("<I").pack
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """Token ids as little-endian uint32 bytes. Raises ValueError for an id outside [0, 2**32)."""
     try:
-        packed = array(_U32, token_ids)
+        packed = array(U32, token_ids)
     except OverflowError:
         bad = next(t for t in token_ids if not 0 <= t < 1 << 32)
         raise ValueError(f"token id {bad} cannot be hashed: token ids must be in [0, 2**32)") from None

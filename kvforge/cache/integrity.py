@@ -13,16 +13,17 @@ def check_manager(m: KVCacheManager) -> None:
     """Raise RuntimeError naming the first broken invariant of `m`; return None when all hold:
 
     - each sequence: length in [0, capacity], ceil(length / block_size) blocks from the pool,
-      committed blocks within its length, its chain hashes naming its own cached blocks (with prefix
-      caching on, fewer than its committed blocks exactly while a hash collision stops its caching),
-      and its tip the node of its last hash;
+      committed blocks within its length, its tip a node of the tree whose chain from the root
+      caches its first blocks (with prefix caching on, fewer than its committed blocks exactly while
+      a hash collision stops its caching);
     - token and block-table counters equal the sums over sequences;
     - the pin table: per-block pin counts match the live handles, and pinned blocks are cached;
     - the free queue is well linked, holds no block twice, and only uncached blocks with ref_cnt 0;
     - every block's ref_cnt equals its holders (block tables, pins), and every
       block is exactly one of used (ref_cnt > 0), evictable (cached, ref_cnt 0) or free (queued);
-    - a block has a hash iff a radix node holds it (and the tree's own invariants: links, the
-      evictable count, in-use nodes under in-use parents, a live heap entry per evictable leaf);
+    - a block has a hash iff a radix node holds it, and its `node` is that node (and the tree's own
+      invariants: links, the evictable count, in-use nodes under in-use parents, a live heap entry
+      per evictable leaf);
     - used + evictable + free == total.
     """
     pool, tree, bs = m.pool, m.tree, m.block_size
@@ -41,20 +42,21 @@ def check_manager(m: KVCacheManager) -> None:
         if not seq.num_committed * bs <= seq.length:
             raise RuntimeError(f"sequence {seq_id}: {seq.num_committed} committed blocks exceed its length "
                                f"{seq.length}")
-        if len(seq.hashes) > seq.num_committed or (len(seq.hashes) < seq.num_committed and seq.caching
-                                                   and m.enable_prefix_caching):
-            raise RuntimeError(f"sequence {seq_id}: {len(seq.hashes)} chain hashes for {seq.num_committed} "
+        hashed = seq.tip.depth
+        if hashed > seq.num_committed or (hashed < seq.num_committed and seq.caching and m.enable_prefix_caching):
+            raise RuntimeError(f"sequence {seq_id}: a cached chain of {hashed} blocks for {seq.num_committed} "
                                f"committed blocks")
-        if not seq.caching and len(seq.hashes) >= seq.num_committed:
+        if not seq.caching and hashed >= seq.num_committed:
             raise RuntimeError(f"sequence {seq_id}: caching is stopped but none of its {seq.num_committed} committed "
-                               f"blocks is past its chain hashes (a hash collision)")
-        for i, block_hash in enumerate(seq.hashes):
-            if seq.blocks[i].block_hash != block_hash:
-                raise RuntimeError(f"sequence {seq_id}: block {i} (id {seq.blocks[i].block_id}) is not cached "
-                                   f"under its chain hash")
-        tip = tree.get(seq.hashes[-1]) if seq.hashes else tree.root
-        if seq.tip is not tip:
-            raise RuntimeError(f"sequence {seq_id}: its chain tip is not the node of its last hash")
+                               f"blocks is past its cached chain (a hash collision)")
+        if seq.tip is not tree.root and tree.get(seq.tip.block_hash) is not seq.tip:
+            raise RuntimeError(f"sequence {seq_id}: its chain tip is not a node of the radix tree")
+        node = seq.tip
+        for i in range(hashed - 1, -1, -1):
+            if seq.blocks[i] is not node.block:
+                raise RuntimeError(f"sequence {seq_id}: block {i} (id {seq.blocks[i].block_id}) is not the block "
+                                   f"of its cached chain's node")
+            node = node.parent
         next_slot = seq.blocks[-1].block_id * bs + (seq.length - 1) % bs + 1 if seq.blocks else 0
         if seq.next_slot != next_slot and (seq.length % bs or seq.next_slot % bs):
             raise RuntimeError(f"sequence {seq_id}: next slot {seq.next_slot} should be {next_slot}")
@@ -97,7 +99,8 @@ def check_manager(m: KVCacheManager) -> None:
     for block in pool.blocks:
         bid, refs = block.block_id, holders[block.block_id]
         node = cached_nodes.get(bid)
-        if (block.block_hash is not None) != (node is not None) or (node and node.block is not block):
+        if (block.block_hash is not None) != (node is not None) or (node and node.block is not block) \
+                or block.node is not node:
             raise RuntimeError(f"block {bid} has hash {block.block_hash!r} but the radix tree "
                                f"{'holds' if node else 'does not hold'} it")
         if block.ref_cnt != refs:

@@ -171,7 +171,7 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         self.pool.incref(shared)
         child = SeqState(parent.capacity, parent.extra, self.tree.root, [], bs)
         child.length, child.blocks = parent.length, list(shared) + ([own] if copy else [])
-        child.hashes, child.num_committed = list(parent.hashes), parent.num_committed
+        child.num_committed = parent.num_committed
         child.tip, child.caching = parent.tip, parent.caching
         child.next_slot = own.block_id * bs + parent.length % bs if copy else parent.next_slot
         self._seqs[child_id] = child
@@ -410,7 +410,6 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
             self._blocks.acquire((twin,))
             seq.blocks[first + i] = twin.block
             self._blocks.release([own])
-        seq.hashes.extend(result.hashes)
         seq.tip = result.tip
         seq.caching = not result.collided
         for run in result.stored:

@@ -58,7 +58,7 @@ def _weights(block_size: int) -> list[int]:
 
 
 def prefix_keys(blocks: np.ndarray | Sequence[Sequence[int]], first_depth: int, base: int) -> list[int]:
-    """The prefix keys of consecutive full blocks `blocks` (rows of token ids: an int64 [n,
+    """The prefix keys of consecutive full blocks `blocks` (rows of token ids: a uint32 [n,
     block_size] array or a list of tuples) whose first one sits at block index `first_depth` below a
     node whose prefix key is `base`: element i is the key of the path through block i. Arithmetic
     modulo 2**64: each block's ids weighted and summed, tagged by its index, mixed, and summed along
@@ -66,35 +66,44 @@ def prefix_keys(blocks: np.ndarray | Sequence[Sequence[int]], first_depth: int, 
     n = len(blocks)
     if n == 0:
         return []
-    weights = _weights(len(blocks[0]))
     if n < _NUMPY_FROM:  # the same arithmetic in Python ints
         if isinstance(blocks, np.ndarray):
             blocks = blocks.tolist()
+        weights = _weights(len(blocks[0]))
         out, key = [], base
         for depth, row in enumerate(blocks, first_depth + 1):
             key = (key + (sum(map(mul, row, weights)) + depth * _DEPTH_TAG) * _MIX) & _MASK
             out.append(key)
         return out
-    per_block = np.asarray(blocks, dtype=np.int64).view(np.uint64) @ np.array(weights, dtype=np.uint64)
-    per_block += np.arange(first_depth + 1, first_depth + n + 1, dtype=np.uint64) * np.uint64(_DEPTH_TAG)
+    return _key_array(blocks, first_depth, base).tolist()
+
+
+def _key_array(blocks: np.ndarray | Sequence[Sequence[int]], first_depth: int, base: int) -> np.ndarray:
+    """`prefix_keys` computed by numpy, as a uint64 array (its way from `_NUMPY_FROM` blocks on)."""
+    weights = np.array(_weights(len(blocks[0])), dtype=np.uint64)
+    per_block = np.asarray(blocks, dtype=np.uint64) @ weights
+    per_block += np.arange(first_depth + 1, first_depth + len(blocks) + 1, dtype=np.uint64) * np.uint64(_DEPTH_TAG)
     per_block *= np.uint64(_MIX)
-    return (np.cumsum(per_block, dtype=np.uint64) + np.uint64(base)).tolist()
+    return np.cumsum(per_block, dtype=np.uint64) + np.uint64(base)
 
 
 def token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Token ids as a 1-d int64 array (no copy for one already; a list converts in one C pass).
-    Raises ValueError for an id that is not an integer in [0, 2**32)."""
+    """Token ids as a 1-d uint32 array, the width they are hashed at (no copy for a uint32 array; a list
+    converts in one C pass that also checks the range). Raises ValueError for an id that is not an
+    integer in [0, 2**32)."""
     if isinstance(token_ids, np.ndarray):
+        if token_ids.dtype == np.uint32:
+            return token_ids.reshape(-1)
         arr = token_ids.astype(np.int64, copy=False).reshape(-1)
+        if not arr.size or (arr.min() >= 0 and arr.max() < 1 << 32):
+            return arr.astype(np.uint32)
     else:
         try:
-            arr = np.frombuffer(array("q", token_ids), dtype=np.int64)
+            return np.frombuffer(array(hashing.U32, token_ids), dtype=np.uint32)
         except (TypeError, OverflowError):
-            arr = None
-    if arr is None or (arr.size and (arr.min() < 0 or arr.max() >= 1 << 32)):
-        bad = next(t for t in token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < 1 << 32)
-        raise ValueError(f"token id {bad!r} is not an integer in [0, 2**32)")
-    return arr
+            pass
+    bad = next(t for t in token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < 1 << 32)
+    raise ValueError(f"token id {bad!r} is not an integer in [0, 2**32)")
 
 
 class _Found(NamedTuple):
@@ -103,7 +112,19 @@ class _Found(NamedTuple):
     tree: RadixTree
     removals: int  # the tree's removal count at the match
     extra: bytes
-    nodes: list[RadixNode]
+    nodes: Sequence[RadixNode]
+
+
+class _Path(NamedTuple):
+    """The path from the root to a node (root side first) as `match_prefix` reads it, kept for the
+    next lookup: a long prefix that many prompts share is then matched without walking its nodes
+    again. Valid while the tree has removed no node since `removals` (a node's path never changes)."""
+
+    removals: int
+    nodes: tuple[RadixNode, ...]
+    block_ids: tuple[int, ...]
+    block_hashes: tuple[bytes, ...]
+    token_bytes: bytes  # the nodes' token_bytes joined
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,6 @@ class ChainInsert(NamedTuple):
     """What `RadixTree.insert_chain` did, in chain order."""
 
     tip: RadixNode  # the node of the last block placed (the given tip when none was)
-    hashes: tuple[bytes, ...]  # the hash of each block placed (inserted or twinned)
     stored: tuple[tuple[RadixNode, ...], ...]  # runs of consecutive newly inserted nodes
     twins: tuple[tuple[int, RadixNode], ...]  # (index in `blocks`, cached twin) for each block already cached
     collided: bool  # stopped early at a hash that names other content
@@ -160,7 +180,7 @@ class RadixNode:
         self.block_hash = block_hash
         self.block = block
         self.token_ids = token_ids
-        self.token_bytes = token_bytes  # the same ids as int64 bytes, for one-pass compares
+        self.token_bytes = token_bytes  # the same ids as native uint32 bytes (`token_array`), for one-pass compares
         self.extra = extra
         self.parent = parent
         self.children: dict[bytes, RadixNode] = {}
@@ -189,6 +209,7 @@ class RadixTree:
         self._pushes = 0
         self._clock = 0
         self._removals = 0  # nodes evicted, plus one per clear: a match's nodes stay valid while it stands still
+        self._path: _Path | None = None  # the last path match_prefix walked
         self.num_evictable = 0  # cached blocks with ref_cnt 0
 
     def __len__(self) -> int:
@@ -209,32 +230,53 @@ class RadixTree:
         """The longest cached run of full blocks prefixing `token_ids` under `extra`, never covering
         the last token: at most (len(token_ids) - 1) // block_size blocks. A node matches only if its
         stored token ids and extra keys equal the query's. O(log n) lookups plus numpy passes over
-        the tokens (see the module docstring); an int64 array saves converting a list. Pure: changes
-        no access time, count or ref. Raises ValueError for a token id outside [0, 2**32)."""
+        the tokens (see the module docstring); a uint32 array (`token_array`) saves converting a list.
+        Pure: changes no access time, count or ref. Raises ValueError for a token id outside [0, 2**32)."""
         bs = self.block_size
         tokens = token_array(token_ids)
         n = max(0, (len(tokens) - 1) // bs)
         blocks = tokens[:n * bs].reshape(n, bs)
-        keys = prefix_keys(blocks, 0, 0) if n else []
+        keys = prefix_keys(blocks, 0, 0) if n < _NUMPY_FROM else _key_array(blocks, 0, 0)
         by_prefix = self._by_prefix
         lo, hi = 0, n  # bisect for the deepest indexed prefix key: blocks[:lo] are indexed
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if (keys[mid - 1], extra) in by_prefix:
+            if (int(keys[mid - 1]), extra) in by_prefix:
                 lo = mid
             else:
                 hi = mid - 1
+        if not lo:
+            return PrefixMatch((), (), 0, len(tokens), _Found(self, self._removals, extra, ()))
+        node = by_prefix[(int(keys[lo - 1]), extra)]
+        path = self._path_to(node)
+        matched = blocks[:lo].tobytes()
+        if node.depth == lo and node.extra == extra and path.token_bytes[:len(matched)] == matched:
+            if len(path.nodes) == lo:  # the whole remembered path: its tuples as they are
+                nodes, block_ids, block_hashes = path.nodes, path.block_ids, path.block_hashes
+            else:
+                nodes, block_ids, block_hashes = path.nodes[:lo], path.block_ids[:lo], path.block_hashes[:lo]
+        else:  # a fingerprint collision
+            nodes = self._walk_by_hash(blocks, extra)
+            block_ids, block_hashes = tuple([n.block.block_id for n in nodes]), tuple([n.block_hash for n in nodes])
+        return PrefixMatch(block_ids, block_hashes, len(nodes) * bs, len(tokens),
+                           _Found(self, self._removals, extra, nodes))
+
+    def _path_to(self, node: RadixNode) -> _Path:
+        """A path from the root through `node` (at index node.depth - 1; it may go on below): the one
+        remembered from the last call while it still stands and passes through `node`, else `node`'s
+        own, walked up from it and remembered."""
+        path = self._path
+        if path is not None and path.removals == self._removals and len(path.nodes) >= node.depth \
+                and path.nodes[node.depth - 1] is node:
+            return path
         found: list[RadixNode] = []
-        node = by_prefix[(keys[lo - 1], extra)] if lo else self.root
         while node.parent is not None:
             found.append(node)
             node = node.parent
         found.reverse()
-        if len(found) != lo or (lo and (found[-1].extra != extra or
-                                        b"".join([f.token_bytes for f in found]) != blocks[:lo].tobytes())):
-            found = self._walk_by_hash(blocks, extra)  # a fingerprint collision
-        return PrefixMatch(tuple([n.block.block_id for n in found]), tuple([n.block_hash for n in found]),
-                           len(found) * bs, len(tokens), _Found(self, self._removals, extra, found))
+        self._path = _Path(self._removals, tuple(found), tuple([n.block.block_id for n in found]),
+                           tuple([n.block_hash for n in found]), b"".join([n.token_bytes for n in found]))
+        return self._path
 
     def _walk_by_hash(self, blocks: np.ndarray, extra: bytes) -> list[RadixNode]:
         """The nodes of the longest cached prefix of `blocks` (rows of token ids), found by chained
@@ -319,10 +361,10 @@ class RadixTree:
                 block = blocks[placed]
                 assert block.block_hash is None and block.ref_cnt > 0, f"block {block.block_id} cannot be cached"
                 child = RadixNode(block_hash, block, chunks[placed], extra, node, keys[placed],
-                                  array("q", chunks[placed]).tobytes())
+                                  array(hashing.U32, chunks[placed]).tobytes())
                 node.children[block_hash] = nodes[block_hash] = child
                 self._by_prefix.setdefault((child.prefix_key, extra), child)
-                block.block_hash = block_hash
+                block.block_hash, block.node = block_hash, child
                 clock += 1
                 child.last_access = clock
                 run.append(child)
@@ -334,12 +376,11 @@ class RadixTree:
                 twins.append((placed, twin))
                 node = twin
             else:
-                hashes = hashes[:placed]
                 break
         self._clock = clock
         if run:
             runs.append(tuple(run))
-        return ChainInsert(node, tuple(hashes), tuple(runs), tuple(twins), len(hashes) < len(blocks))
+        return ChainInsert(node, tuple(runs), tuple(twins), node.depth - tip.depth < len(blocks))
 
     def touch(self, nodes: Sequence[RadixNode]) -> None:
         """Make `nodes` the most recently used, the last one most."""
@@ -349,20 +390,22 @@ class RadixTree:
             node.last_access = clock
         self._clock = clock
 
-    def mark_released(self, blocks: Sequence[Block]) -> None:
-        """A reference to each of these cached blocks was just dropped: each is touched, in order
-        (the last one most recently used), and one whose count reached 0 stays cached and becomes
-        evictable (once it is a leaf)."""
-        nodes, clock = self._nodes, self._clock
-        for block in blocks:
-            node = nodes[block.block_hash]
+    def mark_released(self, nodes: Sequence[RadixNode]) -> None:
+        """A reference to each of these nodes' cached blocks was just dropped: each is touched, in
+        order (the last one most recently used), and one whose count reached 0 stays cached and
+        becomes evictable (once it is a leaf)."""
+        clock, freed, leaves = self._clock, 0, []
+        for node in nodes:
             clock += 1
             node.last_access = clock
-            if block.ref_cnt == 0:
-                self.num_evictable += 1
+            if not node.block.ref_cnt:
+                freed += 1
                 if not node.children:
-                    self._push(node)
+                    leaves.append(node)
         self._clock = clock
+        self.num_evictable += freed
+        for node in leaves:
+            self._push(node)
 
     def mark_revived(self, count: int) -> None:
         """References were taken on `count` ref-0 cached blocks: they are no longer evictable (their
@@ -394,7 +437,7 @@ class RadixTree:
             del parent.children[block_hash]
             if self._by_prefix.get(key := (node.prefix_key, node.extra)) is node:
                 del self._by_prefix[key]
-            node.block.block_hash = None
+            node.block.block_hash = node.block.node = None
             out.append(node)
             if parent is not root and not parent.children and parent.block.ref_cnt == 0:
                 self._pushes += 1
@@ -407,7 +450,7 @@ class RadixTree:
         assert self.num_evictable == len(self._nodes), "clear() while cached blocks are in use"
         blocks = [node.block for node in self._nodes.values()]
         for block in blocks:
-            block.block_hash = None
+            block.block_hash = block.node = None
         self._nodes.clear()
         self._by_prefix.clear()
         self._removals += 1
@@ -447,12 +490,12 @@ class RadixTree:
                 prefix_key = prefix_keys([child.token_ids], node.depth, node.prefix_key)[0]
                 if child.depth != node.depth + 1 or child.prefix_key != prefix_key:
                     raise RuntimeError(f"radix node of block {bid} has a depth or prefix key its path does not give")
-                if child.token_bytes != array("q", child.token_ids).tobytes():
+                if child.token_bytes != array(hashing.U32, child.token_ids).tobytes():
                     raise RuntimeError(f"radix node of block {bid} keeps token bytes that are not its token ids")
                 if node is not self.root and child.extra != node.extra:
                     raise RuntimeError(f"radix node of block {bid} has other extra keys than its parent")
-                if child.block.block_hash != key:
-                    raise RuntimeError(f"block {bid} is in the radix tree but its block_hash disagrees")
+                if child.block.block_hash != key or child.block.node is not child:
+                    raise RuntimeError(f"block {bid} is in the radix tree but its block_hash or node disagrees")
                 if child.block.ref_cnt > 0 and node is not self.root and node.block.ref_cnt == 0:
                     raise RuntimeError(f"block {bid} is in use but its parent block {node.block.block_id} "
                                        f"has ref_cnt 0 (holders must hold a whole path from the root)")

@@ -43,15 +43,13 @@ class SeqState:
     """One sequence's bookkeeping, owned by the manager.
 
     Invariants: len(blocks) == ceil(length / block_size); length <= capacity;
-    num_committed * block_size <= length; `hashes[i]` names block i's content for
-    i < len(hashes) <= num_committed (fewer only after a hash collision set `caching` False, and
-    `caching` is False only while fewer); `tip` is the radix node of hashes[-1] (the root when
-    empty) and blocks[i] is cached under hashes[i]. The sequence holds one reference on each block
-    of `blocks`.
+    num_committed * block_size <= length; `tip` is the radix node of the sequence's cached chain
+    (the root when empty): the chain's i-th node from the root caches blocks[i] for
+    i < tip.depth <= num_committed (fewer only after a hash collision set `caching` False, and
+    `caching` is False only while fewer). The sequence holds one reference on each block of `blocks`.
     """
 
-    __slots__ = ("length", "capacity", "blocks", "extra", "hashes", "num_committed", "tip", "caching",
-                 "next_slot")
+    __slots__ = ("length", "capacity", "blocks", "extra", "num_committed", "tip", "caching", "next_slot")
 
     def __init__(self, capacity: int, extra: bytes, root: RadixNode, prefix: list[RadixNode], block_size: int):
         """A sequence starting from the cached chain `prefix` (root side first; the caller has taken a
@@ -60,7 +58,6 @@ class SeqState:
         self.capacity = capacity
         self.blocks: list[Block] = [node.block for node in prefix]
         self.extra = extra
-        self.hashes: list[bytes] = [node.block_hash for node in prefix]
         self.num_committed = len(prefix)
         self.tip = prefix[-1] if prefix else root
         self.caching = True
@@ -73,15 +70,15 @@ class SeqState:
         """Forget the positions from `length` on (0 <= length <= self.length, unchecked) and return
         the blocks that no longer hold any, position order: they have left `blocks` and the caller
         drops the sequence's reference on each. Only full blocks within `length` stay committed:
-        `hashes` and `num_committed` are cut to min(num_committed, length // block_size) and `tip`
-        climbs back to the node of the last hash kept (the blocks kept stay cached). Caching resumes
+        `num_committed` and the cached chain are cut to min(num_committed, length // block_size)
+        blocks, `tip` climbing back to the node of the last block kept (the blocks kept stay cached). Caching resumes
         when the cut removes every committed block past a hash collision. `next_slot` follows the
         last block kept; a caller that puts another block in its place sets it again.
 
             block size 4, length 10, 2 committed blocks -> truncate(5) returns [b2]:
             position   0 1 2 3      | 4 5 6 7      | 8 9
             before     b0 committed | b1 committed | b2 partial
-            after      b0 committed | b1 partial   |              num_committed 1, hashes[:1]
+            after      b0 committed | b1 partial   |              num_committed 1, tip: b0's node
         """
         keep = (length + block_size - 1) // block_size
         dropped = self.blocks[keep:]
@@ -89,11 +86,10 @@ class SeqState:
         self.length = length
         committed = min(self.num_committed, length // block_size)
         tip = self.tip
-        for _ in range(len(self.hashes) - committed):  # a chain: each node's parent is the block before
+        for _ in range(tip.depth - committed):  # a chain: each node's parent is the block before
             tip = tip.parent
-        del self.hashes[committed:]
         self.tip, self.num_committed = tip, committed
-        if len(self.hashes) == committed:
+        if tip.depth == committed:
             self.caching = True
         self.next_slot = self.blocks[-1].block_id * block_size + (length - 1) % block_size + 1 if keep else 0
         return dropped

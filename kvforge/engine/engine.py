@@ -557,7 +557,7 @@ class LLMEngine(ChunkRequests, OverlappedDecode):
 
     def _prompt_ids(self, prompt: PromptType, add_special_tokens: bool = True
                     ) -> tuple[str | None, list[int], np.ndarray | None]:
-        """`tokenize`, plus the token ids as the int64 array they were validated through (None for
+        """`tokenize`, plus the token ids as the uint32 array they were validated through (None for
         text), which prefix-cache lookups take without converting the list again."""
         if isinstance(prompt, str):
             if not prompt:

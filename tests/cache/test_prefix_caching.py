@@ -66,6 +66,43 @@ def test_a_token_array_matches_like_its_list(manager):
         manager.match_prefix(A + [1 << 32])
 
 
+def test_token_array_is_uint32_and_refuses_ids_outside_32_bits():
+    tokens = radix.token_array(A)
+    assert tokens.dtype == np.uint32 and tokens.tolist() == A
+    assert np.shares_memory(radix.token_array(tokens), tokens)  # a uint32 array is taken as it is
+    assert radix.token_array(np.array(A, dtype=np.int64)).tolist() == A
+    for bad in ([1, -1], [1, 1 << 32], [1, 2.5], np.array([1, -1])):
+        with pytest.raises(ValueError, match="not an integer in"):
+            radix.token_array(bad)
+
+
+def test_matches_along_one_path_and_across_branches_give_each_prompts_own_blocks(manager):
+    prefill(manager, 0, B + [1])  # blocks 0, 1, 2 cached
+    prefill(manager, 1, A[:4] + [5, 6, 7, 8, 9])  # blocks 4, 5 cached
+    prefill(manager, 2, A[:4] + [1, 2, 3, 4, 9])  # block 4 shared, then a branch: block 7
+    long = manager.match_prefix(B + [2])
+    assert long.block_ids == (0, 1, 2) and long.num_tokens == 12
+    short = manager.match_prefix(B[:8] + [9])  # the start of the path matched just before
+    assert (short.block_ids, short.block_hashes) == (long.block_ids[:2], long.block_hashes[:2])
+    for _ in range(2):  # alternating branches below a shared block
+        assert manager.match_prefix(A[:4] + [5, 6, 7, 8, 0]).block_ids == (4, 5)
+        assert manager.match_prefix(A[:4] + [1, 2, 3, 4, 0]).block_ids == (4, 7)
+    assert manager.match_prefix(A[:4] + [5, 6, 7, 0, 0]).block_ids == (4,)
+
+
+def test_a_match_after_an_eviction_finds_the_blocks_cached_since(make_manager):
+    m = make_manager(num_blocks=4)
+    prefill(m, 0, A)
+    m.free(0)
+    assert m.match_prefix(A).block_ids == (0, 1)
+    prefill(m, 1, B + [1])  # evicts A's blocks 1 then 0
+    m.free(1)
+    assert m.match_prefix(A).block_ids == ()
+    prefill(m, 2, A)
+    assert m.match_prefix(A).block_ids == tuple(m.block_table(2)[:2])
+    m.free(2)
+
+
 def test_match_prefix_changes_nothing(manager):
     prefill(manager, 0, A)
     manager.free(0)

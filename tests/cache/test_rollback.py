@@ -11,9 +11,12 @@ from tests.cache.conftest import A, B, free_ids, prefill, refs
 
 
 def commit_state(m: KVCacheManager, seq_id: int) -> tuple:
-    """(num_committed, block ids under its hashes, its tip's block id or None for the root)."""
+    """(num_committed, block ids of its cached chain, its tip's block id or None for the root)."""
     seq = m._seqs[seq_id]
-    hashed = [m.tree.get(h).block.block_id for h in seq.hashes]
+    hashed, node = [], seq.tip
+    while node.parent is not None:
+        hashed.insert(0, node.block.block_id)
+        node = node.parent
     return seq.num_committed, hashed, seq.tip.block.block_id if seq.tip.block is not None else None
 
 
