@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import resource
 
@@ -16,10 +17,15 @@ def test_tuned_allocator_reuses_activation_memory_instead_of_faulting_in_fresh_p
     assert tune_allocator() is True
     assert tune_allocator() is True  # once per process; a second call changes nothing
     x = torch.randn(2048, 576)
-    for _ in range(3):  # warm: the heap grows to what one op needs
-        (x * 2).sum()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        (x * 2).sum()  # a 4.7 MB temporary each time
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    gc.collect()  # what earlier tests left is freed now, not between the measured ops
+    gc.disable()
+    try:
+        for _ in range(3):  # warm: the heap grows to what one op needs
+            (x * 2).sum()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            (x * 2).sum()  # a 4.7 MB temporary each time
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        gc.enable()
     assert faults < 20 * (x.numel() * 4 // 4096) // 10  # untuned: every temporary faults in all its pages
