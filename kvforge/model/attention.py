@@ -115,8 +115,9 @@ class AttentionMetadata:
     num_varlen_rows: int = 0  # rows of `varlen` (padding rows included)
     cascade: tuple[CascadeCall, ...] = ()
     private: VarlenBatch | None = None
-    # A cascade decode graph's step: `varlen` holds every row's own K/V (a composed sequence's private
-    # K/V), `segments` the chunk segments its composed rows read, merged into the output.
+    # A cascade decode graph's step, or an eager GPU step whose composed rows see their chunks whole:
+    # `varlen` holds every row's own K/V (a composed sequence's private K/V), `segments` the chunk
+    # segments its composed rows read, merged into the output.
     segments: ops.SegmentBatch | None = None
 
 
@@ -242,9 +243,10 @@ def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.T
                       inv_freq: torch.Tensor, rope_table: torch.Tensor | None, scale: float,
                       quant: dict[str, torch.Tensor]) -> torch.Tensor:
     """The GPU path through the custom ops, once this step's K/V are stored: one unified kernel over
-    the plain rows (merged with their chunk segments in a cascade decode graph), and the composed
-    rows level by level (their private K/V through the same kernel
-    with log-sum-exp, each chunk once for every row that sees it, merged in float32). `quant`: the
+    the varlen rows (merged with the chunk segments of `meta.segments`: a cascade decode graph, or
+    composed rows that see their chunks whole), and the other composed rows level by level (their
+    private K/V through the same kernel with log-sum-exp, each chunk once for every row that sees
+    it, with its mask, merged in float32). `quant`: the
     layer's scales (ForwardContext.scales), quantized pages being dequantized inside the kernels."""
     kernels = _kernels()
     out = torch.empty_like(q)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
-from kvforge.model.staging import MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, SegmentStaging, num_splits_for
+from kvforge.model.staging import SegmentStaging, num_splits_for, sees_whole_chunks
 from kvforge.ops import library as ops_library
 
 if TYPE_CHECKING:
@@ -253,29 +253,19 @@ class StepGraphs:
     def cascade_shape(self, runs: Sequence[TokenRun]) -> GraphShape | None:
         """The cascade decode graph for a step of one-token runs (each needing its logits), some
         composed from chunks, or None: too many runs, a table longer than the static tables, a
-        position past them, a composed run reading more than MAX_ROW_SEGMENTS chunks, a chunk it
-        does not see whole (recomputed tokens hidden, or keys after its position: its query's own
-        rows, which run eagerly), or more than MAX_STEP_SEGMENTS distinct segments in the step."""
+        position past them, a chunk a composed run does not see whole (`sees_whole_chunks`), or
+        segments the staging does not hold (`SegmentStaging.fits`)."""
         sizes = self.buckets[1]
         if self.segments is None or len(runs) > sizes[-1]:
             return None
-        segments = set()
         for r in runs:
             if len(r.token_ids) != 1 or not r.needs_logits or r.all_logits or len(r.block_table) > self.max_blocks:
                 return None
             c = r.composition
-            if c is None:
-                if r.start_pos >= self.max_positions:
-                    return None
-                continue
-            position = c.position(r.start_pos)
-            if position >= self.max_positions or len(c.placements) > MAX_ROW_SEGMENTS:
+            position = r.start_pos if c is None else c.position(r.start_pos)
+            if position >= self.max_positions or (c is not None and not sees_whole_chunks(c, r.start_pos)):
                 return None
-            for p in c.placements:
-                if p.recomputed or p.offset + p.num_tokens > position or len(p.page_indices) > self.max_blocks:
-                    return None
-                segments.add((p.chunk_id, p.offset))
-        if len(segments) > MAX_STEP_SEGMENTS:
+        if not self.segments.fits([() if r.composition is None else r.composition.placements for r in runs]):
             return None
         return GraphShape(1, next(b for b in sizes if b >= len(runs)), cascade=True)
 

@@ -24,7 +24,7 @@ from kvforge.model.attention import (
 )
 from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
-from kvforge.model.staging import HostStaging
+from kvforge.model.staging import MAX_STEP_SEGMENTS, HostStaging, SegmentStaging
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -32,6 +32,10 @@ from kvforge.types import Composition
 # has at least MIN_GROUP rows (each group costs a few extra kernel calls per layer).
 GROUP_LENGTH_RATIO = 0.6
 MIN_GROUP = 8
+# The rows of an eager step, and its (composed row, chunk segment) pairs, that the runner's segment
+# batch holds (a step with more reads its chunks call by call, `plan_cascade`).
+EAGER_SEGMENT_ROWS = 8192
+EAGER_SEGMENT_PAIRS = 8192
 
 
 class TokenRun(NamedTuple):
@@ -122,10 +126,17 @@ class ModelRunner:
         if cuda_graphs and not self.on_gpu:
             raise ValueError("cuda_graphs needs the arena on a CUDA device")
         self.staging = HostStaging(self.device, model.cfg.num_kv_heads) if self.on_gpu else None
+        max_blocks = ceil_div(max_model_len or model.cfg.max_position_embeddings, block_size)
+        # Eager steps with composed rows read their chunks as one segment batch, as a cascade decode
+        # graph does (plain pages only, as there), with masks for recomputed tokens and causality.
+        self.segments = None
+        if self.on_gpu and (k_scales is None or k_scales[0] is None):
+            self.segments = SegmentStaging(EAGER_SEGMENT_ROWS, max_blocks, model.inv_freq, model.cfg.num_kv_heads,
+                                           self.device, max_pairs=EAGER_SEGMENT_PAIRS, max_masks=MAX_STEP_SEGMENTS,
+                                           max_keys=max_blocks * block_size)
         self.graphs = None
         if cuda_graphs:
-            max_len = max_model_len or model.cfg.max_position_embeddings
-            self.graphs = StepGraphs(self, max_graph_batch, ceil_div(max_len, block_size), graph_query_lens)
+            self.graphs = StepGraphs(self, max_graph_batch, max_blocks, graph_query_lens)
 
     @torch.inference_mode()
     def run(self, runs: Sequence[TokenRun], pending: PendingTokens | None = None) -> torch.Tensor:
@@ -187,6 +198,15 @@ class ModelRunner:
         decodes = sorted((i for i in plain if len(runs[i].token_ids) == 1), key=lambda i: -runs[i].start_pos)
         prefills = [i for i in plain if len(runs[i].token_ids) > 1]
         composed = [i for i, c in enumerate(runs) if c.composition is not None]
+        # On the GPU, composed rows join the plain rows' varlen batch (their private K/V) and read their
+        # chunks through one segment batch (when it holds the step), each row the keys it sees.
+        row_segments, row_ends = None, None
+        if composed and self.segments is not None:
+            row_segments, row_ends = self._segment_reads([runs[i] for i in composed])
+            plain_rows = [()] * sum(len(runs[i].token_ids) for i in decodes + prefills)
+            row_segments, row_ends = plain_rows + row_segments, plain_rows + row_ends
+            if not self.segments.fits(row_segments):
+                row_segments = None
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -205,8 +225,9 @@ class ModelRunner:
             else:
                 own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
                 positions.extend(own[c.start_pos:])
-                composed_spans.append(self._composed_span(start, c, own, self.device))
-                private.append((n, c.start_pos + n, c.block_table))
+                if row_segments is None:
+                    composed_spans.append(self._composed_span(start, c, own, self.device))
+                    private.append((n, c.start_pos + n, c.block_table))
             slots.extend(c.slots)
             end_of[i] = start + n
         # packed rows whose token is pending, and the pending row each one reads
@@ -216,16 +237,21 @@ class ModelRunner:
         composed_spans = tuple(composed_spans)
         cascade = plan_cascade(composed_spans, self.device) if composed_spans else ()
         if self.on_gpu:
-            num_plain = len(decodes) + len(prefills)
-            plain_rows = sum(len(runs[i].token_ids) for i in decodes + prefills)
+            in_varlen = decodes + prefills + (composed if row_segments is not None else [])
             varlen = [(len(runs[i].token_ids), runs[i].start_pos + len(runs[i].token_ids), runs[i].block_table)
-                      for i in decodes + prefills]
+                      for i in in_varlen]
             dev = self.staging.upload(ids=ids, positions=positions, slots=slots, rows=rows,
                                       varlen=varlen, private=private, gather=gather)
+            segments = None
+            if row_segments is not None:
+                self.segments.pack(row_segments, len(ids), row_ends)
+                self.segments.upload()
+                segments = self.segments.batch(len(ids), packed=True)
             meta = AttentionMetadata(
                 slot_mapping=dev["slots"], composed=composed_spans,
-                varlen=dev["varlen"] if num_plain else None, num_varlen_rows=plain_rows,
-                cascade=cascade, private=dev["private"] if private else None)
+                varlen=dev["varlen"] if in_varlen else None,
+                num_varlen_rows=sum(len(runs[i].token_ids) for i in in_varlen),
+                cascade=cascade, private=dev["private"] if private else None, segments=segments)
             ids_t, positions_t, rows_t = dev["ids"], dev["positions"], dev["rows"]
             gather_at, gather_src = dev["gather"]
         else:
@@ -244,6 +270,29 @@ class ModelRunner:
         if num_layers is not None:
             return hidden
         return self.model.compute_logits(hidden.index_select(0, rows_t))
+
+    @staticmethod
+    def _segment_reads(runs: Sequence[TokenRun]) -> tuple[list[tuple], list[tuple]]:
+        """For each new row of the composed `runs`, in order: the chunk placements it reads and how
+        many keys of each it sees (those at or before its position; a placement's recomputed keys
+        are masked by the segment batch). A row past all of its chunks (the query, a generated token)
+        shares one pair of tuples with its run's other such rows."""
+        reads, ends = [], []
+        for c in runs:
+            comp = c.composition
+            placements = tuple(p for p in comp.placements if len(p.recomputed) < p.num_tokens)
+            whole = tuple(p.num_tokens for p in placements)
+            past = max((p.offset + p.num_tokens for p in placements), default=0)
+            for j in range(c.start_pos, c.start_pos + len(c.token_ids)):
+                pos = comp.position(j)
+                if pos >= past:
+                    reads.append(placements)
+                    ends.append(whole)
+                    continue
+                seen = [(p, min(p.num_tokens, pos - p.offset + 1)) for p in placements if pos >= p.offset]
+                reads.append(tuple(p for p, _ in seen))
+                ends.append(tuple(e for _, e in seen))
+        return reads, ends
 
     @staticmethod
     def _composed_span(start: int, c: TokenRun, own_positions: list[int], device: torch.device) -> ComposedSpan:

@@ -13,7 +13,7 @@ import torch
 from kvforge import ops
 from kvforge.config import ceil_div
 from kvforge.model.attention import VarlenBatch
-from kvforge.types import ChunkPlacement
+from kvforge.types import ChunkPlacement, Composition
 
 # (new tokens, K/V length including them, block table) of one sequence of a varlen batch
 VarlenRow = tuple[int, int, Sequence[int]]
@@ -99,32 +99,42 @@ SPLIT_KEYS = 256
 
 
 class SegmentStaging:
-    """The host and device buffers of a SegmentBatch (ops/cascade.py) for decode steps of up to
-    `max_rows` rows, each reading at most MAX_ROW_SEGMENTS chunk segments (of up to `max_blocks`
-    pages), MAX_STEP_SEGMENTS distinct ones a step. `pack` fills the pinned host buffers, `upload`
-    copies them (non-blocking; the caller keeps the host buffers unchanged until the copy is done),
-    and `batch(rows)` gives the device views a graph of `rows` rows reads, the same every step."""
+    """The host and device buffers of a SegmentBatch (ops/cascade.py) for steps of up to `max_rows`
+    rows, each reading at most MAX_ROW_SEGMENTS chunk segments (of up to `max_blocks` pages),
+    MAX_STEP_SEGMENTS distinct ones and `max_pairs` (row, segment) pairs a step (default: every row
+    reading MAX_ROW_SEGMENTS), and `max_masks` chunks with recomputed tokens (of up to `max_keys`
+    keys; none by default). `pack` fills the pinned host buffers (once the last upload from them is
+    done), `upload` copies them (non-blocking), and `batch(rows)` gives the device views a graph of
+    `rows` rows reads, the same every step. A cascade decode graph's staging serves its decode
+    steps (every chunk seen whole); the runner's serves eager steps with composed rows."""
 
     def __init__(self, max_rows: int, max_blocks: int, inv_freq: torch.Tensor, num_kv_heads: int,
-                 device: torch.device, target_tasks: int | None = None):
+                 device: torch.device, target_tasks: int | None = None, max_pairs: int | None = None,
+                 max_masks: int = 0, max_keys: int = 0):
         from kvforge.ops.triton.cascade import num_sms
 
         self.num_kv_heads = num_kv_heads
         # Split a step's segments until its tasks (work items x kv heads) fill the GPU twice over
         # (`target_tasks` forces another count: tests, tuning).
         self.target_tasks = target_tasks or 2 * num_sms(device)
-        pairs, segs, tile = max_rows * MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, ops.SEGMENT_TILE_PAIRS
+        pairs, segs, tile = max_pairs or max_rows * MAX_ROW_SEGMENTS, MAX_STEP_SEGMENTS, ops.SEGMENT_TILE_PAIRS
+        self.max_rows, self.max_blocks, self.max_pairs = max_rows, max_blocks, pairs
         self.max_items = max(self.target_tasks // num_kv_heads, pairs // tile + segs) + 1
         self.num_slots = max(pairs, tile * self.target_tasks // num_kv_heads)
         self.inv_freq = inv_freq.detach().cpu()
         dim = 2 * len(self.inv_freq)
         self.rotation: dict[int, np.ndarray] = {}  # offset -> cos, sin of offset * inv_freq (float32)
         sizes = {"items": 6 * self.max_items, "num_items": 1, "pair_rows": pairs, "pair_slots": pairs,
-                 "row_slots": max_rows + 1, "offsets": segs, "rotations": segs * dim}
+                 "pair_ends": pairs, "pair_masks": pairs, "row_slots": max_rows + 1, "offsets": segs,
+                 "rotations": segs * dim}
         self.host = torch.zeros(sum(sizes.values()), dtype=torch.int32, pin_memory=device.type == "cuda")
         self.dev = torch.zeros_like(self.host, device=device)
         self.host_tables = torch.zeros(segs, max_blocks, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.tables = torch.zeros_like(self.host_tables, device=device)
+        self.max_masks = max_masks
+        self.host_masks = torch.zeros(max(1, max_masks), max(1, max_keys), pin_memory=device.type == "cuda")
+        self.masks = torch.zeros_like(self.host_masks, device=device)
+        self.num_masks = self.mask_width = 0  # mask rows (and keys) the packed step uses
         self.written: list = [None] * segs  # the page list each table row holds (see pack_inputs)
         self.views: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
         at = 0
@@ -137,41 +147,84 @@ class SegmentStaging:
             self.views[name] = (host, dev)
             at += size
         self.num_tables = 0
-        self.packed: tuple[list, int] | None = None  # what the host buffers hold: (placements, rows)
+        self.packed: tuple[list, int, list | None] | None = None  # what the host buffers hold: pack's arguments
         self.fresh = False  # the host buffers changed since the last upload
+        self.slots_used = 0  # partial-result slots the packed step writes
+        self.copied: torch.cuda.Event | None = None  # the last upload, on a CUDA device
 
-    def batch(self, rows: int) -> ops.SegmentBatch:
-        """The device views for steps of up to `rows` rows."""
+    def batch(self, rows: int, packed: bool = False) -> ops.SegmentBatch:
+        """The device views for steps of up to `rows` rows (a graph's, any step that fits); with
+        `packed`, for the step just packed (an eager one), holding only the slots it writes."""
         dev = {name: d for name, (_, d) in self.views.items()}
         return ops.SegmentBatch(dev["items"], dev["num_items"], dev["pair_rows"], dev["pair_slots"],
                                 dev["row_slots"][:rows + 1], dev["offsets"], dev["rotations"], self.tables,
-                                self.num_slots)
+                                max(1, self.slots_used) if packed else self.num_slots, dev["pair_ends"],
+                                dev["pair_masks"], self.masks, packed and self.num_masks > 0)
 
-    def pack(self, placements: Sequence[Sequence[ChunkPlacement]], num_rows: int) -> None:
+    def fits(self, rows: Sequence[Sequence[ChunkPlacement]]) -> bool:
+        """Whether a step whose row r reads the segments `rows[r]` fits the buffers: at most `max_rows`
+        rows, MAX_ROW_SEGMENTS segments a row, MAX_STEP_SEGMENTS distinct ones, `max_pairs` (row,
+        segment) pairs, `max_blocks` pages a segment, and `max_masks` placements with recomputed
+        tokens (of at most `max_keys` keys)."""
+        if len(rows) > self.max_rows or sum(map(len, rows)) > self.max_pairs:
+            return False
+        distinct, masked = set(), {}
+        for row in rows:
+            if len(row) > MAX_ROW_SEGMENTS:
+                return False
+            for p in row:
+                if len(p.page_indices) > self.max_blocks:
+                    return False
+                distinct.add((p.chunk_id, p.offset))
+                if p.recomputed:
+                    masked[id(p)] = p.num_tokens
+        return (len(distinct) <= MAX_STEP_SEGMENTS and len(masked) <= self.max_masks
+                and max(masked.values(), default=0) <= self.host_masks.shape[1])
+
+    def pack(self, placements: Sequence[Sequence[ChunkPlacement]], num_rows: int,
+             ends: Sequence[Sequence[int]] | None = None) -> None:
         """Fill the host buffers for a step whose row r reads the chunk segments `placements[r]`
-        (none for a plain row; rows past len(placements), up to `num_rows`, read none). The same
-        (chunk, offset) is one segment however many rows read it. A step whose rows hold the same
-        placement objects as the last packed step's (a steady decode batch) changes nothing."""
+        (none for a plain row; rows past len(placements), up to `num_rows`, read none): keys
+        0..`ends[r][j] - 1` of `placements[r][j]` (all of them without `ends`), less its `recomputed`
+        ones (masked). The same (chunk, offset) is one segment however many rows read it. A step
+        whose rows hold the same placement objects as the last packed step's, with the same ends (a
+        steady decode batch), changes nothing. ValueError where the step does not `fit`."""
         last = self.packed
-        if (last is not None and last[1] == num_rows and len(last[0]) == len(placements)
+        if (last is not None and last[1] == num_rows and len(last[0]) == len(placements) and last[2] == ends
                 and all(map(operator.is_, last[0], placements))):
             return
+        if self.copied is not None:
+            self.copied.synchronize()  # the last upload from the host buffers is done before they change
         self.packed = None  # until this packing is complete
         h = {name: host for name, (host, _) in self.views.items()}
         index: dict[tuple[str, int], int] = {}
         segments: list[ChunkPlacement] = []
-        readers: list[list[int]] = []  # per segment, its rows in order
+        readers: list[list[tuple[int, int, int]]] = []  # per segment, in row order: (row, visible keys, mask)
+        masks: dict[int, int] = {}  # id of a placement with recomputed tokens -> its mask row
+        host_masks = self.host_masks.numpy()
+        self.mask_width = 0
         for r, row in enumerate(placements):
             if len(row) > MAX_ROW_SEGMENTS:
                 raise ValueError(f"row {r} reads {len(row)} chunk segments; at most {MAX_ROW_SEGMENTS}")
-            for p in row:
+            for j, p in enumerate(row):
                 s = index.setdefault((p.chunk_id, p.offset), len(segments))
                 if s == len(segments):
                     segments.append(p)
                     readers.append([])
-                readers[s].append(r)
+                m = masks.get(id(p), -1) if p.recomputed else -1
+                if p.recomputed and m < 0:  # a new mask row: its request's recomputed tokens hidden
+                    m = masks[id(p)] = len(masks)
+                    if m >= self.max_masks or p.num_tokens > host_masks.shape[1]:
+                        raise ValueError(f"a step reads more than {self.max_masks} chunks with recomputed tokens, "
+                                         f"or one of more than {host_masks.shape[1]} keys")
+                    host_masks[m, :p.num_tokens] = 0.0
+                    host_masks[m, list(p.recomputed)] = -np.inf
+                    self.mask_width = max(self.mask_width, p.num_tokens)
+                readers[s].append((r, p.num_tokens if ends is None else ends[r][j], m))
         if len(segments) > MAX_STEP_SEGMENTS:
             raise ValueError(f"a step reads {len(segments)} chunk segments; at most {MAX_STEP_SEGMENTS}")
+        if sum(map(len, readers)) > self.max_pairs:
+            raise ValueError(f"a step reads {sum(map(len, readers))} (row, segment) pairs; at most {self.max_pairs}")
         tile = ops.SEGMENT_TILE_PAIRS
         tiles = sum(ceil_div(len(rows), tile) for rows in readers)
         splits = max(1, self.target_tasks // max(1, tiles * self.num_kv_heads))
@@ -198,8 +251,11 @@ class SegmentStaging:
                 for j in range(num_splits[s]):
                     start = j * keys_per_split[s]
                     items.append((s, pair + first, count, start, min(start + keys_per_split[s], p.num_tokens), j))
-            h["pair_rows"][pair:pair + len(rows)] = rows
-            h["pair_slots"][pair:pair + len(rows)] = [base[s, r] for r in rows]
+            at_pairs = slice(pair, pair + len(rows))
+            h["pair_rows"][at_pairs] = [r for r, _, _ in rows]
+            h["pair_slots"][at_pairs] = [base[s, r] for r, _, _ in rows]
+            h["pair_ends"][at_pairs] = [e for _, e, _ in rows]
+            h["pair_masks"][at_pairs] = [m for _, _, m in rows]
             pair += len(rows)
             h["offsets"][s] = p.offset
             h["rotations"][s] = self._rotation(p.offset)
@@ -215,7 +271,9 @@ class SegmentStaging:
                 self.written[s] = p.page_indices
         self.num_tables = len(segments)
         self.widest = max((len(p.page_indices) for p in segments), default=0)
-        self.packed, self.fresh = (list(placements), num_rows), True
+        self.num_masks = len(masks)
+        self.slots_used = at
+        self.packed, self.fresh = (list(placements), num_rows, None if ends is None else list(ends)), True
 
     def upload(self) -> None:
         """Copy the packed host buffers to the device buffers (non-blocking), if they changed."""
@@ -226,6 +284,12 @@ class SegmentStaging:
         if self.num_tables:
             self.tables[:self.num_tables, :self.widest].copy_(self.host_tables[:self.num_tables, :self.widest],
                                                               non_blocking=True)
+        if self.num_masks:
+            self.masks[:self.num_masks, :self.mask_width].copy_(
+                self.host_masks[:self.num_masks, :self.mask_width], non_blocking=True)
+        if self.dev.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def _rotation(self, offset: int) -> np.ndarray:
         """cos then sin of offset * inv_freq (`ops.rope_cos_sin`, float32), computed once per offset."""
@@ -233,6 +297,14 @@ class SegmentStaging:
             cos, sin = ops.rope_cos_sin(torch.tensor([offset]), self.inv_freq, torch.float32)
             self.rotation[offset] = torch.cat((cos, sin), dim=1)[0].numpy()
         return self.rotation[offset]
+
+
+def sees_whole_chunks(composition: Composition, start_pos: int) -> bool:
+    """Whether the rows of a composed sequence from its private token `start_pos` on see every key of
+    every chunk it reads (none recomputed, each chunk ending before the first row's position), as a
+    SegmentBatch serves them: it has no per-key mask."""
+    position = composition.position(start_pos)
+    return all(not p.recomputed and p.offset + p.num_tokens <= position for p in composition.placements)
 
 
 def _keys_per_split(num_tokens: int, splits: int) -> int:

@@ -141,8 +141,9 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 class SegmentBatch(NamedTuple):
-    """The chunk attention of a decode step's rows as one batch of work, every count on the device so
-    a CUDA graph replays it for any step that fits its buffers (the graph's cascade decode step).
+    """The chunk attention of a step's rows as one batch of work, every count on the device so a
+    CUDA graph replays it for any step that fits its buffers (the graph's cascade decode step; an
+    eager step's batch is built the same way).
 
     A pair is (chunk segment, query row): the row attends to the segment's keys. Pairs of one
     segment are consecutive. Work item w (of the first `num_items[0]`) computes pairs
@@ -154,7 +155,10 @@ class SegmentBatch(NamedTuple):
     `tables[s]`, stored with RoPE at 0.. and re-rotated by `offsets[s]` as they are read:
     `rotations[s]` is cos then sin of offsets[s] * inv_freq (float32, angles taken in float64);
     int4 keys, stored before RoPE, are rotated to offsets[s] + key with the rope table instead.
-    A slot no work item writes is never read."""
+    A pair's row sees its segment's keys 0..pair_ends[pair] - 1 (those at or before its position),
+    less those that `masks[pair_masks[pair]]` hides (additive: 0 or -inf; -1 for no mask): the
+    chunk tokens its request recomputes. A pair that sees no key of a work item's range gets lse
+    -inf there, which the merge ignores. A slot no work item writes is never read."""
 
     items: torch.Tensor  # int32 [6, W]: segment, first pair, pairs, first key, end key, split
     num_items: torch.Tensor  # int32 [1]
@@ -165,16 +169,21 @@ class SegmentBatch(NamedTuple):
     rotations: torch.Tensor  # float32 [S, D]
     tables: torch.Tensor  # int32 [S, nb]
     num_slots: int  # slots a step may use (the partial results' buffer rows)
+    pair_ends: torch.Tensor  # int32 [P]
+    pair_masks: torch.Tensor  # int32 [P]
+    masks: torch.Tensor  # float32 [M, keys]
+    masked: bool  # whether any pair has a mask (on the host: the kernels compile the masked path apart)
 
 
 def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: SegmentBatch,
                       own_out: torch.Tensor, own_lse: torch.Tensor, scale: float, out: torch.Tensor,
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                       rope_table: torch.Tensor | None = None) -> None:
-    """Attention of the decode rows `q` `[n, H, D]` over their own K/V and the chunk segments of
-    `batch` (see SegmentBatch): `own_out` `[n, H, D]`, `own_lse` `[n, H]` (float32) are each row's
-    attention over its own K/V, merged with its segments' partial results into `out` `[n, H, D]`
-    (out's dtype). Writes `out` only. Quantized pages are dequantized with `k_scale`, `v_scale`."""
+    """Attention of the rows `q` `[n, H, D]` over their own K/V and the chunk segments of `batch`
+    (see SegmentBatch, which says which keys each row sees): `own_out` `[n, H, D]`, `own_lse`
+    `[n, H]` (float32) are each row's attention over its own K/V, merged with its segments' partial
+    results into `out` `[n, H, D]` (out's dtype). Writes `out` only. Quantized pages are dequantized
+    with `k_scale`, `v_scale`."""
     n, heads, dim = q.shape
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[(own_out[r], own_lse[r])] for r in range(n)]
     slot_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -192,7 +201,13 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                 k = apply_rope(k.float(), cos, sin).to(k.dtype)
         v = gather_seq_kv(v_cache, table, end, v_scale)
         rows = batch.pair_rows[first:first + pairs].long()
-        o, lse = attention_with_lse(q.index_select(0, rows), k[start:], v[start:], None, scale)
+        keys = torch.arange(start, end, device=q.device)
+        bias = torch.zeros(pairs, end - start, device=q.device)
+        bias.masked_fill_(keys[None, :] >= batch.pair_ends[first:first + pairs, None], float("-inf"))
+        for i, m in enumerate(batch.pair_masks[first:first + pairs].tolist()):
+            if m >= 0:
+                bias[i] += batch.masks[m, start:end].to(q.device)
+        o, lse = attention_with_lse(q.index_select(0, rows), k[start:], v[start:], bias, scale)
         for i, pair in enumerate(range(first, first + pairs)):
             slot_of[int(batch.pair_slots[pair]) + split] = (o[i], lse[i])
     for r in range(n):

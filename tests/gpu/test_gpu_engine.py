@@ -68,38 +68,62 @@ def test_cuda_graph_decode_gives_the_eager_decodes_tokens(gpu_llm, eager_llm):
     assert _tokens(eager_llm.generate(MORE, GREEDY)) == _tokens(gpu_llm.generate(MORE, GREEDY))
 
 
-def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_llm, eager_llm):
+def _chunk_requests(llm, recompute_ratios=(0.0,)) -> dict[str, list[int]]:
+    """8 requests composed from a system chunk and 1-3 documents (recomputing the ratios in turn)
+    beside 8 plain ones, run to the end: each request's tokens. Leaves the engine idle, its chunks
+    unregistered."""
     system = "<|im_start|>system\nYou answer from the documents, briefly.<|im_end|>\n"
     docs = [f"Document {i}: the {w} costs {i * 7 + 3} coins. " for i, w in enumerate(["lamp", "chair", "rug"])]
+    sys_chunk = llm.register_chunk(system, kind="system")
+    chunks = [llm.register_chunk(d) for d in docs]
+    engine, out = llm.engine, {}
+    for i in range(8):
+        picked = [chunks[(i + j) % 3] for j in range(1 + i % 3)]
+        engine.add_chunk_request(f"c{i}", [sys_chunk, *picked], f"Question {i}: what costs the most?",
+                                 GREEDY, recompute_ratio=recompute_ratios[i % len(recompute_ratios)])
+        engine.add_request(f"p{i}", MORE[i], GREEDY)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+    for c in [sys_chunk, *chunks]:
+        llm.unregister_chunk(c.chunk_id)
+    assert_engine_idle(engine)
+    return out
+
+
+def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_llm, eager_llm):
     graphs = gpu_llm.engine.runner.graphs
     replays = []
     run = graphs.run
     graphs.run = lambda runs, shape, *args, **kw: replays.append(shape) or run(runs, shape, *args, **kw)
-    results = []
     try:
-        for llm in (eager_llm, gpu_llm):
-            sys_chunk = llm.register_chunk(system, kind="system")
-            chunks = [llm.register_chunk(d) for d in docs]
-            engine, out = llm.engine, {}
-            for i in range(8):
-                picked = [chunks[(i + j) % 3] for j in range(1 + i % 3)]
-                engine.add_chunk_request(f"c{i}", [sys_chunk, *picked], f"Question {i}: what costs the most?",
-                                         GREEDY, recompute_ratio=0.0)
-                engine.add_request(f"p{i}", MORE[i], GREEDY)
-            while engine.has_unfinished_requests():
-                for o in engine.step():
-                    if o.finished:
-                        out[o.request_id] = o.outputs[0].token_ids
-            for c in [sys_chunk, *chunks]:
-                llm.unregister_chunk(c.chunk_id)
-            assert_engine_idle(engine)
-            results.append(out)
+        results = [_chunk_requests(llm) for llm in (eager_llm, gpu_llm)]
     finally:
         graphs.run = run
     cascade = sum(s.cascade for s in replays)
     same = sum(results[0][k] == results[1][k] for k in results[0])
     print(f"\ncascade decode graphs: {cascade} replays; {same}/{len(results[0])} requests with the eager tokens")
     assert cascade >= 16 and same == len(results[0])
+
+
+def test_eager_composed_steps_read_their_chunks_as_one_segment_batch_with_the_per_chunk_tokens(eager_llm):
+    runner = eager_llm.engine.runner
+    staging, packed = runner.segments, []
+    pack = staging.pack
+    staging.pack = lambda rows, n, ends=None: (pack(rows, n, ends), packed.append(staging.num_masks))
+    ratios = (0.0, 0.15, 1.0)  # selective recompute: masked chunk keys, rows inside the chunks
+    try:
+        batched = _chunk_requests(eager_llm, ratios)
+        runner.segments = None  # every chunk attention call by call, with its mask (a step too big for the batch)
+        per_chunk = _chunk_requests(eager_llm, ratios)
+    finally:
+        runner.segments = staging
+        del staging.pack
+    same = sum(batched[k] == per_chunk[k] for k in batched)
+    print(f"\neager segment batches: {len(packed)} steps, {sum(m > 0 for m in packed)} with masks; "
+          f"{same}/{len(batched)} requests with the per-chunk tokens")
+    assert packed and max(packed) > 0 and same == len(batched)
 
 
 def _last_logits(llm, ids: list[int]) -> torch.Tensor:

@@ -112,3 +112,70 @@ def test_a_steady_cascade_batch_is_packed_and_copied_once_and_a_changed_one_agai
     assert not staging.fresh and not staging.host.any()
     staging.pack([a, b, a], 4)  # a row's chunks changed
     assert staging.fresh and staging.views["num_items"][0][0] == 2
+
+
+def test_a_composed_sequence_sees_its_chunks_whole_only_from_past_them_and_with_none_recomputed():
+    import dataclasses
+
+    from kvforge.model.staging import sees_whole_chunks
+    from kvforge.types import ChunkPlacement, Composition
+
+    system = ChunkPlacement("sys", 0, 0, 40, tuple(range(10, 20)))
+    doc = ChunkPlacement("doc", 1, 40, 8, (30, 31))
+    query = Composition((system, doc), tuple(range(52)), (48, 49, 50, 51))
+    assert sees_whole_chunks(query, 0) and sees_whole_chunks(query, 6)  # the query, a generated token
+    recompute = Composition((system, dataclasses.replace(doc, recomputed=(3,))), tuple(range(52)),
+                            (43, 48, 49, 50, 51))
+    assert not sees_whole_chunks(recompute, 0)  # the recomputed token sits inside the document
+    assert not sees_whole_chunks(recompute, 1)  # and the document's token 3 stays hidden from the query
+
+
+def test_the_segment_staging_fits_steps_within_its_buffers_and_an_eager_batch_holds_its_slots():
+    import pytest
+
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement
+
+    a = (ChunkPlacement("a", 0, 0, 40, tuple(range(10, 13))),)
+    nine = tuple(ChunkPlacement(f"c{i}", 1, 8 * i, 8, (i,)) for i in range(9))
+    long = (ChunkPlacement("long", 0, 0, 17 * 16, tuple(range(17))),)
+    staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
+                             max_pairs=3)
+    assert staging.fits([a, (), a])
+    assert not staging.fits([a, a, a, a])  # four (row, segment) pairs
+    assert not staging.fits([(), (), (), (), ()])  # five rows
+    assert not staging.fits([long])  # more pages than a table holds
+    assert not SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu")).fits([nine])
+    with pytest.raises(ValueError, match="pairs"):
+        staging.pack([a, a, a, a], 4)
+    staging.pack([a, (), a], 4)
+    assert staging.batch(4, packed=True).num_slots == 2  # one split of one chunk for each of two rows
+    assert staging.batch(4).num_slots == staging.num_slots
+
+
+def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_recomputed_ones():
+    from kvforge.model.runner import ModelRunner
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement, Composition
+
+    system = ChunkPlacement("sys", 0, 0, 40, tuple(range(10, 13)))
+    doc = ChunkPlacement("doc", 1, 40, 8, (30,), recomputed=(2, 3))
+    gone = ChunkPlacement("gone", 1, 48, 2, (31,), recomputed=(0, 1))  # every token recomputed: never read
+    # private tokens: the document's tokens 2 and 3 (positions 42, 43), then a 2-token query at 50, 51
+    comp = Composition((system, doc, gone), tuple(range(52)), (42, 43, 48, 49, 50, 51))
+    reads, ends = ModelRunner._segment_reads([TokenRun([1, 2, 3, 4, 5, 6], 0, range(6), [5], True, comp)])
+    assert [[p.chunk_id for p in row] for row in reads] == [["sys", "doc"], ["sys", "doc"]] + [["sys", "doc"]] * 4
+    assert [list(e) for e in ends] == [[40, 3], [40, 4]] + [[40, 8]] * 4
+    assert reads[2] is reads[5] and ends[2] is ends[5]  # rows past every chunk share one read
+    staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
+                             max_masks=1, max_keys=64)
+    assert staging.fits(reads) and not staging.fits(reads + [(doc, system, gone)])  # a second masked placement
+    staging.pack(reads, 6, ends)
+    host = {name: h for name, (h, _) in staging.views.items()}
+    assert host["pair_ends"][:12].tolist() == [40] * 6 + [3, 4, 8, 8, 8, 8]  # the system chunk's pairs first
+    assert host["pair_masks"][:12].tolist() == [-1] * 6 + [0] * 6
+    mask = staging.host_masks[0, :8]
+    assert torch.isinf(mask[[2, 3]]).all() and (mask[[0, 1, 4, 5, 6, 7]] == 0).all()
+    assert staging.batch(6, packed=True).masked and not staging.batch(6).masked

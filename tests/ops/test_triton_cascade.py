@@ -232,13 +232,33 @@ def _segment_step(g, dtype, kv_heads=2, group=3, dim=16, page=4):
     return q, k_cache.to(DEVICE), v_cache.to(DEVICE), placements, own
 
 
+def _recomputing(placements):
+    """`_segment_step`'s placements with some chunk tokens recomputed (row 2's whole chunk "a" but
+    one token, a few of row 4's chunk "b", row 3's first token of "b") and each row's visible keys
+    per placement: row 1 sees only the first 20 keys of "b" (a row inside that chunk), row 3 only
+    the first (recomputed: it sees no key of "b" at all), the others every key."""
+    import dataclasses
+
+    rows = [list(row) for row in placements]
+    rows[2][0] = dataclasses.replace(rows[2][0], recomputed=tuple(range(1, 37)))
+    rows[3][0] = dataclasses.replace(rows[3][0], recomputed=(0,))
+    rows[4][1] = dataclasses.replace(rows[4][1], recomputed=(0, 5, 599))
+    ends = [[p.num_tokens for p in row] for row in rows]
+    ends[1][1], ends[3][0] = 20, 1
+    return [tuple(row) for row in rows], [tuple(e) for e in ends]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("target_tasks", [2, 96])  # one split per segment; the long chunk split
-def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, target_tasks):
+@pytest.mark.parametrize("hidden", [False, True])  # every chunk key seen; keys past a row or recomputed hidden
+def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, target_tasks, hidden):
     from kvforge.model.staging import SegmentStaging
 
     g = torch.Generator().manual_seed(3)
     q, k_cache, v_cache, placements, own = _segment_step(g, dtype)
+    ends = None
+    if hidden:
+        placements, ends = _recomputing(placements)
     n, heads, dim = q.shape
     q = q.to(DEVICE)
     inv_freq, scale = _inv_freq(dim), dim ** -0.5
@@ -248,17 +268,24 @@ def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, targ
         k, v = ops.gather_seq_kv(k_cache, t, length), ops.gather_seq_kv(v_cache, t, length)
         o, lse = ops.attention_with_lse(q[r:r + 1], k, v, None, scale)
         own_out[r], own_lse[r] = o[0].to(dtype), lse[0]
-        ks, vs = [k], [v]
-        for p in placements[r]:
+        ks, vs, bias = [k], [v], [torch.zeros(length)]
+        for j, p in enumerate(placements[r]):
             pt = torch.tensor(p.page_indices, device=DEVICE)
             ks.append(ops.chunk_keys(k_cache, pt, p.num_tokens, p.offset, inv_freq.to(DEVICE)))
             vs.append(ops.gather_seq_kv(v_cache, pt, p.num_tokens))
-        expected.append(ops.attention_with_lse(q[r:r + 1], torch.cat(ks), torch.cat(vs), None, scale)[0][0])
+            seen = torch.zeros(p.num_tokens)
+            seen[ends[r][j] if ends else p.num_tokens:] = float("-inf")
+            seen[list(p.recomputed)] = float("-inf")
+            bias.append(seen)
+        expected.append(ops.attention_with_lse(q[r:r + 1], torch.cat(ks), torch.cat(vs),
+                                               torch.cat(bias)[None].to(DEVICE), scale)[0][0])
     expected = torch.stack(expected)
-    staging = SegmentStaging(8, 256, inv_freq, k_cache.shape[2], torch.device(DEVICE), target_tasks=target_tasks)
-    staging.pack(placements, n)
+    staging = SegmentStaging(8, 256, inv_freq, k_cache.shape[2], torch.device(DEVICE), target_tasks=target_tasks,
+                             max_masks=4, max_keys=1024)
+    staging.pack(placements, n, ends)
     staging.upload()
-    batch = staging.batch(n)
+    batch = staging.batch(n, packed=target_tasks > 2 or hidden)  # an eager step's: only the slots it writes
+    assert batch.masked == hidden
     if target_tasks > 2:
         assert int(batch.num_items[0]) > 4  # the long chunk's key range is split
     own_lse = own_lse.to(DEVICE)
