@@ -104,7 +104,7 @@ class AttentionMetadata:
     Packed rows: the plain rows first (on CPU: the decode groups, then the prefill spans; on GPU: one
     `varlen` batch of both), then the composed spans. On GPU, `cascade` lists the step's chunk
     attentions and `private` is the composed spans' own K/V as a varlen batch over their rows; a
-    cascade decode graph has no composed spans but `segments` (see the field).
+    cascade graph has no composed spans but `segments` (see the field).
     """
 
     slot_mapping: torch.Tensor  # [T] flat arena slot of each new token (-1: padding, not stored)
@@ -115,9 +115,9 @@ class AttentionMetadata:
     num_varlen_rows: int = 0  # rows of `varlen` (padding rows included)
     cascade: tuple[CascadeCall, ...] = ()
     private: VarlenBatch | None = None
-    # A cascade decode graph's step, or an eager GPU step whose composed rows see their chunks whole:
-    # `varlen` holds every row's own K/V (a composed sequence's private K/V), `segments` the chunk
-    # segments its composed rows read, merged into the output.
+    # A cascade graph's step, or an eager GPU step with composed rows: `varlen` holds every row's own
+    # K/V (a composed sequence's private K/V), `segments` the chunk segments its composed rows read,
+    # merged into the output.
     segments: ops.SegmentBatch | None = None
 
 
@@ -243,8 +243,8 @@ def _attention_triton(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.T
                       inv_freq: torch.Tensor, rope_table: torch.Tensor | None, scale: float,
                       quant: dict[str, torch.Tensor]) -> torch.Tensor:
     """The GPU path through the custom ops, once this step's K/V are stored: one unified kernel over
-    the varlen rows (merged with the chunk segments of `meta.segments`: a cascade decode graph, or
-    composed rows that see their chunks whole), and the other composed rows level by level (their
+    the varlen rows (merged with the chunk segments of `meta.segments`: a cascade graph, or an
+    eager step's composed rows), and the other composed rows level by level (their
     private K/V through the same kernel with log-sum-exp, each chunk once for every row that sees
     it, with its mask, merged in float32). `quant`: the
     layer's scales (ForwardContext.scales), quantized pages being dequantized inside the kernels."""

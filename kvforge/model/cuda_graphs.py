@@ -10,9 +10,10 @@ unused sequences store nothing and attend to nothing (length 0). q = 1 is the pl
 (every row's logits); q = k + 1 verifies k drafted tokens per sequence (speculative decoding),
 where a plain decode or a short catch-up run rides along padded; the extend graphs (q in
 EXTEND_QUERY_LENS) run prefills of up to 512 tokens (a prompt, a prompt's suffix after its cached
-prefix), with one logits row per sequence. A cascade decode graph (q = 1) also reads the chunk
-segments of the sequences composed from chunks, from a SegmentBatch whose counts live on the device
-(staging.SegmentStaging packs it). Graphs are captured largest first into one memory pool.
+prefix), with one logits row per sequence. A cascade graph (q = 1, or an extend length: a composed
+prompt's query) also reads the chunk segments of the sequences composed from chunks, from a
+SegmentBatch whose counts live on the device (staging.SegmentStaging packs it). Graphs are captured
+largest first into one memory pool.
 
 A graph's logits stay in the model's dtype; a replay casts the rows it returns to float32. Decode
 graphs (q = 1) also take each row's greedy token inside the graph (`greedy_tokens`), so a step
@@ -61,8 +62,9 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 @dataclass(frozen=True)
 class GraphShape:
-    """The graph a step replays: `query_len` rows per sequence, `batch` sequences; `cascade`: a decode
-    step whose sequences may be composed from chunks (their chunk segments read once per step)."""
+    """The graph a step replays: `query_len` rows per sequence, `batch` sequences; `cascade`: a step
+    whose sequences may be composed from chunks (their chunk segments read once per step): a decode
+    step (query length 1) or a composed prompt's query (an extend length)."""
 
     query_len: int
     batch: int
@@ -106,17 +108,27 @@ def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.nda
     return _pack_columns(step.token_ids, step.positions, step.slots, step.block_tables, batch, inputs, tables, written)
 
 
-def pack_cascade(runs: Sequence[TokenRun], batch: int, inputs: np.ndarray, tables: np.ndarray,
+def pack_cascade(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray, tables: np.ndarray,
                  segments: SegmentStaging, written: list | None = None) -> int:
-    """`pack_inputs` for a cascade decode graph: one-token runs, some composed from chunks (see
-    `StepGraphs.cascade_shape`). A composed run's row sits at its absolute position, attends to its
-    private K/V (its block table, `start_pos + 1` positions) and reads its chunks' segments, packed
-    into `segments`."""
-    k = _pack_columns([r.token_ids[0] for r in runs],
-                      [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
-                      [r.slots[0] for r in runs], [r.block_table for r in runs], batch, inputs, tables, written,
-                      [r.start_pos + 1 for r in runs])
-    segments.pack([() if r.composition is None else r.composition.placements for r in runs], batch)
+    """`pack_inputs` for a cascade graph: runs of up to `query_len` tokens, some composed from chunks
+    (see `StepGraphs.cascade_shape`). A composed run's rows sit at their absolute positions, attend
+    to its private K/V (its block table, `start_pos` + its rows) and read its chunks' segments,
+    packed into `segments` (a padding row reads none)."""
+    if query_len == 1:
+        k = _pack_columns([r.token_ids[0] for r in runs],
+                          [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
+                          [r.slots[0] for r in runs], [r.block_table for r in runs], batch, inputs, tables, written,
+                          [r.start_pos + 1 for r in runs])
+        segments.pack([() if r.composition is None else r.composition.placements for r in runs], batch)
+        return k
+    k = pack_inputs(runs, query_len, batch, inputs, tables, written)
+    reads: list[Sequence] = [()] * (batch * query_len)
+    for i, r in enumerate(runs):
+        c, n, base = r.composition, len(r.token_ids), i * query_len
+        if c is not None:
+            inputs[POSITIONS, base:base + n] = [c.position(j) for j in range(r.start_pos, r.start_pos + n)]
+            reads[base:base + n] = [c.placements] * n
+    segments.pack(reads, batch * query_len)
     return k
 
 
@@ -151,10 +163,10 @@ def _pack_tables(block_tables: list[Sequence[int]], tables: np.ndarray, written:
 
 class StepGraphs:
     """The captured graphs of one runner (whose arena they read and write): query length 1 (decode)
-    up to `max_batch` sequences, plain and cascade (sequences composed from chunks, each chunk
-    segment read once for all the rows that read it; plain pages only); each longer query length in
-    `query_lens` (verification: every row's logits) and in EXTEND_QUERY_LENS (one logits row per
-    sequence) up to MAX_GRAPH_ROWS rows."""
+    up to `max_batch` sequences; each longer query length in `query_lens` (verification: every row's
+    logits) and in EXTEND_QUERY_LENS (one logits row per sequence) up to MAX_GRAPH_ROWS rows; and
+    for query length 1 and the extend lengths, cascade graphs too (sequences composed from chunks,
+    each chunk segment read once for all the rows that read it; plain pages only)."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, query_lens: Sequence[int] = (1,)):
         if max_batch <= 0:
@@ -172,10 +184,13 @@ class StepGraphs:
         self.max_positions = max_blocks * runner.block_size
         model, dev = runner.model, runner.device
         kv_heads = model.cfg.num_kv_heads
-        # Cascade decode graphs read plain pages (quantized ones keep composed steps eager).
+        # Cascade graphs (decode, and the extend lengths: a composed prompt's query) read plain pages
+        # (quantized ones keep composed steps eager).
         quantized = runner.k_scales is not None and runner.k_scales[0] is not None
+        self.cascade_lens = [] if quantized else [q for q in self.buckets
+                                                  if q == 1 or q in EXTEND_QUERY_LENS and self.logits_per_seq[q] == 1]
         self.segments = None if quantized else SegmentStaging(
-            max_batch, max_blocks, model.inv_freq, kv_heads, dev)
+            max(q * self.buckets[q][-1] for q in self.cascade_lens), max_blocks, model.inv_freq, kv_heads, dev)
         rows = max(q * b[-1] for q, b in self.buckets.items())
         with torch.inference_mode():
             self.inputs = torch.zeros(6, rows, dtype=torch.int32, device=dev)
@@ -195,8 +210,7 @@ class StepGraphs:
             slots.fill_(-1)
             pool = None
             shapes = [GraphShape(q, bs) for q, sizes in self.buckets.items() for bs in sizes]
-            if self.segments is not None:
-                shapes += [GraphShape(1, bs, cascade=True) for bs in self.buckets[1]]
+            shapes += [GraphShape(q, bs, cascade=True) for q in self.cascade_lens for bs in self.buckets[q]]
             for shape in sorted(shapes, key=lambda s: (-s.query_len * s.batch, s.cascade)):
                 q, bs = shape.query_len, shape.batch
                 n = q * bs
@@ -204,7 +218,7 @@ class StepGraphs:
                     slot_mapping=slots[:n], num_varlen_rows=n,
                     varlen=VarlenBatch(self.cu[q][:bs + 1], lengths[:bs], self.tables[:bs], q,
                                        num_splits_for(bs, kv_heads, self.max_positions, q, n)),
-                    segments=self.segments.batch(bs) if shape.cascade else None)
+                    segments=self.segments.batch(n) if shape.cascade else None)
                 ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
                 def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]):
@@ -251,23 +265,32 @@ class StepGraphs:
         return None
 
     def cascade_shape(self, runs: Sequence[TokenRun]) -> GraphShape | None:
-        """The cascade decode graph for a step of one-token runs (each needing its logits), some
-        composed from chunks, or None: too many runs, a table longer than the static tables, a
-        position past them, a chunk a composed run does not see whole (`sees_whole_chunks`), or
-        segments the staging does not hold (`SegmentStaging.fits`)."""
-        sizes = self.buckets[1]
-        if self.segments is None or len(runs) > sizes[-1]:
+        """The cascade graph for a step of runs (each needing its last token's logits only), some
+        composed from chunks: the smallest cascade query length that holds the longest run (1: a
+        decode step; an extend length: a composed prompt's query), in its smallest bucket that holds
+        the runs; or None: too many runs or tokens, a table longer than the static tables, a position
+        past them, a chunk a composed run does not see whole (`sees_whole_chunks`), or segments the
+        staging does not hold (`SegmentStaging.fits`)."""
+        if self.segments is None:
             return None
+        longest = max([len(r.token_ids) for r in runs])
+        q = next((q for q in self.cascade_lens if q >= longest and len(runs) <= self.buckets[q][-1]), None)
+        if q is None:
+            return None
+        reads = []
         for r in runs:
-            if len(r.token_ids) != 1 or not r.needs_logits or r.all_logits or len(r.block_table) > self.max_blocks:
+            if not r.needs_logits or r.all_logits or len(r.block_table) > self.max_blocks:
                 return None
-            c = r.composition
-            position = r.start_pos if c is None else c.position(r.start_pos)
-            if position >= self.max_positions or (c is not None and not sees_whole_chunks(c, r.start_pos)):
+            c, n = r.composition, len(r.token_ids)
+            last = r.start_pos + n - 1 if c is None else c.position(r.start_pos + n - 1)
+            if last >= self.max_positions or r.start_pos + q > self.max_positions:
                 return None
-        if not self.segments.fits([() if r.composition is None else r.composition.placements for r in runs]):
+            if c is not None and not sees_whole_chunks(c, r.start_pos):
+                return None
+            reads += [() if c is None else c.placements] * n
+        if not self.segments.fits(reads):
             return None
-        return GraphShape(1, next(b for b in sizes if b >= len(runs)), cascade=True)
+        return GraphShape(q, next(b for b in self.buckets[q] if b >= len(runs)), cascade=True)
 
     def decode_shape(self, step: DecodeStep) -> GraphShape | None:
         """`shape_for` of a plain decode step given as columns: the smallest decode bucket that holds
@@ -296,8 +319,8 @@ class StepGraphs:
         if self.copied is not None:
             self.copied.synchronize()  # the host buffers are free to rewrite
         if shape.cascade:
-            num_logits = pack_cascade(runs, shape.batch, self.host_inputs.numpy(), self.host_tables.numpy(),
-                                      self.segments, self.written)
+            num_logits = pack_cascade(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
+                                      self.host_tables.numpy(), self.segments, self.written)
             self.segments.upload()
         else:
             num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),

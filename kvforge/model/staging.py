@@ -105,8 +105,8 @@ class SegmentStaging:
     reading MAX_ROW_SEGMENTS), and `max_masks` chunks with recomputed tokens (of up to `max_keys`
     keys; none by default). `pack` fills the pinned host buffers (once the last upload from them is
     done), `upload` copies them (non-blocking), and `batch(rows)` gives the device views a graph of
-    `rows` rows reads, the same every step. A cascade decode graph's staging serves its decode
-    steps (every chunk seen whole); the runner's serves eager steps with composed rows."""
+    `rows` rows reads, the same every step. The cascade graphs' staging serves their steps (every
+    chunk seen whole); the runner's serves eager steps with composed rows."""
 
     def __init__(self, max_rows: int, max_blocks: int, inv_freq: torch.Tensor, num_kv_heads: int,
                  device: torch.device, target_tasks: int | None = None, max_pairs: int | None = None,

@@ -92,7 +92,7 @@ def _chunk_requests(llm, recompute_ratios=(0.0,)) -> dict[str, list[int]]:
     return out
 
 
-def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_llm, eager_llm):
+def test_composed_steps_replay_cascade_graphs_with_the_eager_tokens(gpu_llm, eager_llm):
     graphs = gpu_llm.engine.runner.graphs
     replays = []
     run = graphs.run
@@ -101,10 +101,12 @@ def test_composed_decode_steps_replay_a_cascade_graph_with_the_eager_tokens(gpu_
         results = [_chunk_requests(llm) for llm in (eager_llm, gpu_llm)]
     finally:
         graphs.run = run
-    cascade = sum(s.cascade for s in replays)
+    decode = sum(s.cascade and s.query_len == 1 for s in replays)
+    query = sum(s.cascade and s.query_len > 1 for s in replays)  # composed prompts' queries
     same = sum(results[0][k] == results[1][k] for k in results[0])
-    print(f"\ncascade decode graphs: {cascade} replays; {same}/{len(results[0])} requests with the eager tokens")
-    assert cascade >= 16 and same == len(results[0])
+    print(f"\ncascade graphs: {decode} decode and {query} extend replays; {same}/{len(results[0])} requests "
+          f"with the eager tokens")
+    assert decode >= 16 and query >= 1 and same == len(results[0])
 
 
 def test_eager_composed_steps_read_their_chunks_as_one_segment_batch_with_the_per_chunk_tokens(eager_llm):

@@ -84,7 +84,7 @@ def test_a_cascade_decode_step_puts_composed_rows_at_their_positions_and_shares_
     inputs, tables = _buffers(8, 4, 3)
     staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"),
                              target_tasks=2)
-    assert pack_cascade(runs, 4, inputs, tables, staging) == 3
+    assert pack_cascade(runs, 1, 4, inputs, tables, staging) == 3
     assert inputs[POSITIONS, :4].tolist() == [53, 9, 44, 0]
     assert inputs[LENGTHS, :4].tolist() == [6, 10, 5, 0]  # composed rows attend to their private K/V
     host = {name: h for name, (h, _) in staging.views.items()}
@@ -179,3 +179,25 @@ def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_re
     mask = staging.host_masks[0, :8]
     assert torch.isinf(mask[[2, 3]]).all() and (mask[[0, 1, 4, 5, 6, 7]] == 0).all()
     assert staging.batch(6, packed=True).masked and not staging.batch(6).masked
+
+
+def test_a_composed_query_in_a_cascade_extend_graph_sits_at_its_positions_and_its_padding_reads_no_chunk():
+    from kvforge.model.cuda_graphs import pack_cascade
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement, Composition
+
+    system = ChunkPlacement("sys", 0, 0, 40, tuple(range(10, 20)))
+    doc = ChunkPlacement("doc", 1, 40, 8, (30, 31))
+    comp = Composition((system, doc), tuple(range(51)), (48, 49, 50))  # a 3-token query after the chunks
+    runs = [TokenRun([5, 6, 7], 0, [80, 81, 82], [1], True, comp),
+            TokenRun([8, 9], 6, [90, 91], [2], True)]  # a plain prompt's 2-token suffix
+    inputs, tables = np.full((5, 8), 7, dtype=np.int32), np.full((2, 3), 9, dtype=np.int32)
+    staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2)
+    assert pack_cascade(runs, 4, 2, inputs, tables, staging) == 2
+    assert inputs[POSITIONS].tolist() == [48, 49, 50, 0, 6, 7, 0, 0]
+    assert inputs[LENGTHS, :2].tolist() == [4, 10]  # the private K/V and its padding row; the plain run's
+    assert inputs[LOGIT_ROWS, :2].tolist() == [2, 5]
+    host = {name: h for name, (h, _) in staging.views.items()}
+    assert host["pair_rows"][:6].tolist() == [0, 1, 2, 0, 1, 2]  # both chunks for the query's rows only
+    assert host["row_slots"][:9].tolist() == [0, 2, 4, 6, 6, 6, 6, 6, 6]
