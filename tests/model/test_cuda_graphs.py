@@ -201,3 +201,32 @@ def test_a_composed_query_in_a_cascade_extend_graph_sits_at_its_positions_and_it
     host = {name: h for name, (h, _) in staging.views.items()}
     assert host["pair_rows"][:6].tolist() == [0, 1, 2, 0, 1, 2]  # both chunks for the query's rows only
     assert host["row_slots"][:9].tolist() == [0, 2, 4, 6, 6, 6, 6, 6, 6]
+
+
+def test_a_composed_step_takes_the_smallest_cascade_graph_that_holds_its_longest_run():
+    import dataclasses
+
+    from kvforge.model.cuda_graphs import GraphShape, StepGraphs
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement, Composition
+
+    graphs = object.__new__(StepGraphs)  # the shape choice alone: no capture (that needs a GPU)
+    graphs.segments = SegmentStaging(128, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"),
+                                     target_tasks=2)
+    graphs.cascade_lens, graphs.buckets = [1, 32, 128], {1: [1, 2, 4], 32: [1, 2, 4], 128: [1]}
+    graphs.max_blocks, graphs.max_positions = 16, 256
+    doc = ChunkPlacement("doc", 1, 0, 40, (30, 31, 32))
+
+    def query(n, start=0, placement=doc):
+        comp = Composition((placement,), tuple(range(40 + n)), tuple(range(40, 40 + n)))
+        return TokenRun(list(range(n)), start, list(range(n)), [1], True, comp)
+
+    decode = TokenRun([5], 9, [90], [2], True)
+    assert graphs.cascade_shape([query(1, 3), decode]) == GraphShape(1, 2, cascade=True)  # a decode step
+    assert graphs.cascade_shape([query(3), decode]) == GraphShape(32, 2, cascade=True)  # a query joins
+    assert graphs.cascade_shape([query(40)]) == GraphShape(128, 1, cascade=True)
+    assert graphs.cascade_shape([query(40), decode]) is None  # no 128-row graph of two sequences
+    assert graphs.cascade_shape([query(200)]) is None  # longer than every cascade graph
+    assert graphs.cascade_shape([query(3, placement=dataclasses.replace(doc, recomputed=(4,)))]) is None
+    assert graphs.cascade_shape([query(3)._replace(all_logits=True)]) is None  # every row's logits: eager
