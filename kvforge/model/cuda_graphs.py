@@ -184,9 +184,9 @@ class StepGraphs:
         self.max_positions = max_blocks * runner.block_size
         model, dev = runner.model, runner.device
         kv_heads = model.cfg.num_kv_heads
-        # Cascade graphs (decode, and the extend lengths: a composed prompt's query) read plain pages
-        # (quantized ones keep composed steps eager).
-        quantized = runner.k_scales is not None and runner.k_scales[0] is not None
+        # Cascade graphs (decode, and the extend lengths: a composed prompt's query) read plain pages,
+        # as the runner's eager segment batch does (quantized ones keep composed steps eager).
+        quantized = runner.segments is None
         self.cascade_lens = [] if quantized else [q for q in self.buckets
                                                   if q == 1 or q in EXTEND_QUERY_LENS and self.logits_per_seq[q] == 1]
         self.segments = None if quantized else SegmentStaging(

@@ -127,8 +127,9 @@ class ModelRunner:
             raise ValueError("cuda_graphs needs the arena on a CUDA device")
         self.staging = HostStaging(self.device, model.cfg.num_kv_heads) if self.on_gpu else None
         max_blocks = ceil_div(max_model_len or model.cfg.max_position_embeddings, block_size)
-        # Eager steps with composed rows read their chunks as one segment batch, as a cascade decode
-        # graph does (plain pages only, as there), with masks for recomputed tokens and causality.
+        # Eager steps with composed rows read their chunks as one segment batch, as cascade graphs do
+        # (plain pages only, which StepGraphs reads off `segments`), with masks for recomputed tokens
+        # and causality.
         self.segments = None
         if self.on_gpu and (k_scales is None or k_scales[0] is None):
             self.segments = SegmentStaging(EAGER_SEGMENT_ROWS, max_blocks, model.inv_freq, model.cfg.num_kv_heads,

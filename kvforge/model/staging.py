@@ -135,6 +135,7 @@ class SegmentStaging:
         self.host_masks = torch.zeros(max(1, max_masks), max(1, max_keys), pin_memory=device.type == "cuda")
         self.masks = torch.zeros_like(self.host_masks, device=device)
         self.num_masks = self.mask_width = 0  # mask rows (and keys) the packed step uses
+        self.partial = False  # whether a pair of the packed step sees only part of its segment
         self.written: list = [None] * segs  # the page list each table row holds (see pack_inputs)
         self.views: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
         at = 0
@@ -159,7 +160,7 @@ class SegmentStaging:
         return ops.SegmentBatch(dev["items"], dev["num_items"], dev["pair_rows"], dev["pair_slots"],
                                 dev["row_slots"][:rows + 1], dev["offsets"], dev["rotations"], self.tables,
                                 max(1, self.slots_used) if packed else self.num_slots, dev["pair_ends"],
-                                dev["pair_masks"], self.masks, packed and self.num_masks > 0)
+                                dev["pair_masks"], self.masks, packed and self.partial)
 
     def fits(self, rows: Sequence[Sequence[ChunkPlacement]]) -> bool:
         """Whether a step whose row r reads the segments `rows[r]` fits the buffers: at most `max_rows`
@@ -202,7 +203,7 @@ class SegmentStaging:
         readers: list[list[tuple[int, int, int]]] = []  # per segment, in row order: (row, visible keys, mask)
         masks: dict[int, int] = {}  # id of a placement with recomputed tokens -> its mask row
         host_masks = self.host_masks.numpy()
-        self.mask_width = 0
+        self.mask_width, cut = 0, False  # cut: a pair sees only the keys up to its row
         for r, row in enumerate(placements):
             if len(row) > MAX_ROW_SEGMENTS:
                 raise ValueError(f"row {r} reads {len(row)} chunk segments; at most {MAX_ROW_SEGMENTS}")
@@ -220,7 +221,9 @@ class SegmentStaging:
                     host_masks[m, :p.num_tokens] = 0.0
                     host_masks[m, list(p.recomputed)] = -np.inf
                     self.mask_width = max(self.mask_width, p.num_tokens)
-                readers[s].append((r, p.num_tokens if ends is None else ends[r][j], m))
+                end = p.num_tokens if ends is None else ends[r][j]
+                cut = cut or end < p.num_tokens
+                readers[s].append((r, end, m))
         if len(segments) > MAX_STEP_SEGMENTS:
             raise ValueError(f"a step reads {len(segments)} chunk segments; at most {MAX_STEP_SEGMENTS}")
         if sum(map(len, readers)) > self.max_pairs:
@@ -272,6 +275,7 @@ class SegmentStaging:
         self.num_tables = len(segments)
         self.widest = max((len(p.page_indices) for p in segments), default=0)
         self.num_masks = len(masks)
+        self.partial = cut or bool(masks)
         self.slots_used = at
         self.packed, self.fresh = (list(placements), num_rows, None if ends is None else list(ends)), True
 

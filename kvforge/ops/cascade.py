@@ -172,7 +172,8 @@ class SegmentBatch(NamedTuple):
     pair_ends: torch.Tensor  # int32 [P]
     pair_masks: torch.Tensor  # int32 [P]
     masks: torch.Tensor  # float32 [M, keys]
-    masked: bool  # whether any pair has a mask (on the host: the kernels compile the masked path apart)
+    masked: bool  # whether any pair sees only part of its segment (an end before its last key, or a mask):
+    # on the host, for the kernels compile that path apart; False promises every pair sees every key
 
 
 def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: SegmentBatch,

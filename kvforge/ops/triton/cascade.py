@@ -105,15 +105,16 @@ def _attend_keys(q1, q2, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rope
     """Attention of the packed query rows (q1, q2: the two halves of their head dims, `[BLOCK_M,
     BLOCK_HALF]`) over one chunk's keys start..end - 1 of kv head `kvh`, read page by page through
     `table_ptr` and re-rotated by (cos, sin) `[BLOCK_HALF, 1]` when ROTATE (int4 keys: rotated to
-    offset + key instead); `bias_rows` `[BLOCK_M, 1]` points at each row's additive bias (HAS_BIAS;
-    read where `bias_ok` `[BLOCK_M]`, 0 elsewhere); row m sees only keys < `row_end[m]`.
+    offset + key instead). With HAS_BIAS, `bias_rows` `[BLOCK_M, 1]` points at each row's additive
+    bias (read where `bias_ok` `[BLOCK_M]`, 0 elsewhere) and row m sees only keys < `row_end[m]`.
     Returns the normalized output halves (float32) and each row's log-sum-exp (natural log; -inf,
     with output 0, for a row that saw no key)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
-    end = tl.minimum(end, tl.max(row_end, 0))  # no row sees a key past it
+    if HAS_BIAS:
+        end = tl.minimum(end, tl.max(row_end, 0))  # no row sees a key past it
     for first in range(start, end, BLOCK_N):
         keys = first + tl.arange(0, BLOCK_N)
         key_ok = keys < end
@@ -139,7 +140,8 @@ def _attend_keys(q1, q2, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, rope
         s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
             s += tl.load(bias_rows + keys[None, :], mask=bias_ok[:, None] & key_ok[None, :], other=0.0) * 1.4426950408889634
-        s = tl.where(key_ok[None, :] & (keys[None, :] < row_end[:, None]), s, float("-inf"))
+            s = tl.where(keys[None, :] < row_end[:, None], s, float("-inf"))
+        s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
         alpha = tl.exp2(m_i - m_safe)
@@ -175,7 +177,7 @@ def _segment_attention_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, KV_HEADS: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
-    VALUE_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr,
+    VALUE_DTYPE: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     # Persistent: program p takes tasks p, p + programs, ... of the (work item, kv head) tasks, their
     # count read from the device, so one launch (and one CUDA graph) serves any step. Packed row r of
@@ -197,10 +199,11 @@ def _segment_attention_kernel(
         pair = first + r // GROUP
         tok = tl.load(pair_rows_ptr + pair, mask=row_ok, other=0).to(tl.int64)
         slot = (tl.load(pair_slots_ptr + pair, mask=row_ok, other=0) + split).to(tl.int64)
-        row_end = tl.load(pair_ends_ptr + pair, mask=row_ok, other=0)
-        if HAS_MASK:  # the chunk tokens the pair's request recomputes, hidden
+        if PARTIAL:  # a pair sees its segment's keys up to its row, less those its request recomputes
+            row_end = tl.load(pair_ends_ptr + pair, mask=row_ok, other=0)
             mask_row = tl.load(pair_masks_ptr + pair, mask=row_ok, other=-1)
-        else:
+        else:  # every pair sees every key (a cascade graph's batch): neither is read
+            row_end = tl.zeros([BLOCK_M], tl.int32)
             mask_row = tl.full([BLOCK_M], -1, tl.int32)
         head = kvh * GROUP + r % GROUP
         q_at = q_ptr + tok[:, None] * stride_qn + head[:, None] * stride_qh + dh[None, :]
@@ -217,7 +220,7 @@ def _segment_attention_kernel(
             cos, sin, masks_ptr + tl.maximum(mask_row, 0).to(tl.int64)[:, None] * stride_mask, mask_row >= 0,
             row_end, start, end, tl.load(offsets_ptr + seg), kvh, dh, d_ok, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            PAGE, HALF, BLOCK_M, BLOCK_N, BLOCK_HALF, ROTATE, HAS_MASK, PRECISION, dot_dtype,
+            PAGE, HALF, BLOCK_M, BLOCK_N, BLOCK_HALF, ROTATE, PARTIAL, PRECISION, dot_dtype,
             KV_HEADS, K_FORMAT, V_FORMAT, VALUE_DTYPE)
         out_at = out_ptr + slot[:, None] * stride_on + head[:, None] * stride_oh + dh[None, :]
         tl.store(out_at, o1, mask=q_mask)
@@ -439,7 +442,7 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP=group, PAGE=page, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
         BLOCK_M=block_m, BLOCK_N=64, ROTATE=k_format != INT4_CHANNELS.value,
         PRECISION="ieee" if value_dtype == tl.float32 else "tf32", UPCAST=q.device.type == "cpu",
-        KV_HEADS=kv_heads, K_FORMAT=k_format, V_FORMAT=v_format, VALUE_DTYPE=value_dtype, HAS_MASK=batch.masked,
+        KV_HEADS=kv_heads, K_FORMAT=k_format, V_FORMAT=v_format, VALUE_DTYPE=value_dtype, PARTIAL=batch.masked,
         num_warps=4, num_stages=2,
     )
     if n:
