@@ -12,7 +12,9 @@ where a plain decode or a short catch-up run rides along padded; the extend grap
 EXTEND_QUERY_LENS) run prefills of up to 512 tokens (a prompt, a prompt's suffix after its cached
 prefix), with one logits row per sequence. A cascade graph (q = 1, or an extend length: a composed
 prompt's query) also reads the chunk segments of the sequences composed from chunks, from a
-SegmentBatch whose counts live on the device (staging.SegmentStaging packs it). Graphs are captured
+SegmentBatch whose counts live on the device (staging.SegmentStaging packs it); each is captured
+twice: for rows that see their chunks whole, and masked, for rows that see part of a chunk (a
+recomputed token inside it, or chunk tokens its request recomputes, hidden). Graphs are captured
 largest first into one memory pool.
 
 A graph's logits stay in the model's dtype; a replay casts the rows it returns to float32. Decode
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from kvforge.model.attention import AttentionMetadata, VarlenBatch, forward_context
-from kvforge.model.staging import SegmentStaging, num_splits_for, sees_whole_chunks
+from kvforge.model.staging import MAX_STEP_SEGMENTS, SegmentStaging, num_splits_for, sees_whole_chunks, segment_reads
 from kvforge.ops import library as ops_library
 
 if TYPE_CHECKING:
@@ -64,11 +66,13 @@ def graph_buckets(max_batch: int) -> list[int]:
 class GraphShape:
     """The graph a step replays: `query_len` rows per sequence, `batch` sequences; `cascade`: a step
     whose sequences may be composed from chunks (their chunk segments read once per step): a decode
-    step (query length 1) or a composed prompt's query (an extend length)."""
+    step (query length 1) or a composed prompt's query (an extend length); `masked` (cascade only):
+    its rows may see part of a chunk (the segment batch reads each pair's end and mask)."""
 
     query_len: int
     batch: int
     cascade: bool = False
+    masked: bool = False
 
 
 def pack_inputs(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray,
@@ -109,26 +113,36 @@ def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.nda
 
 
 def pack_cascade(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray, tables: np.ndarray,
-                 segments: SegmentStaging, written: list | None = None) -> int:
+                 segments: SegmentStaging, written: list | None = None, masked: bool = False) -> int:
     """`pack_inputs` for a cascade graph: runs of up to `query_len` tokens, some composed from chunks
     (see `StepGraphs.cascade_shape`). A composed run's rows sit at their absolute positions, attend
     to its private K/V (its block table, `start_pos` + its rows) and read its chunks' segments,
-    packed into `segments` (a padding row reads none)."""
+    packed into `segments` (a padding row reads none): whole, or with `masked` (a masked graph) the
+    keys each row sees (`segment_reads`)."""
+    rows = batch * query_len
+    reads: list[Sequence] = [()] * rows
+    ends: list[Sequence[int]] | None = [()] * rows if masked else None
+    for i, r in enumerate(runs):
+        c, n, base = r.composition, len(r.token_ids), i * query_len
+        if c is None:
+            continue
+        if masked:
+            reads[base:base + n], ends[base:base + n] = segment_reads(r)
+        else:
+            reads[base:base + n] = [c.placements] * n
     if query_len == 1:
         k = _pack_columns([r.token_ids[0] for r in runs],
                           [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
                           [r.slots[0] for r in runs], [r.block_table for r in runs], batch, inputs, tables, written,
                           [r.start_pos + 1 for r in runs])
-        segments.pack([() if r.composition is None else r.composition.placements for r in runs], batch)
-        return k
-    k = pack_inputs(runs, query_len, batch, inputs, tables, written)
-    reads: list[Sequence] = [()] * (batch * query_len)
-    for i, r in enumerate(runs):
-        c, n, base = r.composition, len(r.token_ids), i * query_len
-        if c is not None:
-            inputs[POSITIONS, base:base + n] = [c.position(j) for j in range(r.start_pos, r.start_pos + n)]
-            reads[base:base + n] = [c.placements] * n
-    segments.pack(reads, batch * query_len)
+    else:
+        k = pack_inputs(runs, query_len, batch, inputs, tables, written)
+        for i, r in enumerate(runs):
+            c, base = r.composition, i * query_len
+            if c is not None:
+                inputs[POSITIONS, base:base + len(r.token_ids)] = [
+                    c.position(j) for j in range(r.start_pos, r.start_pos + len(r.token_ids))]
+    segments.pack(reads, rows, ends)
     return k
 
 
@@ -166,7 +180,7 @@ class StepGraphs:
     up to `max_batch` sequences; each longer query length in `query_lens` (verification: every row's
     logits) and in EXTEND_QUERY_LENS (one logits row per sequence) up to MAX_GRAPH_ROWS rows; and
     for query length 1 and the extend lengths, cascade graphs too (sequences composed from chunks,
-    each chunk segment read once for all the rows that read it; plain pages only)."""
+    each chunk segment read once for all the rows that read it; plain pages only), whole and masked."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, query_lens: Sequence[int] = (1,)):
         if max_batch <= 0:
@@ -190,7 +204,8 @@ class StepGraphs:
         self.cascade_lens = [] if quantized else [q for q in self.buckets
                                                   if q == 1 or q in EXTEND_QUERY_LENS and self.logits_per_seq[q] == 1]
         self.segments = None if quantized else SegmentStaging(
-            max(q * self.buckets[q][-1] for q in self.cascade_lens), max_blocks, model.inv_freq, kv_heads, dev)
+            max(q * self.buckets[q][-1] for q in self.cascade_lens), max_blocks, model.inv_freq, kv_heads, dev,
+            max_masks=MAX_STEP_SEGMENTS, max_keys=self.max_positions)
         rows = max(q * b[-1] for q, b in self.buckets.items())
         with torch.inference_mode():
             self.inputs = torch.zeros(6, rows, dtype=torch.int32, device=dev)
@@ -210,15 +225,16 @@ class StepGraphs:
             slots.fill_(-1)
             pool = None
             shapes = [GraphShape(q, bs) for q, sizes in self.buckets.items() for bs in sizes]
-            shapes += [GraphShape(q, bs, cascade=True) for q in self.cascade_lens for bs in self.buckets[q]]
-            for shape in sorted(shapes, key=lambda s: (-s.query_len * s.batch, s.cascade)):
+            shapes += [GraphShape(q, bs, cascade=True, masked=masked) for q in self.cascade_lens
+                       for bs in self.buckets[q] for masked in (False, True)]
+            for shape in sorted(shapes, key=lambda s: (-s.query_len * s.batch, s.cascade, s.masked)):
                 q, bs = shape.query_len, shape.batch
                 n = q * bs
                 meta = AttentionMetadata(
                     slot_mapping=slots[:n], num_varlen_rows=n,
                     varlen=VarlenBatch(self.cu[q][:bs + 1], lengths[:bs], self.tables[:bs], q,
                                        num_splits_for(bs, kv_heads, self.max_positions, q, n)),
-                    segments=self.segments.batch(n) if shape.cascade else None)
+                    segments=self.segments.batch(n, masked=shape.masked) if shape.cascade else None)
                 ctx = dataclasses.replace(runner.pages(), metadata=meta)
 
                 def step(ctx=ctx, n=n, q=q, k=bs * self.logits_per_seq[q]):
@@ -268,16 +284,16 @@ class StepGraphs:
         """The cascade graph for a step of runs (each needing its last token's logits only), some
         composed from chunks: the smallest cascade query length that holds the longest run (1: a
         decode step; an extend length: a composed prompt's query), in its smallest bucket that holds
-        the runs; or None: too many runs or tokens, a table longer than the static tables, a position
-        past them, a chunk a composed run does not see whole (`sees_whole_chunks`), or segments the
-        staging does not hold (`SegmentStaging.fits`)."""
+        the runs, masked where a composed run does not see its chunks whole (`sees_whole_chunks`);
+        or None: too many runs or tokens, a table longer than the static tables, a position past
+        them, or segments the staging does not hold (`SegmentStaging.fits`)."""
         if self.segments is None:
             return None
         longest = max([len(r.token_ids) for r in runs])
         q = next((q for q in self.cascade_lens if q >= longest and len(runs) <= self.buckets[q][-1]), None)
         if q is None:
             return None
-        reads = []
+        reads, masked = [], False
         for r in runs:
             if not r.needs_logits or r.all_logits or len(r.block_table) > self.max_blocks:
                 return None
@@ -285,12 +301,11 @@ class StepGraphs:
             last = r.start_pos + n - 1 if c is None else c.position(r.start_pos + n - 1)
             if last >= self.max_positions or r.start_pos + q > self.max_positions:
                 return None
-            if c is not None and not sees_whole_chunks(c, r.start_pos):
-                return None
-            reads += [() if c is None else c.placements] * n
+            reads += [() if c is None else c.placements] * n  # what a row may read: packing reads no more
+            masked = masked or c is not None and not sees_whole_chunks(c, r.start_pos)
         if not self.segments.fits(reads):
             return None
-        return GraphShape(q, next(b for b in self.buckets[q] if b >= len(runs)), cascade=True)
+        return GraphShape(q, next(b for b in self.buckets[q] if b >= len(runs)), cascade=True, masked=masked)
 
     def decode_shape(self, step: DecodeStep) -> GraphShape | None:
         """`shape_for` of a plain decode step given as columns: the smallest decode bucket that holds
@@ -320,7 +335,7 @@ class StepGraphs:
             self.copied.synchronize()  # the host buffers are free to rewrite
         if shape.cascade:
             num_logits = pack_cascade(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
-                                      self.host_tables.numpy(), self.segments, self.written)
+                                      self.host_tables.numpy(), self.segments, self.written, shape.masked)
             self.segments.upload()
         else:
             num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),

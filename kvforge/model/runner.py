@@ -24,7 +24,7 @@ from kvforge.model.attention import (
 )
 from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
-from kvforge.model.staging import MAX_STEP_SEGMENTS, HostStaging, SegmentStaging
+from kvforge.model.staging import MAX_STEP_SEGMENTS, HostStaging, SegmentStaging, segment_reads
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -203,9 +203,12 @@ class ModelRunner:
         # chunks through one segment batch (when it holds the step), each row the keys it sees.
         row_segments, row_ends = None, None
         if composed and self.segments is not None:
-            row_segments, row_ends = self._segment_reads([runs[i] for i in composed])
-            plain_rows = [()] * sum(len(runs[i].token_ids) for i in decodes + prefills)
-            row_segments, row_ends = plain_rows + row_segments, plain_rows + row_ends
+            plain_rows = sum(len(runs[i].token_ids) for i in decodes + prefills)
+            row_segments, row_ends = [()] * plain_rows, [()] * plain_rows
+            for i in composed:
+                reads, ends = segment_reads(runs[i])
+                row_segments += reads
+                row_ends += ends
             if not self.segments.fits(row_segments):
                 row_segments = None
         ids: list[int] = []
@@ -223,12 +226,13 @@ class ModelRunner:
                 positions.extend(range(c.start_pos, c.start_pos + n))
                 if n > 1 and not self.on_gpu:
                     spans.append(PrefillSpan(start, n, c.start_pos, _table_tensor(c.block_table)))
+            elif row_segments is not None:  # the new rows' positions; their reads are packed below
+                positions.extend(map(c.composition.position, range(c.start_pos, c.start_pos + n)))
             else:
                 own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
                 positions.extend(own[c.start_pos:])
-                if row_segments is None:
-                    composed_spans.append(self._composed_span(start, c, own, self.device))
-                    private.append((n, c.start_pos + n, c.block_table))
+                composed_spans.append(self._composed_span(start, c, own, self.device))
+                private.append((n, c.start_pos + n, c.block_table))
             slots.extend(c.slots)
             end_of[i] = start + n
         # packed rows whose token is pending, and the pending row each one reads
@@ -271,29 +275,6 @@ class ModelRunner:
         if num_layers is not None:
             return hidden
         return self.model.compute_logits(hidden.index_select(0, rows_t))
-
-    @staticmethod
-    def _segment_reads(runs: Sequence[TokenRun]) -> tuple[list[tuple], list[tuple]]:
-        """For each new row of the composed `runs`, in order: the chunk placements it reads and how
-        many keys of each it sees (those at or before its position; a placement's recomputed keys
-        are masked by the segment batch). A row past all of its chunks (the query, a generated token)
-        shares one pair of tuples with its run's other such rows."""
-        reads, ends = [], []
-        for c in runs:
-            comp = c.composition
-            placements = tuple(p for p in comp.placements if len(p.recomputed) < p.num_tokens)
-            whole = tuple(p.num_tokens for p in placements)
-            past = max((p.offset + p.num_tokens for p in placements), default=0)
-            for j in range(c.start_pos, c.start_pos + len(c.token_ids)):
-                pos = comp.position(j)
-                if pos >= past:
-                    reads.append(placements)
-                    ends.append(whole)
-                    continue
-                seen = [(p, min(p.num_tokens, pos - p.offset + 1)) for p in placements if pos >= p.offset]
-                reads.append(tuple(p for p, _ in seen))
-                ends.append(tuple(e for _, e in seen))
-        return reads, ends
 
     @staticmethod
     def _composed_span(start: int, c: TokenRun, own_positions: list[int], device: torch.device) -> ComposedSpan:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from kvforge import ops
 from kvforge.config import ceil_div
 from kvforge.model.attention import VarlenBatch
 from kvforge.types import ChunkPlacement, Composition
+
+if TYPE_CHECKING:
+    from kvforge.model.runner import TokenRun
 
 # (new tokens, K/V length including them, block table) of one sequence of a varlen batch
 VarlenRow = tuple[int, int, Sequence[int]]
@@ -153,14 +157,16 @@ class SegmentStaging:
         self.slots_used = 0  # partial-result slots the packed step writes
         self.copied: torch.cuda.Event | None = None  # the last upload, on a CUDA device
 
-    def batch(self, rows: int, packed: bool = False) -> ops.SegmentBatch:
-        """The device views for steps of up to `rows` rows (a graph's, any step that fits); with
-        `packed`, for the step just packed (an eager one), holding only the slots it writes."""
+    def batch(self, rows: int, packed: bool = False, masked: bool = False) -> ops.SegmentBatch:
+        """The device views for steps of up to `rows` rows (a graph's, any step that fits), reading
+        pair ends and masks with `masked` (a graph for rows that see part of a chunk); with `packed`,
+        for the step just packed (an eager one), holding only the slots it writes and masked where
+        it needs to be."""
         dev = {name: d for name, (_, d) in self.views.items()}
         return ops.SegmentBatch(dev["items"], dev["num_items"], dev["pair_rows"], dev["pair_slots"],
                                 dev["row_slots"][:rows + 1], dev["offsets"], dev["rotations"], self.tables,
                                 max(1, self.slots_used) if packed else self.num_slots, dev["pair_ends"],
-                                dev["pair_masks"], self.masks, packed and self.partial)
+                                dev["pair_masks"], self.masks, self.partial if packed else masked)
 
     def fits(self, rows: Sequence[Sequence[ChunkPlacement]]) -> bool:
         """Whether a step whose row r reads the segments `rows[r]` fits the buffers: at most `max_rows`
@@ -309,6 +315,32 @@ def sees_whole_chunks(composition: Composition, start_pos: int) -> bool:
     SegmentBatch serves them: it has no per-key mask."""
     position = composition.position(start_pos)
     return all(not p.recomputed and p.offset + p.num_tokens <= position for p in composition.placements)
+
+
+def segment_reads(run: TokenRun) -> tuple[list[tuple[ChunkPlacement, ...]], list[tuple[int, ...]]]:
+    """For each new row of the composed `run`, in order: the chunk placements it reads and how many
+    keys of each it sees (those at or before its position; a placement's recomputed keys are masked
+    by the segment batch; a placement recomputed whole is not read). A row past all of its chunks
+    (the query, a generated token) shares one pair of tuples with the run's other such rows: the
+    composition's own placements where none is recomputed whole (so a steady decode batch packs
+    the same objects every step)."""
+    comp = run.composition
+    placements = comp.placements
+    if any(len(p.recomputed) == p.num_tokens for p in placements):
+        placements = tuple(p for p in placements if len(p.recomputed) < p.num_tokens)
+    whole = tuple(p.num_tokens for p in placements)
+    past = max((p.offset + p.num_tokens for p in placements), default=0)
+    reads, ends = [], []
+    for j in range(run.start_pos, run.start_pos + len(run.token_ids)):
+        pos = comp.position(j)
+        if pos >= past:
+            reads.append(placements)
+            ends.append(whole)
+            continue
+        seen = [(p, min(p.num_tokens, pos - p.offset + 1)) for p in placements if pos >= p.offset]
+        reads.append(tuple(p for p, _ in seen))
+        ends.append(tuple(e for _, e in seen))
+    return reads, ends
 
 
 def _keys_per_split(num_tokens: int, splits: int) -> int:

@@ -92,21 +92,35 @@ def _chunk_requests(llm, recompute_ratios=(0.0,)) -> dict[str, list[int]]:
     return out
 
 
+def _lone_queries(llm) -> dict[str, list[int]]:
+    """A composed prompt alone (its query a step of its own: an extend graph), whole and recomputing
+    half of its second document: each one's tokens."""
+    chunks = [llm.register_chunk(f"Document {i}: the {w} costs {i * 5 + 2} coins. ") for i, w in enumerate(["cup", "pen"])]
+    try:
+        return {f"q{r}": llm.generate_from_chunks(chunks, "Question: which costs more?", GREEDY,
+                                                  recompute_ratio=r).outputs[0].token_ids for r in (0.0, 0.5)}
+    finally:
+        for c in chunks:
+            llm.unregister_chunk(c.chunk_id)
+
+
 def test_composed_steps_replay_cascade_graphs_with_the_eager_tokens(gpu_llm, eager_llm):
     graphs = gpu_llm.engine.runner.graphs
     replays = []
     run = graphs.run
     graphs.run = lambda runs, shape, *args, **kw: replays.append(shape) or run(runs, shape, *args, **kw)
+    ratios = (0.0, 0.15, 1.0)  # chunks seen whole; recomputed tokens inside them (masked graphs)
     try:
-        results = [_chunk_requests(llm) for llm in (eager_llm, gpu_llm)]
+        results = [_chunk_requests(llm, ratios) | _lone_queries(llm) for llm in (eager_llm, gpu_llm)]
     finally:
         graphs.run = run
     decode = sum(s.cascade and s.query_len == 1 for s in replays)
     query = sum(s.cascade and s.query_len > 1 for s in replays)  # composed prompts' queries
+    masked = sum(s.masked for s in replays)
     same = sum(results[0][k] == results[1][k] for k in results[0])
-    print(f"\ncascade graphs: {decode} decode and {query} extend replays; {same}/{len(results[0])} requests "
-          f"with the eager tokens")
-    assert decode >= 16 and query >= 1 and same == len(results[0])
+    print(f"\ncascade graphs: {decode} decode and {query} extend replays, {masked} of them masked; "
+          f"{same}/{len(results[0])} requests with the eager tokens")
+    assert decode >= 16 and query >= 2 and masked >= 17 and same == len(results[0])
 
 
 def test_eager_composed_steps_read_their_chunks_as_one_segment_batch_with_the_per_chunk_tokens(eager_llm):

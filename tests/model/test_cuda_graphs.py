@@ -155,8 +155,7 @@ def test_the_segment_staging_fits_steps_within_its_buffers_and_an_eager_batch_ho
 
 
 def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_recomputed_ones():
-    from kvforge.model.runner import ModelRunner
-    from kvforge.model.staging import SegmentStaging
+    from kvforge.model.staging import SegmentStaging, segment_reads
     from kvforge.ops import rope_inv_freq
     from kvforge.types import ChunkPlacement, Composition
 
@@ -165,7 +164,7 @@ def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_re
     gone = ChunkPlacement("gone", 1, 48, 2, (31,), recomputed=(0, 1))  # every token recomputed: never read
     # private tokens: the document's tokens 2 and 3 (positions 42, 43), then a 2-token query at 50, 51
     comp = Composition((system, doc, gone), tuple(range(52)), (42, 43, 48, 49, 50, 51))
-    reads, ends = ModelRunner._segment_reads([TokenRun([1, 2, 3, 4, 5, 6], 0, range(6), [5], True, comp)])
+    reads, ends = segment_reads(TokenRun([1, 2, 3, 4, 5, 6], 0, range(6), [5], True, comp))
     assert [[p.chunk_id for p in row] for row in reads] == [["sys", "doc"], ["sys", "doc"]] + [["sys", "doc"]] * 4
     assert [list(e) for e in ends] == [[40, 3], [40, 4]] + [[40, 8]] * 4
     assert reads[2] is reads[5] and ends[2] is ends[5]  # rows past every chunk share one read
@@ -203,7 +202,7 @@ def test_a_composed_query_in_a_cascade_extend_graph_sits_at_its_positions_and_it
     assert host["row_slots"][:9].tolist() == [0, 2, 4, 6, 6, 6, 6, 6, 6]
 
 
-def test_a_composed_step_takes_the_smallest_cascade_graph_that_holds_its_longest_run():
+def test_a_composed_step_takes_the_smallest_cascade_graph_that_holds_its_longest_run_masked_if_it_must():
     import dataclasses
 
     from kvforge.model.cuda_graphs import GraphShape, StepGraphs
@@ -213,7 +212,7 @@ def test_a_composed_step_takes_the_smallest_cascade_graph_that_holds_its_longest
 
     graphs = object.__new__(StepGraphs)  # the shape choice alone: no capture (that needs a GPU)
     graphs.segments = SegmentStaging(128, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"),
-                                     target_tasks=2)
+                                     target_tasks=2, max_masks=1, max_keys=64)
     graphs.cascade_lens, graphs.buckets = [1, 32, 128], {1: [1, 2, 4], 32: [1, 2, 4], 128: [1]}
     graphs.max_blocks, graphs.max_positions = 16, 256
     doc = ChunkPlacement("doc", 1, 0, 40, (30, 31, 32))
@@ -228,5 +227,33 @@ def test_a_composed_step_takes_the_smallest_cascade_graph_that_holds_its_longest
     assert graphs.cascade_shape([query(40)]) == GraphShape(128, 1, cascade=True)
     assert graphs.cascade_shape([query(40), decode]) is None  # no 128-row graph of two sequences
     assert graphs.cascade_shape([query(200)]) is None  # longer than every cascade graph
-    assert graphs.cascade_shape([query(3, placement=dataclasses.replace(doc, recomputed=(4,)))]) is None
+    recomputing = dataclasses.replace(doc, recomputed=(4,))  # its keys less token 4: the masked graph
+    assert graphs.cascade_shape([query(3, placement=recomputing), decode]) == GraphShape(32, 2, True, masked=True)
+    assert graphs.cascade_shape([query(1, 3, recomputing)]) == GraphShape(1, 1, cascade=True, masked=True)
+    another = dataclasses.replace(doc, recomputed=(4,))  # a second request's: a mask of its own
+    assert graphs.cascade_shape([query(1, 3, recomputing), query(1, 3, another)]) is None  # room for one mask
     assert graphs.cascade_shape([query(3)._replace(all_logits=True)]) is None  # every row's logits: eager
+
+
+def test_a_masked_cascade_graph_packs_each_rows_visible_chunk_keys_and_its_requests_recomputed_mask():
+    from kvforge.model.cuda_graphs import pack_cascade
+    from kvforge.model.staging import SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement, Composition
+
+    system = ChunkPlacement("sys", 0, 0, 40, tuple(range(10, 13)))
+    doc = ChunkPlacement("doc", 1, 40, 8, (30,), recomputed=(2, 3))
+    # private tokens: the document's tokens 2 and 3 (positions 42, 43), then a 2-token query at 48, 49
+    comp = Composition((system, doc), tuple(range(50)), (42, 43, 48, 49))
+    runs = [TokenRun([5, 6, 7, 8], 0, [80, 81, 82, 83], [1], True, comp), TokenRun([9], 6, [90], [2], True)]
+    inputs, tables = np.full((5, 8), 7, dtype=np.int32), np.full((2, 3), 9, dtype=np.int32)
+    staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
+                             max_masks=1, max_keys=64)
+    assert pack_cascade(runs, 4, 2, inputs, tables, staging, masked=True) == 2
+    assert inputs[POSITIONS].tolist() == [42, 43, 48, 49, 6, 0, 0, 0]
+    host = {name: h for name, (h, _) in staging.views.items()}
+    assert host["pair_rows"][:8].tolist() == [0, 1, 2, 3] * 2  # the system chunk's pairs, then the document's
+    assert host["pair_ends"][:8].tolist() == [40] * 4 + [3, 4, 8, 8]  # rows inside the document see up to themselves
+    assert host["pair_masks"][:8].tolist() == [-1] * 4 + [0] * 4  # the request's recomputed tokens hidden
+    assert torch.isinf(staging.host_masks[0, [2, 3]]).all() and staging.partial
+    assert staging.batch(8, masked=True).masked and not staging.batch(8).masked
