@@ -119,17 +119,6 @@ def pack_cascade(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: n
     to its private K/V (its block table, `start_pos` + its rows) and read its chunks' segments,
     packed into `segments` (a padding row reads none): whole, or with `masked` (a masked graph) the
     keys each row sees (`segment_reads`)."""
-    rows = batch * query_len
-    reads: list[Sequence] = [()] * rows
-    ends: list[Sequence[int]] | None = [()] * rows if masked else None
-    for i, r in enumerate(runs):
-        c, n, base = r.composition, len(r.token_ids), i * query_len
-        if c is None:
-            continue
-        if masked:
-            reads[base:base + n], ends[base:base + n] = segment_reads(r)
-        else:
-            reads[base:base + n] = [c.placements] * n
     if query_len == 1:
         k = _pack_columns([r.token_ids[0] for r in runs],
                           [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
@@ -137,11 +126,19 @@ def pack_cascade(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: n
                           [r.start_pos + 1 for r in runs])
     else:
         k = pack_inputs(runs, query_len, batch, inputs, tables, written)
-        for i, r in enumerate(runs):
-            c, base = r.composition, i * query_len
-            if c is not None:
-                inputs[POSITIONS, base:base + len(r.token_ids)] = [
-                    c.position(j) for j in range(r.start_pos, r.start_pos + len(r.token_ids))]
+    rows = batch * query_len
+    reads: list[Sequence] = [()] * rows
+    ends: list[Sequence[int]] | None = [()] * rows if masked else None
+    for i, r in enumerate(runs):
+        c, n, base = r.composition, len(r.token_ids), i * query_len
+        if c is None:
+            continue
+        if query_len > 1:
+            inputs[POSITIONS, base:base + n] = list(map(c.position, range(r.start_pos, r.start_pos + n)))
+        if masked:
+            reads[base:base + n], ends[base:base + n] = segment_reads(r)
+        else:
+            reads[base:base + n] = [c.placements] * n
     segments.pack(reads, rows, ends)
     return k
 

@@ -1,6 +1,6 @@
 """Host-to-device staging of a step's metadata: built once on the host, copied in one non-blocking
-copy from pinned memory (the GPU path of the runner); and the segment batch of a cascade decode
-graph's step (SegmentStaging)."""
+copy from pinned memory (the GPU path of the runner); and the segment batch of a step whose rows read
+chunk segments, a cascade graph's or an eager one's (SegmentStaging, `segment_reads`)."""
 
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ class SegmentStaging:
     reading MAX_ROW_SEGMENTS), and `max_masks` chunks with recomputed tokens (of up to `max_keys`
     keys; none by default). `pack` fills the pinned host buffers (once the last upload from them is
     done), `upload` copies them (non-blocking), and `batch(rows)` gives the device views a graph of
-    `rows` rows reads, the same every step. The cascade graphs' staging serves their steps (every
-    chunk seen whole); the runner's serves eager steps with composed rows."""
+    `rows` rows reads, the same every step. The cascade graphs' staging serves their steps (whole
+    and masked); the runner's serves eager steps with composed rows."""
 
     def __init__(self, max_rows: int, max_blocks: int, inv_freq: torch.Tensor, num_kv_heads: int,
                  device: torch.device, target_tasks: int | None = None, max_pairs: int | None = None,
@@ -312,7 +312,7 @@ class SegmentStaging:
 def sees_whole_chunks(composition: Composition, start_pos: int) -> bool:
     """Whether the rows of a composed sequence from its private token `start_pos` on see every key of
     every chunk it reads (none recomputed, each chunk ending before the first row's position), as a
-    SegmentBatch serves them: it has no per-key mask."""
+    an unmasked cascade graph serves them (its segment kernel reads no pair end or mask)."""
     position = composition.position(start_pos)
     return all(not p.recomputed and p.offset + p.num_tokens <= position for p in composition.placements)
 
