@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvforge import LLM, SamplingParams
@@ -213,7 +214,7 @@ def cascade_attention_rows(rng: random.Random) -> dict:
     rows, split over the SMs) and the merge."""
     from triton.testing import do_bench
 
-    from kvforge.model.staging import SegmentStaging
+    from kvforge.model.staging import RunReads, SegmentStaging
     from kvforge.ops import triton as kernels
     from kvforge.types import ChunkPlacement
 
@@ -237,7 +238,8 @@ def cascade_attention_rows(rng: random.Random) -> dict:
                                 kernels.choose_num_splits(n, kv_heads, shared + own))
 
     staging = SegmentStaging(n, shared_pages, inv_freq, kv_heads, torch.device("cuda"))
-    staging.pack([(ChunkPlacement("system", 0, 0, shared, tuple(range(shared_pages))),)] * n, n)
+    system = (ChunkPlacement("system", 0, 0, shared, tuple(range(shared_pages))),)
+    staging.pack([RunReads(r, np.array([shared + own - 1]), system, True) for r in range(n)], n)
     staging.upload()
     segments, own_out, own_lens = staging.batch(n), torch.empty_like(q), torch.full((n,), own, dtype=torch.int32,
                                                                                      device="cuda")

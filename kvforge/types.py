@@ -313,6 +313,12 @@ class Composition:
         n = len(self.private_positions)
         return self.private_positions[i] if i < n else len(self.prompt_token_ids) + i - n
 
+    @functools.cached_property
+    def chunks_end(self) -> int:
+        """The position just past the last chunk key: a private token there or later sees every
+        chunk whole (less its recomputed keys)."""
+        return max((p.offset + p.num_tokens for p in self.placements), default=0)
+
     @property
     def num_reused(self) -> int:
         """Prompt tokens whose KV comes from chunk pages."""

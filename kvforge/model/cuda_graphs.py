@@ -113,33 +113,23 @@ def pack_decode(step: DecodeStep, batch: int, inputs: np.ndarray, tables: np.nda
 
 
 def pack_cascade(runs: Sequence[TokenRun], query_len: int, batch: int, inputs: np.ndarray, tables: np.ndarray,
-                 segments: SegmentStaging, written: list | None = None, masked: bool = False) -> int:
+                 segments: SegmentStaging, written: list | None = None) -> int:
     """`pack_inputs` for a cascade graph: runs of up to `query_len` tokens, some composed from chunks
     (see `StepGraphs.cascade_shape`). A composed run's rows sit at their absolute positions, attend
     to its private K/V (its block table, `start_pos` + its rows) and read its chunks' segments,
-    packed into `segments` (a padding row reads none): whole, or with `masked` (a masked graph) the
-    keys each row sees (`segment_reads`)."""
+    packed into `segments` (`segment_reads`: each row the keys it sees; a padding row reads none)."""
+    reads = [segment_reads(r, i * query_len) for i, r in enumerate(runs) if r.composition is not None]
     if query_len == 1:
-        k = _pack_columns([r.token_ids[0] for r in runs],
-                          [r.start_pos if r.composition is None else r.composition.position(r.start_pos) for r in runs],
-                          [r.slots[0] for r in runs], [r.block_table for r in runs], batch, inputs, tables, written,
-                          [r.start_pos + 1 for r in runs])
+        positions = [r.start_pos for r in runs]
+        for read in reads:
+            positions[read.first_row] = read.positions[0]
+        k = _pack_columns([r.token_ids[0] for r in runs], positions, [r.slots[0] for r in runs],
+                          [r.block_table for r in runs], batch, inputs, tables, written, [r.start_pos + 1 for r in runs])
     else:
         k = pack_inputs(runs, query_len, batch, inputs, tables, written)
-    rows = batch * query_len
-    reads: list[Sequence] = [()] * rows
-    ends: list[Sequence[int]] | None = [()] * rows if masked else None
-    for i, r in enumerate(runs):
-        c, n, base = r.composition, len(r.token_ids), i * query_len
-        if c is None:
-            continue
-        if query_len > 1:
-            inputs[POSITIONS, base:base + n] = list(map(c.position, range(r.start_pos, r.start_pos + n)))
-        if masked:
-            reads[base:base + n], ends[base:base + n] = segment_reads(r)
-        else:
-            reads[base:base + n] = [c.placements] * n
-    segments.pack(reads, rows, ends)
+        for read in reads:
+            inputs[POSITIONS, read.first_row:read.first_row + len(read.positions)] = read.positions
+    segments.pack(reads, batch * query_len)
     return k
 
 
@@ -298,9 +288,10 @@ class StepGraphs:
             last = r.start_pos + n - 1 if c is None else c.position(r.start_pos + n - 1)
             if last >= self.max_positions or r.start_pos + q > self.max_positions:
                 return None
-            reads += [() if c is None else c.placements] * n  # what a row may read: packing reads no more
-            masked = masked or c is not None and not sees_whole_chunks(c, r.start_pos)
-        if not self.segments.fits(reads):
+            if c is not None:
+                reads.append((n, c.placements))
+                masked = masked or not sees_whole_chunks(c, r.start_pos)
+        if not self.segments.fits(reads, q * len(runs)):
             return None
         return GraphShape(q, next(b for b in self.buckets[q] if b >= len(runs)), cascade=True, masked=masked)
 
@@ -332,7 +323,7 @@ class StepGraphs:
             self.copied.synchronize()  # the host buffers are free to rewrite
         if shape.cascade:
             num_logits = pack_cascade(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),
-                                      self.host_tables.numpy(), self.segments, self.written, shape.masked)
+                                      self.host_tables.numpy(), self.segments, self.written)
             self.segments.upload()
         else:
             num_logits = pack_inputs(runs, shape.query_len, shape.batch, self.host_inputs.numpy(),

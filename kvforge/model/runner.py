@@ -24,7 +24,7 @@ from kvforge.model.attention import (
 )
 from kvforge.model.cuda_graphs import StepGraphs
 from kvforge.model.llama import LlamaForCausalLM
-from kvforge.model.staging import MAX_STEP_SEGMENTS, HostStaging, SegmentStaging, segment_reads
+from kvforge.model.staging import MAX_STEP_SEGMENTS, HostStaging, RunReads, SegmentStaging, segment_reads
 from kvforge.types import Composition
 
 # Decode rows are grouped by K/V length so short sequences are not padded to the longest one: a new
@@ -201,16 +201,15 @@ class ModelRunner:
         composed = [i for i, c in enumerate(runs) if c.composition is not None]
         # On the GPU, composed rows join the plain rows' varlen batch (their private K/V) and read their
         # chunks through one segment batch (when it holds the step), each row the keys it sees.
-        row_segments, row_ends = None, None
+        reads: dict[int, RunReads] | None = None  # composed run -> its rows' chunk reads
         if composed and self.segments is not None:
-            plain_rows = sum(len(runs[i].token_ids) for i in decodes + prefills)
-            row_segments, row_ends = [()] * plain_rows, [()] * plain_rows
+            first = sum(len(runs[i].token_ids) for i in decodes + prefills)
+            reads = {}
             for i in composed:
-                reads, ends = segment_reads(runs[i])
-                row_segments += reads
-                row_ends += ends
-            if not self.segments.fits(row_segments):
-                row_segments = None
+                reads[i] = segment_reads(runs[i], first)
+                first += len(runs[i].token_ids)
+            if not self.segments.fits([(len(r.positions), r.placements) for r in reads.values()], first):
+                reads = None
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -226,8 +225,8 @@ class ModelRunner:
                 positions.extend(range(c.start_pos, c.start_pos + n))
                 if n > 1 and not self.on_gpu:
                     spans.append(PrefillSpan(start, n, c.start_pos, _table_tensor(c.block_table)))
-            elif row_segments is not None:  # the new rows' positions; their reads are packed below
-                positions.extend(map(c.composition.position, range(c.start_pos, c.start_pos + n)))
+            elif reads is not None:  # the new rows' positions; their reads are packed below
+                positions.extend(reads[i].positions.tolist())
             else:
                 own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
                 positions.extend(own[c.start_pos:])
@@ -242,14 +241,14 @@ class ModelRunner:
         composed_spans = tuple(composed_spans)
         cascade = plan_cascade(composed_spans, self.device) if composed_spans else ()
         if self.on_gpu:
-            in_varlen = decodes + prefills + (composed if row_segments is not None else [])
+            in_varlen = decodes + prefills + (composed if reads is not None else [])
             varlen = [(len(runs[i].token_ids), runs[i].start_pos + len(runs[i].token_ids), runs[i].block_table)
                       for i in in_varlen]
             dev = self.staging.upload(ids=ids, positions=positions, slots=slots, rows=rows,
                                       varlen=varlen, private=private, gather=gather)
             segments = None
-            if row_segments is not None:
-                self.segments.pack(row_segments, len(ids), row_ends)
+            if reads is not None:
+                self.segments.pack(list(reads.values()), len(ids))
                 self.segments.upload()
                 segments = self.segments.batch(len(ids), packed=True)
             meta = AttentionMetadata(

@@ -104,14 +104,26 @@ def test_a_steady_cascade_batch_is_packed_and_copied_once_and_a_changed_one_agai
     a = (ChunkPlacement("a", 0, 0, 40, tuple(range(10, 20))),)
     b = (ChunkPlacement("b", 1, 0, 8, (30, 31)),)
     staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2)
-    staging.pack([a, (), a], 4)
+    staging.pack(_decoding([a, (), a], 50), 4)
     staging.upload()
     assert staging.dev[:].tolist() == staging.host.tolist() and not staging.fresh
     staging.host.zero_()  # a steady batch (the same placement objects) does not touch the buffers
-    staging.pack([a, (), a], 4)
+    staging.pack(_decoding([a, (), a], 51), 4)
     assert not staging.fresh and not staging.host.any()
-    staging.pack([a, b, a], 4)  # a row's chunks changed
+    staging.pack(_decoding([a, b, a], 52), 4)  # a row's chunks changed
     assert staging.fresh and staging.views["num_items"][0][0] == 2
+    staging.pack(_decoding([a, b, a], 20), 4)  # rows inside chunk "a": what they see moves every step
+    staging.host.zero_()
+    staging.pack(_decoding([a, b, a], 20), 4)
+    assert staging.fresh and staging.views["pair_ends"][0][:2].tolist() == [21, 21]
+
+
+def _decoding(rows, position):
+    """One-row composed runs at `position` reading `rows[r]` (rows without placements read none)."""
+    from kvforge.model.staging import RunReads
+
+    return [RunReads(r, np.array([position]), row, position >= max(p.offset + p.num_tokens for p in row))
+            for r, row in enumerate(rows) if row]
 
 
 def test_a_composed_sequence_sees_its_chunks_whole_only_from_past_them_and_with_none_recomputed():
@@ -142,14 +154,16 @@ def test_the_segment_staging_fits_steps_within_its_buffers_and_an_eager_batch_ho
     long = (ChunkPlacement("long", 0, 0, 17 * 16, tuple(range(17))),)
     staging = SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
                              max_pairs=3)
-    assert staging.fits([a, (), a])
-    assert not staging.fits([a, a, a, a])  # four (row, segment) pairs
-    assert not staging.fits([(), (), (), (), ()])  # five rows
-    assert not staging.fits([long])  # more pages than a table holds
-    assert not SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu")).fits([nine])
+    assert staging.fits([(1, a), (1, a)], 3)
+    assert not staging.fits([(4, a)], 4)  # four (row, segment) pairs
+    assert not staging.fits([], 5)  # five rows
+    assert not staging.fits([(1, long)], 1)  # more pages than a table holds
+    assert not SegmentStaging(4, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu")).fits([(1, nine)], 1)
     with pytest.raises(ValueError, match="pairs"):
-        staging.pack([a, a, a, a], 4)
-    staging.pack([a, (), a], 4)
+        staging.pack(_decoding([a, a, a, a], 50), 4)
+    with pytest.raises(ValueError, match="rows"):
+        staging.pack(_decoding([a, a, a, a], 50), 3)  # a run past the step's rows
+    staging.pack(_decoding([a, (), a], 50), 4)
     assert staging.batch(4, packed=True).num_slots == 2  # one split of one chunk for each of two rows
     assert staging.batch(4).num_slots == staging.num_slots
 
@@ -164,14 +178,14 @@ def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_re
     gone = ChunkPlacement("gone", 1, 48, 2, (31,), recomputed=(0, 1))  # every token recomputed: never read
     # private tokens: the document's tokens 2 and 3 (positions 42, 43), then a 2-token query at 50, 51
     comp = Composition((system, doc, gone), tuple(range(52)), (42, 43, 48, 49, 50, 51))
-    reads, ends = segment_reads(TokenRun([1, 2, 3, 4, 5, 6], 0, range(6), [5], True, comp))
-    assert [[p.chunk_id for p in row] for row in reads] == [["sys", "doc"], ["sys", "doc"]] + [["sys", "doc"]] * 4
-    assert [list(e) for e in ends] == [[40, 3], [40, 4]] + [[40, 8]] * 4
-    assert reads[2] is reads[5] and ends[2] is ends[5]  # rows past every chunk share one read
+    reads = segment_reads(TokenRun([1, 2, 3, 4, 5, 6], 0, range(6), [5], True, comp), 1)
+    assert reads.first_row == 1 and reads.positions.tolist() == [42, 43, 48, 49, 50, 51] and not reads.whole
+    assert segment_reads(TokenRun([7], 6, [6], [5], True, comp), 0).whole  # the first generated token
     staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
                              max_masks=1, max_keys=64)
-    assert staging.fits(reads) and not staging.fits(reads + [(doc, system, gone)])  # a second masked placement
-    staging.pack(reads, 6, ends)
+    assert staging.fits([(6, comp.placements)], 7)  # "gone" is read by none, so needs no mask
+    assert not staging.fits([(6, comp.placements), (1, (doc, system, gone, _recomputing(system)))], 8)
+    staging.pack([reads._replace(first_row=0)], 6)
     host = {name: h for name, (h, _) in staging.views.items()}
     assert host["pair_ends"][:12].tolist() == [40] * 6 + [3, 4, 8, 8, 8, 8]  # the system chunk's pairs first
     assert host["pair_masks"][:12].tolist() == [-1] * 6 + [0] * 6
@@ -249,7 +263,7 @@ def test_a_masked_cascade_graph_packs_each_rows_visible_chunk_keys_and_its_reque
     inputs, tables = np.full((5, 8), 7, dtype=np.int32), np.full((2, 3), 9, dtype=np.int32)
     staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
                              max_masks=1, max_keys=64)
-    assert pack_cascade(runs, 4, 2, inputs, tables, staging, masked=True) == 2
+    assert pack_cascade(runs, 4, 2, inputs, tables, staging) == 2
     assert inputs[POSITIONS].tolist() == [42, 43, 48, 49, 6, 0, 0, 0]
     host = {name: h for name, (h, _) in staging.views.items()}
     assert host["pair_rows"][:8].tolist() == [0, 1, 2, 3] * 2  # the system chunk's pairs, then the document's
@@ -257,3 +271,10 @@ def test_a_masked_cascade_graph_packs_each_rows_visible_chunk_keys_and_its_reque
     assert host["pair_masks"][:8].tolist() == [-1] * 4 + [0] * 4  # the request's recomputed tokens hidden
     assert torch.isinf(staging.host_masks[0, [2, 3]]).all() and staging.partial
     assert staging.batch(8, masked=True).masked and not staging.batch(8).masked
+
+
+def _recomputing(placement):
+    """`placement` with its first token recomputed by the request reading it."""
+    import dataclasses
+
+    return dataclasses.replace(placement, recomputed=(0,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,31 +235,33 @@ def _segment_step(g, dtype, kv_heads=2, group=3, dim=16, page=4):
 
 def _recomputing(placements):
     """`_segment_step`'s placements with some chunk tokens recomputed (row 2's whole chunk "a" but
-    one token, a few of row 4's chunk "b", row 3's first token of "b") and each row's visible keys
-    per placement: row 1 sees only the first 20 keys of "b" (a row inside that chunk), row 3 only
-    the first (recomputed: it sees no key of "b" at all), the others every key."""
+    one token, a few of row 4's chunk "b", row 3's first token of "b") and each row's position: row
+    1 sits inside chunk "b" (it sees "a" whole and the first 20 keys of "b"), row 3 on the first
+    token of "b" (recomputed: it sees no key of "b" at all), the others past every chunk."""
     import dataclasses
 
     rows = [list(row) for row in placements]
     rows[2][0] = dataclasses.replace(rows[2][0], recomputed=tuple(range(1, 37)))
     rows[3][0] = dataclasses.replace(rows[3][0], recomputed=(0,))
     rows[4][1] = dataclasses.replace(rows[4][1], recomputed=(0, 5, 599))
-    ends = [[p.num_tokens for p in row] for row in rows]
-    ends[1][1], ends[3][0] = 20, 1
-    return [tuple(row) for row in rows], [tuple(e) for e in ends]
+    positions = [_PAST, 37 + 19, _PAST, 100, _PAST, _PAST]
+    return [tuple(row) for row in rows], positions
+
+
+_PAST = 10_000  # a position past every chunk of `_segment_step`
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("target_tasks", [2, 96])  # one split per segment; the long chunk split
 @pytest.mark.parametrize("hidden", [False, True])  # every chunk key seen; keys past a row or recomputed hidden
 def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, target_tasks, hidden):
-    from kvforge.model.staging import SegmentStaging
+    from kvforge.model.staging import RunReads, SegmentStaging
 
     g = torch.Generator().manual_seed(3)
     q, k_cache, v_cache, placements, own = _segment_step(g, dtype)
-    ends = None
+    positions = [_PAST] * len(placements)
     if hidden:
-        placements, ends = _recomputing(placements)
+        placements, positions = _recomputing(placements)
     n, heads, dim = q.shape
     q = q.to(DEVICE)
     inv_freq, scale = _inv_freq(dim), dim ** -0.5
@@ -274,7 +277,7 @@ def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, targ
             ks.append(ops.chunk_keys(k_cache, pt, p.num_tokens, p.offset, inv_freq.to(DEVICE)))
             vs.append(ops.gather_seq_kv(v_cache, pt, p.num_tokens))
             seen = torch.zeros(p.num_tokens)
-            seen[ends[r][j] if ends else p.num_tokens:] = float("-inf")
+            seen[positions[r] - p.offset + 1:] = float("-inf")  # keys past the row
             seen[list(p.recomputed)] = float("-inf")
             bias.append(seen)
         expected.append(ops.attention_with_lse(q[r:r + 1], torch.cat(ks), torch.cat(vs),
@@ -282,7 +285,8 @@ def test_segment_attention_merges_each_rows_chunks_with_its_own_keys(dtype, targ
     expected = torch.stack(expected)
     staging = SegmentStaging(8, 256, inv_freq, k_cache.shape[2], torch.device(DEVICE), target_tasks=target_tasks,
                              max_masks=4, max_keys=1024)
-    staging.pack(placements, n, ends)
+    staging.pack([RunReads(r, np.array([positions[r]]), row, positions[r] == _PAST)
+                  for r, row in enumerate(placements) if row], n)
     staging.upload()
     batch = staging.batch(n, packed=target_tasks > 2 or hidden)  # an eager step's: only the slots it writes
     assert batch.masked == hidden
