@@ -226,7 +226,7 @@ class ModelRunner:
                 if n > 1 and not self.on_gpu:
                     spans.append(PrefillSpan(start, n, c.start_pos, _table_tensor(c.block_table)))
             elif reads is not None:  # the new rows' positions; their reads are packed below
-                positions.extend(reads[i].positions.tolist())
+                positions.extend(reads[i].positions)
             else:
                 own = [c.composition.position(j) for j in range(c.start_pos + n)]  # every private token so far
                 positions.extend(own[c.start_pos:])

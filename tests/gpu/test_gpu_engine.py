@@ -127,7 +127,7 @@ def test_eager_composed_steps_read_their_chunks_as_one_segment_batch_with_the_pe
     runner = eager_llm.engine.runner
     staging, packed = runner.segments, []
     pack = staging.pack
-    staging.pack = lambda rows, n, ends=None: (pack(rows, n, ends), packed.append(staging.num_masks))
+    staging.pack = lambda reads, n: (pack(reads, n), packed.append(staging.num_masks))
     ratios = (0.0, 0.15, 1.0)  # selective recompute: masked chunk keys, rows inside the chunks
     try:
         batched = _chunk_requests(eager_llm, ratios)
