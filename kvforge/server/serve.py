@@ -7,6 +7,7 @@ serve from a background thread (tests, benchmarks), on a free port when `port` i
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import socket
 import threading
 import time
@@ -54,7 +55,13 @@ class Server:
 
     def run(self) -> None:
         """Serve in the foreground until SIGINT (returns) or SIGTERM (uvicorn re-raises it once its
-        connections are closed, which ends the process); then stop the engine loop."""
+        connections are closed, which ends the process); then stop the engine loop. The heap built
+        so far (imports, model, arena, CUDA graphs) is first frozen out of the garbage collector,
+        which would otherwise walk it again at every full collection while serving, stalling every
+        request in flight (a full collection of ~1.4M objects paused a process on the GPU machine
+        for 0.83 s)."""
+        gc.collect()
+        gc.freeze()
         self.loop.start()
         try:
             uvicorn.Server(self._uvicorn_config()).run()
