@@ -278,3 +278,73 @@ def _recomputing(placement):
     import dataclasses
 
     return dataclasses.replace(placement, recomputed=(0,))
+
+
+def test_packed_segment_batches_match_a_row_by_row_reading_of_random_steps():
+    """Fuzz: random steps of composed runs (chunks at random offsets, recomputed tokens, rows inside
+    and past the chunks, one-row and longer runs, chunks shared between runs) packed by run; each
+    (row, chunk) pair, its visible keys and mask, every row's slots and every split's keys are
+    checked against reading the step row by row."""
+    import dataclasses
+    import random
+
+    from kvforge.model.staging import RunReads, SegmentStaging
+    from kvforge.ops import rope_inv_freq
+    from kvforge.types import ChunkPlacement
+
+    rng = random.Random(0)
+    for trial in range(150):
+        staging = SegmentStaging(64, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"),
+                                 target_tasks=rng.choice([2, 16, 64]), max_masks=64, max_keys=256)
+        shared = [ChunkPlacement(f"s{i}", 1, rng.randrange(0, 64), rng.randrange(1, 200),
+                                 tuple(range(13 * i, 13 * i + 13))) for i in range(3)]
+        reads, expected, first = [], set(), rng.randrange(0, 3)
+        for _ in range(rng.randrange(1, 5)):
+            placements = []
+            for p in rng.sample(shared, rng.randrange(0, 4)):
+                if rng.random() < 0.5:  # this request recomputes some of the chunk's tokens, or all
+                    some = rng.sample(range(p.num_tokens), rng.randrange(1, p.num_tokens + 1))
+                    hidden = range(p.num_tokens) if rng.random() < 0.1 else some
+                    p = dataclasses.replace(p, recomputed=tuple(sorted(hidden)))
+                placements.append(p)
+            n = rng.choice([1, 1, rng.randrange(2, 12)])
+            if first + n > 64:
+                break
+            positions = np.array(sorted(rng.sample(range(0, 300), n)), dtype=np.int64)
+            past = max((p.offset + p.num_tokens for p in placements), default=0)
+            reads.append(RunReads(first, tuple(positions.tolist()) if n == 1 else positions, tuple(placements),
+                                  int(positions[0]) >= past))
+            for j, pos in enumerate(positions.tolist()):
+                for p in placements:
+                    if pos >= p.offset and len(p.recomputed) < p.num_tokens:
+                        expected.add((first + j, p.chunk_id, p.offset, min(p.num_tokens, pos - p.offset + 1),
+                                      p.recomputed))
+            first += n + rng.randrange(0, 3)
+        num_rows = min(64, first)
+        if not staging.fits([(len(r.positions), r.placements) for r in reads], num_rows):
+            continue
+        staging.pack(reads, num_rows)
+        h = {name: host for name, (host, _) in staging.views.items()}
+        items = h["items"][:, :h["num_items"][0]].T.tolist()
+        num_pairs = sum(count for _, first_pair, count, _, _, split in items if split == 0)
+        segment_of = {}
+        for seg, first_pair, count, _, _, _ in items:
+            segment_of.update((pair, seg) for pair in range(first_pair, first_pair + count))
+        packed = set()
+        for pair in range(num_pairs):
+            seg = segment_of[pair]
+            chunk = next(p for p in shared if list(staging.host_tables[seg, :13]) == list(p.page_indices))
+            assert h["offsets"][seg] == chunk.offset
+            m = int(h["pair_masks"][pair])
+            hidden = () if m < 0 else tuple(np.flatnonzero(np.isinf(staging.host_masks[m, :chunk.num_tokens].numpy())))
+            packed.add((int(h["pair_rows"][pair]), chunk.chunk_id, chunk.offset, int(h["pair_ends"][pair]), hidden))
+        assert packed == expected, trial
+        # each pair's splits sit inside its row's slots, no two pairs share one, and the splits of a
+        # (segment, pair tile) cover its keys once
+        taken = set()
+        for seg, first_pair, count, start, end, split in items:
+            for pair in range(first_pair, first_pair + count):
+                row, slot = int(h["pair_rows"][pair]), int(h["pair_slots"][pair]) + split
+                assert h["row_slots"][row] <= slot < h["row_slots"][row + 1] and slot not in taken
+                taken.add(slot)
+        assert len(taken) == h["row_slots"][num_rows] == staging.slots_used
