@@ -289,7 +289,7 @@ class StepGraphs:
             if last >= self.max_positions or r.start_pos + q > self.max_positions:
                 return None
             if c is not None:
-                reads.append((n, c.placements))
+                reads.append((n * len(c.placements), c.placements))  # packing reads no more
                 masked = masked or not sees_whole_chunks(c, r.start_pos)
         if not self.segments.fits(reads, q * len(runs)):
             return None

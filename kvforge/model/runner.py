@@ -208,7 +208,7 @@ class ModelRunner:
             for i in composed:
                 reads[i] = segment_reads(runs[i], first)
                 first += len(runs[i].token_ids)
-            if not self.segments.fits([(len(r.positions), r.placements) for r in reads.values()], first):
+            if not self.segments.fits([(r.num_pairs, r.placements) for r in reads.values()], first):
                 reads = None
         ids: list[int] = []
         positions: list[int] = []

@@ -168,21 +168,21 @@ class SegmentStaging:
                                 dev["pair_masks"], self.masks, self.partial if packed else masked)
 
     def fits(self, runs: Sequence[tuple[int, Sequence[ChunkPlacement]]], num_rows: int) -> bool:
-        """Whether a step of `num_rows` rows whose composed runs have (rows, placements) `runs` fits the
-        buffers: at most `max_rows` rows, MAX_ROW_SEGMENTS placements a run, MAX_STEP_SEGMENTS distinct
-        segments, `max_pairs` (row, segment) pairs (counting every row of a run as reading every
-        placement: `pack` reads no more), `max_blocks` pages a segment, and `max_masks` placements
-        with recomputed tokens (of at most `max_keys` keys)."""
+        """Whether a step of `num_rows` rows whose composed runs have (pairs, placements) `runs` fits
+        the buffers, a run's pairs being its (row, chunk) pairs (`RunReads.num_pairs`, or an upper
+        bound such as its rows x its placements): at most `max_rows` rows, MAX_ROW_SEGMENTS
+        placements a run, MAX_STEP_SEGMENTS distinct segments, `max_pairs` pairs, `max_blocks` pages
+        a segment, and `max_masks` placements with recomputed tokens (of at most `max_keys` keys)."""
         if num_rows > self.max_rows:
             return False
         pairs, distinct, masked = 0, set(), {}
-        for rows, placements in runs:
+        for run_pairs, placements in runs:
             if len(placements) > MAX_ROW_SEGMENTS:
                 return False
+            pairs += run_pairs
             for p in placements:
                 if len(p.recomputed) == p.num_tokens:
                     continue  # recomputed whole: read by none
-                pairs += rows
                 if len(p.page_indices) > self.max_blocks:
                     return False
                 distinct.add((p.chunk_id, p.offset))
@@ -357,6 +357,15 @@ class RunReads(NamedTuple):
     positions: Sequence[int]  # an int64 array, or a one-row run's (position,)
     placements: tuple[ChunkPlacement, ...]
     whole: bool
+
+    @property
+    def num_pairs(self) -> int:
+        """The (row, chunk) pairs these rows read: each row and each placement at or before it,
+        but for placements recomputed whole."""
+        read = [p.offset for p in self.placements if len(p.recomputed) < p.num_tokens]
+        if self.whole:
+            return len(self.positions) * len(read)
+        return len(self.positions) * len(read) - int(np.searchsorted(self.positions, read).sum())
 
 
 def segment_reads(run: TokenRun, first_row: int) -> RunReads:

@@ -183,8 +183,9 @@ def test_an_eager_composed_row_reads_the_chunk_keys_at_or_before_it_and_masks_re
     assert segment_reads(TokenRun([7], 6, [6], [5], True, comp), 0).whole  # the first generated token
     staging = SegmentStaging(8, 16, rope_inv_freq(16, 10000.0).float(), 2, torch.device("cpu"), target_tasks=2,
                              max_masks=1, max_keys=64)
-    assert staging.fits([(6, comp.placements)], 7)  # "gone" is read by none, so needs no mask
-    assert not staging.fits([(6, comp.placements), (1, (doc, system, gone, _recomputing(system)))], 8)
+    assert reads.num_pairs == 12  # "gone" is read by none, so needs no mask
+    assert staging.fits([(12, comp.placements)], 7)
+    assert not staging.fits([(12, comp.placements), (3, (doc, system, gone, _recomputing(system)))], 8)
     staging.pack([reads._replace(first_row=0)], 6)
     host = {name: h for name, (h, _) in staging.views.items()}
     assert host["pair_ends"][:12].tolist() == [40] * 6 + [3, 4, 8, 8, 8, 8]  # the system chunk's pairs first
@@ -321,7 +322,8 @@ def test_packed_segment_batches_match_a_row_by_row_reading_of_random_steps():
                                       p.recomputed))
             first += n + rng.randrange(0, 3)
         num_rows = min(64, first)
-        if not staging.fits([(len(r.positions), r.placements) for r in reads], num_rows):
+        assert sum(r.num_pairs for r in reads) == len(expected)
+        if not staging.fits([(r.num_pairs, r.placements) for r in reads], num_rows):
             continue
         staging.pack(reads, num_rows)
         h = {name: host for name, (host, _) in staging.views.items()}
