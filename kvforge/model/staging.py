@@ -226,6 +226,7 @@ class SegmentStaging:
             if not n:
                 continue
             first, last = int(run.positions[0]), int(run.positions[-1])
+            positions = np.asarray(run.positions, dtype=np.int64) if n > 1 else None
             for p in run.placements:
                 if len(p.recomputed) == p.num_tokens or last < p.offset:
                     continue  # recomputed whole, or every row sits before the chunk: none reads it
@@ -247,7 +248,6 @@ class SegmentStaging:
                         column.append(value)
                     cut = cut or end < p.num_tokens
                     continue
-                positions = np.asarray(run.positions, dtype=np.int64)
                 seen = int(np.searchsorted(positions, p.offset))  # rows before it see none of it
                 ends = np.minimum(positions[seen:] - (p.offset - 1), p.num_tokens)
                 ranges.append((s, np.arange(run.first_row + seen, run.first_row + n), ends, m))
