@@ -101,3 +101,19 @@ def test_a_quantized_cache_serves_and_exports_its_capacity_and_quality():
         text = http.get("/metrics").text
         assert f"kvforge_kv_cache_bytes_per_token {2 * 30 * 3 * 66:.1f}" in text
         assert 'kvforge_kv_quality_kl_bucket{le="+Inf"} 3.0' in text  # the 3 decode steps
+
+
+def test_serving_in_the_foreground_first_freezes_the_start_up_heap_out_of_the_garbage_collector(engine, monkeypatch):
+    import gc
+
+    import uvicorn
+
+    from kvforge.server.serve import Server
+
+    frozen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *args, **kwargs: frozen.append(gc.get_freeze_count()))
+    try:
+        Server(engine, ServerConfig(port=0, log_level="warning")).run()  # serves (here: returns at once), stops
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 0  # the engine, its model and arena among the frozen objects
