@@ -383,8 +383,9 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
         table and its own copy goes back to the free queue at once: identical KV is held once, and
         later blocks chain below the twin. Returns whether that happened (the block table changed):
         the caller must not go on using slots or a block table of the sequence taken before a call
-        that returned True. A hash that names different content (a collision) stops caching for
-        this sequence; nothing wrong is served. Raises UnknownSequenceError, or ValueError (more
+        that returned True. A hash that names different content (a collision), or a cached twin of a
+        block the sequence shares with a fork, stops caching for this sequence; nothing wrong is
+        served. Raises UnknownSequenceError, or ValueError (more
         tokens than appended or given), changing nothing.
         """
         seq = self._seqs.get(seq_id)
@@ -411,7 +412,7 @@ class KVCacheManager(PrefixCaching, TieredCaching, Snapshots):
             seq.blocks[first + i] = twin.block
             self._blocks.release([own])
         seq.tip = result.tip
-        seq.caching = not result.collided
+        seq.caching = not result.stopped
         for run in result.stored:
             self._events.record(stored_event, run, bs)
         self._written_through(result.stored)

@@ -159,7 +159,7 @@ class ChainInsert(NamedTuple):
     tip: RadixNode  # the node of the last block placed (the given tip when none was)
     stored: tuple[tuple[RadixNode, ...], ...]  # runs of consecutive newly inserted nodes
     twins: tuple[tuple[int, RadixNode], ...]  # (index in `blocks`, cached twin) for each block already cached
-    collided: bool  # stopped early at a hash that names other content
+    stopped: bool  # stopped early: at a hash that names other content, or at a twin of a block others hold too
 
 
 def stored_event(run: tuple[RadixNode, ...], block_size: int) -> BlockStored:
@@ -334,7 +334,9 @@ class RadixTree:
         the same parent with the same tokens and extra keys is a twin (another sequence computed the
         same block): the block stays uncached and the chain continues through the twin, which the
         caller should use in its place; a hash cached for other content is a collision and stops
-        the chain. Inserted nodes become most recently used.
+        the chain. So does the twin of a block someone else holds too (a fork sharing the block):
+        the other holders would keep the old block while later blocks they share chain below the
+        twin, holding a path they do not hold. Inserted nodes become most recently used.
         """
         bs, hash_block = self.block_size, hashing.hash_block
         chunks: list[tuple[int, ...]] = []
@@ -369,7 +371,8 @@ class RadixTree:
                 child.last_access = clock
                 run.append(child)
                 node = child
-            elif twin.parent is node and twin.token_ids == chunks[placed] and twin.extra == extra:
+            elif (twin.parent is node and twin.token_ids == chunks[placed] and twin.extra == extra
+                  and blocks[placed].ref_cnt == 1):
                 if run:
                     runs.append(tuple(run))
                     run = []

@@ -200,6 +200,29 @@ def test_commit_reads_the_first_num_tokens_and_says_whether_a_twin_changed_the_b
     manager.check_integrity()
 
 
+def test_a_fork_sharing_a_block_whose_twin_is_cached_stops_caching_rather_than_leave_the_fork_off_its_path(
+        manager):
+    # Found by tests/cache/test_properties.py: sequence 2, a fork of 1, shares blocks 4 and 5, and block
+    # 4's content is cached as block 0. Swapping 2's block 4 for its twin and caching block 5 below
+    # block 0 would leave sequence 1 holding block 5 under a parent it does not hold.
+    manager.add_sequence(0, capacity=40)
+    manager.append(0, 4)
+    manager.commit(0, A[:4])
+    manager.add_sequence(1, capacity=40)  # the same first block, computed again (admitted before the commit)
+    manager.append(1, 8)
+    manager.fork(1, 2)
+    manager.free(0)
+    assert manager.commit(2, A[:4] + [9, 9, 9, 9]) is False  # no twin taken: the block is shared
+    assert manager.block_table(1) == manager.block_table(2) == [1, 2]
+    manager.check_integrity()
+    manager.free(2)
+    manager.check_integrity()
+    assert manager.commit(1, A[:4] + [9, 9, 9, 9]) is True  # unshared now: the twin is taken
+    assert manager.block_table(1) == [0, 2]
+    manager.free(1)
+    manager.check_integrity()
+
+
 def test_fragmentation_counts_a_shared_block_once(manager):
     prefill(manager, 0, A)  # blocks 0, 1, 2: 2 slots unwritten in block 2
     prefill(manager, 1, A[:8] + [1])  # shares 0, 1; block 3 holds 1 token: 3 slots unwritten
