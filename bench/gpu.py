@@ -40,7 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kvforge import LLM, SamplingParams
@@ -249,7 +248,7 @@ def cascade_attention_rows(rng: random.Random) -> dict:
 
     staging = SegmentStaging(n, shared_pages, inv_freq, kv_heads, torch.device("cuda"))
     system = (ChunkPlacement("system", 0, 0, shared, tuple(range(shared_pages))),)
-    staging.pack([RunReads(r, np.array([shared + own - 1]), system, True) for r in range(n)], n)
+    staging.pack([RunReads(r, (shared + own - 1,), system, True) for r in range(n)], n)
     staging.upload()
     segments, own_out, own_lens = staging.batch(n), torch.empty_like(q), torch.full((n,), own, dtype=torch.int32,
                                                                                      device="cuda")

@@ -199,9 +199,9 @@ class SegmentStaging:
         the same rows with the same placements as the last packed step (a steady decode batch)
         changes nothing. ValueError where the step does not `fit`. Vectorized per (run, placement):
         a 500-row prompt over four chunks packs its ~1,000 pairs in numpy, not row by row."""
-        signature = [(run.first_row, len(run.positions), run.placements) for run in reads]
         steady = all(run.whole for run in reads)
-        if steady and self.packed is not None and self.packed == (num_rows, signature):
+        signature = [(run.first_row, len(run.positions), run.placements) for run in reads] if steady else None
+        if steady and self.packed == (num_rows, signature):
             return
         if self.copied is not None:
             self.copied.synchronize()  # the last upload from the host buffers is done before they change
@@ -312,7 +312,7 @@ class SegmentStaging:
         self.num_masks = len(masks)
         self.partial = cut or bool(masks)
         self.slots_used = used
-        self.packed, self.fresh = ((num_rows, signature) if steady else None), True
+        self.packed, self.fresh = (num_rows, signature) if steady else None, True
 
     def upload(self) -> None:
         """Copy the packed host buffers to the device buffers (non-blocking), if they changed."""
@@ -340,7 +340,7 @@ class SegmentStaging:
 
 def sees_whole_chunks(composition: Composition, start_pos: int) -> bool:
     """Whether the rows of a composed sequence from its private token `start_pos` on see every key of
-    every chunk it reads (none recomputed, each chunk ending before the first row's position), as a
+    every chunk it reads (none recomputed, each chunk ending before the first row's position), as
     an unmasked cascade graph serves them (its segment kernel reads no pair end or mask)."""
     return (composition.position(start_pos) >= composition.chunks_end
             and not any(p.recomputed for p in composition.placements))
