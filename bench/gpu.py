@@ -4,8 +4,9 @@ Parts (`--parts`, default all of the first five):
   decode    512-token prompts + 128 new tokens at batch 1, 32, 128 on a Llama-3.2-1B-shaped model
             with random bf16 weights (`load_format="dummy"`, bench/data/llama-3.2-1b/config.json):
             output tok/s of the whole generate (prefill included) for kvforge and HF `generate` with
-            its static cache (compiled by generate), warmed up at the same sizes; the decode step time
-            (generate of 128 tokens minus generate of 1, over 127 steps) and its share of the memory
+            its static cache (compiled by generate), warmed up at the same sizes, the median of three
+            runs each (alternating); the decode step time (median generate of 128 tokens minus median
+            generate of 1, over 127 steps) and its share of the memory
             roofline: (weight bytes + KV bytes read per step) / the device-copy bandwidth measured in
             this run, over the measured step time.
   prefix    TTFT of a 32-token suffix after a cached 32k-token prefix vs kvforge's full prefill of
@@ -15,7 +16,9 @@ Parts (`--parts`, default all of the first five):
             decode step time with cascade attention (the chunk read once per layer for all 64; a
             cascade decode graph) vs the same tokens as plain prompts (prefix-cached blocks, each
             request reads its 4k keys), eager and in CUDA graphs; 64 steps timed once every prefill
-            is done. And one layer's attention alone, both ways, kernels in CUDA graphs.
+            is done. And one layer's attention alone, both ways, kernels in CUDA graphs. Then the
+            same steps over a 16k-token chunk, whose K/V (33.5 MB a layer) no longer sit in the L2
+            cache the plain step's 64 readers share (the 4k chunk's 8.4 MB do).
   rag       4 x 1k-token context chunks + a 32-token question: TTFT with chunk reuse (r = 0 and 0.15)
             vs a full prefill of the same tokens (prefix cache emptied first).
   smollm    the embedded SmolLM2-135M GGUF in bf16, decode throughput at batch 1, 32, 128 vs HF
@@ -48,6 +51,7 @@ from kvforge.types import OutputKind
 CONFIG_1B = Path(__file__).parent / "data" / "llama-3.2-1b"
 BATCHES = (1, 32, 128)
 PROMPT, NEW = 512, 128
+RUNS = 3  # timed runs per batch and engine (median)
 
 
 def sync_time(fn) -> float:
@@ -121,9 +125,12 @@ def decode_rows(llm: LLM, hf, vocab: int, rng: random.Random, bandwidth: float) 
             kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), NEW)
             hf_run(hf, random_prompts(rng, batch, PROMPT, vocab), NEW)
         settle()
-        kv_full = kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), NEW)
-        kv_first = kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), 1)
-        hf_full = hf_run(hf, random_prompts(rng, batch, PROMPT, vocab), NEW)
+        runs = []  # (kvforge 128 tokens, kvforge 1 token, HF 128 tokens), alternating
+        for _ in range(RUNS):
+            runs.append((kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), NEW),
+                         kv_run(llm, random_prompts(rng, batch, PROMPT, vocab), 1),
+                         hf_run(hf, random_prompts(rng, batch, PROMPT, vocab), NEW)))
+        kv_full, kv_first, hf_full = (statistics.median(column) for column in zip(*runs))
         step = (kv_full - kv_first) / (NEW - 1)
         kv_bytes = batch * (PROMPT + NEW / 2) * kv_per_token
         roofline_step = (weight_bytes + kv_bytes) / bandwidth
@@ -169,12 +176,12 @@ def prefix_rows(llm: LLM, hf, vocab: int, rng: random.Random) -> dict:
             "speedup_vs_full": round(full / cached, 1), "ratio_vs_hf_reuse": round(hf_cached / cached, 2)}
 
 
-def cascade_rows(llm: LLM, vocab: int, rng: random.Random) -> dict:
-    """Decode step time of 64 requests over one 4k-token system chunk, composed (cascade) and as plain
-    prompts (eager and in CUDA graphs): the median of three runs of 64 timed steps each, taken once
-    every prefill is done (outputs when each request ends, as LLM.generate gives them)."""
+def cascade_rows(llm: LLM, vocab: int, rng: random.Random, chunk_len: int = 4096) -> dict:
+    """Decode step time of 64 requests over one `chunk_len`-token system chunk, composed (cascade) and
+    as plain prompts (eager and in CUDA graphs): the median of three runs of 64 timed steps each, taken
+    once every prefill is done (outputs when each request ends, as LLM.generate gives them)."""
     engine = llm.engine
-    system = random_prompts(rng, 1, 4096, vocab)[0]
+    system = random_prompts(rng, 1, chunk_len, vocab)[0]
     chunk = llm.register_chunk(system, kind="system")
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, output_kind=OutputKind.FINAL_ONLY)
 
@@ -346,6 +353,7 @@ def main() -> None:
         if "cascade" in parts:
             result["cascade_64x4k"] = progress("cascade_64x4k", cascade_rows(llm, vocab, rng))
             result["cascade_64x4k_attention"] = progress("cascade_64x4k_attention", cascade_attention_rows(rng))
+            result["cascade_64x16k"] = progress("cascade_64x16k", cascade_rows(llm, vocab, rng, 16384))
         if "rag" in parts:
             result["rag_4x1k"] = progress("rag_4x1k", rag_rows(llm, vocab, rng))
         hf = hf_model_from_config(config, torch.bfloat16)
